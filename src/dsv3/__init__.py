@@ -1,0 +1,42 @@
+"""dsv3: DeepSeek-V3 (arXiv 2412.19437) in plain PyTorch.
+
+>>> import dsv3
+>>> model = dsv3.build_model(dsv3.preset("tiny"))
+>>> model(torch.randint(0, 4096, (2, 16))).logits.shape
+torch.Size([2, 16, 4096])
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .checkpoint import CheckpointError, load_pretrained, save_pretrained
+from .config import PRESETS, ConfigError, ModelConfig, preset
+from .model import DeepSeekV3, ModelOutput
+
+__version__ = "0.1.0"
+
+
+def build_model(
+    config: ModelConfig | str,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    seed: int | None = 0,
+) -> DeepSeekV3:
+    """A randomly initialised model (report §4.2 initialisation) from a config or a preset name."""
+    from .checkpoint import build_empty
+
+    if isinstance(config, str):
+        config = preset(config)
+    model = build_empty(config, device, dtype)
+    gen = None
+    if seed is not None:
+        gen = torch.Generator(device=device).manual_seed(seed)
+    model.init_weights(gen)
+    return model
+
+
+__all__ = [
+    "CheckpointError", "ConfigError", "DeepSeekV3", "ModelConfig", "ModelOutput", "PRESETS", "build_model",
+    "load_pretrained", "preset", "save_pretrained",
+]

@@ -1,0 +1,96 @@
+"""Multi-head Latent Attention (report §2.1.1, eq. 1-11).
+
+Names follow the checkpoint; the report's matrices are:
+
+=====================  ==========================================================================
+``q_a_proj``           W^DQ, eq. 6: h -> c^Q (d_c' = q_lora_rank), followed by ``q_a_layernorm``
+``q_b_proj``           [W^UQ; W^QR], eq. 7-8: c^Q -> per head [q^C (d_h); q^R (d_h^R)]
+``q_proj``             used instead of the two above when ``q_lora_rank`` is None (no query compression)
+``kv_a_proj_with_mqa`` [W^DKV; W^KR], eq. 1 and 3: h -> [c^KV (d_c); k^R (d_h^R, shared by all heads)]
+``kv_a_layernorm``     RMSNorm on c^KV
+``kv_b_proj``          [W^UK; W^UV], eq. 2 and 5: c^KV -> per head [k^C (d_h); v^C]
+``o_proj``             W^O, eq. 11
+=====================  ==========================================================================
+
+Only c^KV and k^R need caching (576 values per token and layer for V3). This module's forward is the plain
+("expanded") form used for training and prefill; the inference engine reuses :meth:`query` and
+:meth:`latent` and attends in the latent space with W^UK and W^UV absorbed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .norm import RMSNorm
+from .rope import apply_rope
+
+
+class MLA(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_heads = config.num_attention_heads
+        self.q_lora_rank = config.q_lora_rank
+        self.kv_lora_rank = config.kv_lora_rank
+        self.qk_nope_head_dim = config.qk_nope_head_dim
+        self.qk_rope_head_dim = config.qk_rope_head_dim
+        self.qk_head_dim = config.qk_head_dim
+        self.v_head_dim = config.v_head_dim
+        self.softmax_scale = config.softmax_scale
+        d, h = config.hidden_size, self.n_heads
+        if self.q_lora_rank is None:
+            self.q_proj = nn.Linear(d, h * self.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(d, self.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank, config.rms_norm_eps)
+            self.q_b_proj = nn.Linear(self.q_lora_rank, h * self.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(d, self.kv_lora_rank + self.qk_rope_head_dim, bias=False)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, config.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, h * (self.qk_nope_head_dim + self.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(h * self.v_head_dim, d, bias=False)
+
+    def query(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eq. 6-9: x (b, s, d) -> q^C (b, s, h, d_h) and RoPE'd q^R (b, s, h, d_h^R)."""
+        b, s, _ = x.shape
+        if self.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(b, s, self.n_heads, self.qk_head_dim)
+        q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        return q_nope, apply_rope(q_pe, cos, sin)
+
+    def latent(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eq. 1 and 3: x (b, s, d) -> normalised c^KV (b, s, d_c) and RoPE'd shared key k^R (b, s, d_h^R)."""
+        kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin).squeeze(2)
+        return self.kv_a_layernorm(kv), k_pe
+
+    def expand_kv(self, kv: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eq. 2, 4, 5: latents -> per-head keys [k^C; k^R] (b, t, h, d_h + d_h^R) and values (b, t, h, d_v)."""
+        b, t, _ = kv.shape
+        kv = self.kv_b_proj(kv).view(b, t, self.n_heads, self.qk_nope_head_dim + self.v_head_dim)
+        k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, self.n_heads, -1)], dim=-1)
+        return k, v
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Causal self-attention over x (b, s, d). ``mask`` (b, 1, s, s) bool, True = may attend, replaces
+        the plain causal mask (used for document masking)."""
+        b, s, _ = x.shape
+        q_nope, q_pe = self.query(x, cos, sin)
+        k, v = self.expand_kv(*self.latent(x, cos, sin))
+        q = torch.cat([q_nope, q_pe], dim=-1)
+        o = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            attn_mask=mask, is_causal=mask is None, scale=self.softmax_scale,
+        )
+        return self.o_proj(o.transpose(1, 2).reshape(b, s, self.n_heads * self.v_head_dim))

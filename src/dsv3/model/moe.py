@@ -1,0 +1,180 @@
+"""DeepSeekMoE: shared + fine-grained routed experts with sigmoid affinities (report §2.1.2, eq. 12-20).
+
+A layer computes ``h' = h + sum_i FFN^(s)_i(h) + sum_i g_i FFN^(r)_i(h)`` in three steps, so that expert
+parallelism can later replace dispatch and combine without touching the rest:
+
+1. :class:`Gate` picks K_r experts per token and their gate values (eq. 13-16, group-limited routing);
+2. :func:`dispatch` sorts the token copies by expert; :class:`Experts` runs each expert on its contiguous
+   slice (a grouped GEMM on the GPU, a plain loop as the reference); :func:`combine` weights the outputs by
+   the gates and sums them back per token. No token is ever dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .ffn import MLP
+
+
+@dataclass
+class RouterStats:
+    """What training needs from one MoE layer's routing of a batch.
+
+    ``counts``: (E,) tokens routed to each expert (the load used by the bias update and MaxVio);
+    ``seq_counts``: (B, E) the same per sequence; ``seq_probs``: (B, E) the mean over each sequence's tokens of
+    the normalised affinities s_i / sum_j s_j (P_i of eq. 19, differentiable), or the softmax probabilities.
+    """
+
+    counts: torch.Tensor
+    seq_counts: torch.Tensor
+    seq_probs: torch.Tensor
+
+
+class Gate(nn.Module):
+    """Router: affinities s = sigmoid(u e_i) (eq. 15), top-K_r selection on s + b restricted to the best
+    ``topk_group`` expert groups, gate values from s alone, normalised and scaled (eq. 13-14, 16).
+
+    The bias b (``e_score_correction_bias``, auxiliary-loss-free balancing) is a buffer, not a parameter: the
+    trainer moves it by +-gamma after each step; it changes which experts are chosen, never the gate values.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_experts = config.n_routed_experts
+        self.top_k = config.num_experts_per_tok
+        self.n_groups = config.n_group
+        self.topk_groups = config.topk_group
+        self.score_func = config.scoring_func
+        self.norm_topk = config.norm_topk_prob
+        self.route_scale = config.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(self.n_experts, config.hidden_size))
+        if config.uses_bias_routing:
+            self.register_buffer("e_score_correction_bias", torch.zeros(self.n_experts, dtype=torch.float32))
+        else:
+            self.e_score_correction_bias = None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (T, d) -> gate values (T, K) float32, expert indices (T, K), affinities s (T, E) float32."""
+        logits = F.linear(x.float(), self.weight.float())
+        scores = logits.sigmoid() if self.score_func == "sigmoid" else logits.softmax(dim=-1)
+        choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
+        if self.n_groups > 1:
+            grouped = choice.view(-1, self.n_groups, self.n_experts // self.n_groups)
+            # A group's score: the sum of its top-2 biased affinities (V3), or its best affinity (V2).
+            if self.e_score_correction_bias is None:
+                group_scores = grouped.amax(dim=-1)
+            else:
+                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+            keep = group_scores.topk(self.topk_groups, dim=-1).indices
+            group_mask = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
+            choice = grouped.masked_fill(group_mask.unsqueeze(-1), float("-inf")).flatten(1)
+        indices = choice.topk(self.top_k, dim=-1).indices
+        weights = scores.gather(1, indices)
+        if self.norm_topk:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.route_scale, indices, scores
+
+
+def dispatch(x: torch.Tensor, indices: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Copy each token once per chosen expert, sorted by expert.
+
+    x (T, d), indices (T, K) -> x_sorted (T*K, d), order (T*K,) = position of each sorted copy in the flat
+    (token, k) list, counts (E,) = tokens per expert (int64, on x's device: no host sync).
+    """
+    flat = indices.flatten()
+    order = flat.argsort(stable=True)
+    counts = torch.bincount(flat, minlength=n_experts)
+    return x[order // indices.shape[1]], order, counts
+
+
+def combine(y_sorted: torch.Tensor, order: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`dispatch`: sum_k g_k * y_k per token. weights (T, K) -> (T, d)."""
+    n_tokens, k = weights.shape
+    y = y_sorted * weights.flatten()[order].unsqueeze(-1).to(y_sorted.dtype)
+    out = y_sorted.new_zeros(n_tokens, y_sorted.shape[-1])
+    return out.index_add_(0, order // k, y)
+
+
+class Experts(nn.Module):
+    """The routed experts' weights stacked: ``gate_up_proj`` (E, 2I, d) holds [W1; W3] of each SwiGLU expert,
+    ``down_proj`` (E, d, I) its W2, so that all experts run as one grouped GEMM."""
+
+    def __init__(self, n_experts: int, dim: int, inter_dim: int):
+        super().__init__()
+        self.n_experts = n_experts
+        self.inter_dim = inter_dim
+        self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * inter_dim, dim))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
+        self.implementation = "auto"
+        """``loop`` (reference: one matmul per expert), ``grouped`` (torch._grouped_mm) or ``auto``."""
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x (N, d) sorted by expert with ``counts`` (E,) rows each -> (N, d)."""
+        impl = self.implementation
+        if impl == "auto":
+            impl = "grouped" if _grouped_mm_ok(x, self.gate_up_proj) else "loop"
+        if impl == "grouped":
+            offsets = counts.cumsum(0).to(torch.int32)
+            h = torch._grouped_mm(x, self.gate_up_proj.transpose(-2, -1), offs=offsets)
+            gate, up = h.split(self.inter_dim, dim=-1)
+            return torch._grouped_mm(F.silu(gate) * up, self.down_proj.transpose(-2, -1), offs=offsets)
+        out = []
+        for e, chunk in enumerate(x.split(counts.tolist())):
+            if chunk.shape[0] == 0:
+                out.append(chunk)
+                continue
+            gate, up = F.linear(chunk, self.gate_up_proj[e]).split(self.inter_dim, dim=-1)
+            out.append(F.linear(F.silu(gate) * up, self.down_proj[e]))
+        return torch.cat(out) if out else x
+
+
+def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """torch._grouped_mm runs on Hopper-class GPUs in bf16 with 16-byte aligned strides."""
+    return (
+        x.is_cuda and x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+        and torch.cuda.get_device_capability(x.device) >= (9, 0)
+        and x.shape[-1] % 8 == 0 and w.shape[1] % 8 == 0
+    )
+
+
+class MoE(nn.Module):
+    """One DeepSeekMoE layer (eq. 12): shared experts on every token plus K_r routed experts."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_experts = config.n_routed_experts
+        self.gate = Gate(config)
+        self.experts = Experts(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size)
+        self.shared_experts = (
+            MLP(config.hidden_size, config.n_shared_experts * config.moe_intermediate_size)
+            if config.n_shared_experts > 0 else None
+        )
+
+    def forward(self, x: torch.Tensor, with_stats: bool = False) -> tuple[torch.Tensor, RouterStats | None]:
+        b, s, d = x.shape
+        flat = x.reshape(-1, d)
+        weights, indices, scores = self.gate(flat)
+        x_sorted, order, counts = dispatch(flat, indices, self.n_experts)
+        y = combine(self.experts(x_sorted, counts), order, weights).to(x.dtype)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(flat)
+        stats = None
+        if with_stats:
+            probs = scores / scores.sum(dim=-1, keepdim=True) if self.gate.score_func == "sigmoid" else scores
+            seq_counts = torch.zeros(b, self.n_experts, device=x.device, dtype=torch.float32)
+            seq_counts.scatter_add_(1, indices.view(b, -1), torch.ones_like(indices.view(b, -1), dtype=torch.float32))
+            stats = RouterStats(counts.detach(), seq_counts, probs.view(b, s, -1).mean(dim=1))
+        return y.view(b, s, d), stats
+
+
+def sequence_balance_loss(stats: RouterStats, top_k: int, seq_len: int) -> torch.Tensor:
+    """Complementary sequence-wise balance loss of eq. 17-20 *without* alpha: mean over sequences of
+    sum_i f_i P_i, with f_i = N_r / (K_r T) * (tokens of the sequence routed to i)."""
+    n_experts = stats.seq_counts.shape[-1]
+    f = stats.seq_counts * (n_experts / (top_k * seq_len))
+    return (f * stats.seq_probs).sum(dim=-1).mean()

@@ -1,0 +1,124 @@
+"""The DeepSeek-V3 model: embedding, decoder blocks, final norm, output head and the MTP modules."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from .moe import Experts, Gate, RouterStats
+from .mtp import MTPModule
+from .norm import RMSNorm
+from .rope import RotaryEmbedding
+from .transformer_block import Block
+
+
+@dataclass
+class ModelOutput:
+    """``logits`` (B, S, V); ``mtp_logits[k-1]`` the depth-k predictions (of t_{i+k+1} at position i);
+    ``router_stats`` one entry per MoE layer of the main model, then of the MTP blocks (when asked);
+    ``hidden`` the final normalised hidden state (B, S, d)."""
+
+    logits: torch.Tensor
+    hidden: torch.Tensor
+    mtp_logits: list[torch.Tensor] = field(default_factory=list)
+    router_stats: list[RouterStats] = field(default_factory=list)
+
+
+def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """Causal mask that also keeps tokens of different packed documents apart: (B, S) -> (B, 1, S, S) bool."""
+    s = doc_ids.shape[1]
+    causal = torch.ones(s, s, dtype=torch.bool, device=doc_ids.device).tril()
+    same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]
+    return (causal & same_doc).unsqueeze(1)
+
+
+class DeepSeekV3(nn.Module):
+    """Main model (report §2.1) plus ``num_nextn_predict_layers`` MTP modules (§2.2).
+
+    ``model(tokens)`` returns a :class:`ModelOutput`. Parameter names follow the Hugging Face checkpoint
+    without its ``model.`` prefix; the MTP modules are ``mtp.{k}`` here and layer ``num_hidden_layers + k``
+    there (see :mod:`dsv3.checkpoint`).
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.mtp = nn.ModuleList(
+            MTPModule(config, config.num_hidden_layers + k) for k in range(config.num_nextn_predict_layers)
+        )
+        self.rotary = RotaryEmbedding(config)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """Normal(0, initializer_range) for every matrix and the embedding (§4.2: 0.006), ones for norms,
+        zero routing bias."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding, Gate)):
+                module.weight.normal_(0.0, std, generator=generator)
+            elif isinstance(module, Experts):
+                module.gate_up_proj.normal_(0.0, std, generator=generator)
+                module.down_proj.normal_(0.0, std, generator=generator)
+            elif isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+            if isinstance(module, Gate) and module.e_score_correction_bias is not None:
+                module.e_score_correction_bias.zero_()
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        *,
+        future_tokens: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        with_mtp: bool = False,
+        with_stats: bool = False,
+    ) -> ModelOutput:
+        """tokens (B, S) -> :class:`ModelOutput`.
+
+        ``with_mtp`` also runs the MTP modules. Module k needs the tokens t_{i+k} for every position i:
+        pass the D tokens that follow the window as ``future_tokens`` (B, D) to predict at all S positions
+        (training); without them module k predicts at the first S - k positions only.
+        ``doc_ids`` (B, S) restricts attention to the same packed document (optional; the report uses none).
+        """
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must have shape (batch, seq), got {tuple(tokens.shape)}")
+        b, s = tokens.shape
+        positions = torch.arange(s, device=tokens.device)
+        cos, sin = self.rotary(positions)
+        mask = document_mask(doc_ids) if doc_ids is not None else None
+        h = self.embed_tokens(tokens)
+        stats: list[RouterStats] = []
+        for layer in self.layers:
+            h, st = layer(h, cos, sin, mask, with_stats)
+            if st is not None:
+                stats.append(st)
+        h = self.norm(h)
+        out = ModelOutput(logits=self.lm_head(h), hidden=h, router_stats=stats)
+        if with_mtp and len(self.mtp) > 0:
+            window = tokens if future_tokens is None else torch.cat([tokens, future_tokens], dim=1)
+            h_prev = h
+            for k, module in enumerate(self.mtp, start=1):
+                n = min(s, window.shape[1] - k)  # positions i whose token t_{i+k} is known
+                if n <= 0:
+                    break
+                x = module.combine(h_prev[:, :n], self.embed_tokens(window[:, k:k + n]))
+                sub_mask = mask[:, :, :n, :n] if mask is not None else None
+                x, st = module(x, cos[:n], sin[:n], sub_mask, with_stats)
+                if st is not None:
+                    stats.append(st)
+                out.mtp_logits.append(self.lm_head(module.shared_head.norm(x)))
+                h_prev = x
+        return out
+
+    def num_parameters(self, include_mtp: bool = True) -> int:
+        n = sum(p.numel() for name, p in self.named_parameters() if include_mtp or not name.startswith("mtp."))
+        return n

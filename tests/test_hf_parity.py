@@ -1,0 +1,84 @@
+"""Logits parity with transformers' DeepseekV3ForCausalLM, both directions, on random weights (float32)."""
+
+import warnings
+
+import pytest
+import torch
+
+import dsv3
+from dsv3 import ModelConfig
+
+transformers = pytest.importorskip("transformers")
+
+
+def small_config(**changes) -> ModelConfig:
+    base = dict(
+        vocab_size=256, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+        first_k_dense_replace=1, num_attention_heads=4, q_lora_rank=48, kv_lora_rank=32, qk_nope_head_dim=16,
+        qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=4,
+        n_group=4, topk_group=2, routed_scaling_factor=2.5, max_position_embeddings=256,
+        rope_scaling={"type": "yarn", "factor": 4, "original_max_position_embeddings": 16, "beta_fast": 32,
+                      "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
+        num_nextn_predict_layers=1, initializer_range=0.1,
+    )
+    base.update(changes)
+    return ModelConfig(**base)
+
+
+def randomise_bias(model: dsv3.DeepSeekV3, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, dsv3.model.Gate) and module.e_score_correction_bias is not None:
+            module.e_score_correction_bias.copy_(torch.randn(module.n_experts, generator=g) * 0.3)
+
+
+CASES = {
+    "q_lora+yarn": {},
+    "no_q_lora": {"q_lora_rank": None},
+    "no_yarn": {"rope_scaling": None},
+    "yarn_mscale": {"rope_scaling": {"type": "yarn", "factor": 8, "original_max_position_embeddings": 8,
+                                     "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707}},
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_ours_to_transformers(tmp_path, case):
+    config = small_config(**CASES[case])
+    ours = dsv3.build_model(config, seed=1)
+    randomise_bias(ours)
+    dsv3.save_pretrained(ours, tmp_path)
+    theirs = transformers.DeepseekV3ForCausalLM.from_pretrained(tmp_path, torch_dtype=torch.float32)
+    theirs.eval()
+    # longer than the original context (16) so YaRN's interpolated frequencies matter; batch > 1
+    tokens = torch.randint(0, config.vocab_size, (3, 40), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        a = ours(tokens).logits
+        b = theirs(tokens).logits
+    assert (a - b).abs().max().item() <= 1e-4
+    # the bias is real: without it the routing (and so the logits) differ
+    assert any(g.e_score_correction_bias.abs().sum() > 0 for g in ours.modules() if isinstance(g, dsv3.model.Gate))
+
+
+def test_transformers_to_ours(tmp_path):
+    config = small_config()
+    hf_config = transformers.DeepseekV3Config(**config.to_hf_dict())
+    torch.manual_seed(3)
+    theirs = transformers.DeepseekV3ForCausalLM(hf_config).eval()
+    with torch.no_grad():
+        for name, buf in theirs.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buf.copy_(torch.randn_like(buf) * 0.3)
+        for name, p in theirs.named_parameters():  # transformers' init leaves norms at 1: vary them too
+            if name.endswith("norm.weight"):
+                p.add_(torch.randn_like(p) * 0.1)
+    theirs.save_pretrained(tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ours = dsv3.load_pretrained(tmp_path, dtype=torch.float32)
+    assert len(ours.mtp) == 0, "transformers drops the MTP layer when saving"
+    assert any("MTP" in str(w.message) for w in caught)
+    tokens = torch.randint(0, config.vocab_size, (2, 37), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        a = ours(tokens).logits
+        b = theirs(tokens).logits
+    assert (a - b).abs().max().item() <= 1e-4
