@@ -1,0 +1,105 @@
+"""Gate and MoE unit tests (report §2.1.2)."""
+
+import torch
+
+import dsv3
+from dsv3.config import preset
+from dsv3.model import Gate, MoE, combine, dispatch, sequence_balance_loss
+
+
+def make_gate(**changes) -> Gate:
+    gate = Gate(preset("tiny").replace(**changes))
+    torch.nn.init.normal_(gate.weight, std=0.5, generator=torch.Generator().manual_seed(0))
+    return gate
+
+
+def test_bias_changes_choice_not_gate_values():
+    gate = make_gate(n_group=1, topk_group=1)
+    x = torch.randn(64, gate.weight.shape[1], generator=torch.Generator().manual_seed(1))
+    w0, idx0, scores = gate(x)
+    gate.e_score_correction_bias[idx0[0, 0]] = -10.0  # make token 0's first choice unattractive
+    w1, idx1, scores1 = gate(x)
+    assert torch.equal(scores, scores1)  # affinities do not see the bias
+    assert idx0[0, 0] not in idx1[0]
+    # gate values are the unbiased affinities of the chosen experts, normalised, times the route scale
+    expected = scores.gather(1, idx1)
+    expected = expected / expected.sum(-1, keepdim=True) * gate.route_scale
+    torch.testing.assert_close(w1, expected)
+    assert torch.allclose(w1.sum(-1), torch.full((64,), gate.route_scale))
+
+
+def test_experts_outside_kept_groups_never_chosen():
+    gate = make_gate()  # 16 experts, 4 groups of 4, keep 2 groups
+    torch.manual_seed(0)
+    gate.e_score_correction_bias.normal_(0, 0.2)
+    x = torch.randn(512, gate.weight.shape[1])
+    _, idx, scores = gate(x)
+    biased = (scores + gate.e_score_correction_bias).view(-1, 4, 4)
+    group_score = biased.topk(2, dim=-1).values.sum(-1)
+    kept = group_score.topk(2, dim=-1).indices
+    chosen_groups = idx // 4
+    for t in range(x.shape[0]):
+        assert set(chosen_groups[t].tolist()) <= set(kept[t].tolist())
+    # routing is really limited: each token uses at most 2 groups although it has 4 experts
+    assert max(len(set(g.tolist())) for g in chosen_groups) <= 2
+
+
+def test_softmax_scoring_v2():
+    gate = make_gate(scoring_func="softmax", topk_method="group_limited_greedy", norm_topk_prob=False,
+                     routed_scaling_factor=1.0)
+    assert gate.e_score_correction_bias is None
+    x = torch.randn(32, gate.weight.shape[1])
+    w, idx, scores = gate(x)
+    torch.testing.assert_close(scores.sum(-1), torch.ones(32))
+    torch.testing.assert_close(w, scores.gather(1, idx))
+
+
+def test_dispatch_combine_equals_dense_reference():
+    torch.manual_seed(0)
+    config = preset("tiny")
+    moe = MoE(config)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    x = torch.randn(2, 9, config.hidden_size)
+    y, _ = moe(x)
+    # reference: every token through each of its experts one at a time
+    flat = x.reshape(-1, config.hidden_size)
+    w, idx, _ = moe.gate(flat)
+    ref = moe.shared_experts(flat)
+    for t in range(flat.shape[0]):
+        for k in range(idx.shape[1]):
+            e = idx[t, k]
+            gate_up = moe.experts.gate_up_proj[e] @ flat[t]
+            g, u = gate_up.split(config.moe_intermediate_size)
+            ref[t] += w[t, k] * (moe.experts.down_proj[e] @ (torch.nn.functional.silu(g) * u))
+    torch.testing.assert_close(y.reshape(-1, config.hidden_size), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_dispatch_is_sorted_and_combine_inverts():
+    x = torch.arange(12.0).view(6, 2)
+    idx = torch.tensor([[3, 0], [1, 3], [0, 2], [2, 1], [3, 3 - 3], [1, 2]])
+    xs, order, counts = dispatch(x, idx, 4)
+    assert counts.tolist() == torch.bincount(idx.flatten(), minlength=4).tolist()
+    experts_of_rows = idx.flatten()[order]
+    assert torch.all(experts_of_rows[1:] >= experts_of_rows[:-1])
+    ones = torch.ones(6, 2)
+    torch.testing.assert_close(combine(xs, order, ones), 2 * x)  # each token comes back twice
+
+
+def test_router_stats_and_balance_loss():
+    model = dsv3.build_model("tiny")
+    b, s = 2, 16
+    out = model(torch.randint(0, 4096, (b, s)), with_stats=True)
+    config = model.config
+    assert len(out.router_stats) == config.n_moe_layers
+    for st in out.router_stats:
+        assert st.counts.sum().item() == b * s * config.num_experts_per_tok
+        assert torch.equal(st.seq_counts.sum(0), st.counts.float())
+        torch.testing.assert_close(st.seq_probs.sum(-1), torch.ones(b))
+    # hand-computed example: 4 experts, K=2, T=2 tokens in one sequence
+    from dsv3.model import RouterStats
+
+    st = RouterStats(counts=torch.tensor([2, 1, 1, 0]), seq_counts=torch.tensor([[2.0, 1.0, 1.0, 0.0]]),
+                     seq_probs=torch.tensor([[0.4, 0.3, 0.2, 0.1]]))
+    # f = 4 / (2 * 2) * counts = [2, 1, 1, 0]; sum f * P = 0.8 + 0.3 + 0.2 = 1.3
+    torch.testing.assert_close(sequence_balance_loss(st, top_k=2, seq_len=2), torch.tensor(1.3))
