@@ -1,0 +1,265 @@
+"""FP8 Linear layer with DeepSeek-V3 fine-grained scaling, report §3.3.
+
+All three GEMMs of a Linear layer take E4M3 inputs with FP32 scales and accumulate in FP32:
+
+* forward       ``Y  = X W^T``:   X in 1x128 tiles (along in_features), W in 128x128 blocks;
+* input grad    ``dX = dY W``:    dY in 1x128 tiles (along out_features), W in 128x128 blocks;
+* weight grad   ``dW = dY^T X``:  dY and X both in 1x128 tiles along the token dimension
+  (§3.3: 128x128 blocks for activation gradients made a 16B model diverge).
+
+X is cached for backward in FP8 (tiles + scales), not in high precision; for the weight
+gradient it is dequantised and requantised along tokens. Master weights stay in their own
+dtype (FP32/BF16): the weight is quantised on the fly each call.
+
+Backends: on Hopper (sm90, CUDA >= 12.9) the GEMMs run on ``torch._scaled_mm`` with DeepSeek
+block scales (cuBLASLt 1x128 / 128x128 scaling); elsewhere they are emulated with the same
+numerics: quantise -> dequantise -> FP32 matmul -> cast.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dsv3.fp8.quant import (
+    TILE,
+    dequantize_blocks,
+    dequantize_tiles,
+    quantize_blocks,
+    quantize_tiles,
+)
+
+Backend = Literal["auto", "emulate", "scaled_mm"]
+
+__all__ = ["Backend", "FP8Linear", "fp8_linear", "fp8_matmul_nt"]
+
+# Set once _scaled_mm fails in "auto" mode; later calls then go straight to emulation.
+_scaled_mm_broken = False
+
+
+def _round_up(a: int, b: int) -> int:
+    return -(-a // b) * b
+
+
+@functools.cache
+def _device_supports_deepseek_scaling(index: int) -> bool:
+    # torch (ScaledBlas.cpp) accepts 1x128 / 128x128 scales only on sm90 with cuBLASLt >= 12.9.
+    if torch.version.hip is not None or torch.version.cuda is None:
+        return False
+    cuda = tuple(int(v) for v in torch.version.cuda.split(".")[:2])
+    return torch.cuda.get_device_capability(index)[0] == 9 and cuda >= (12, 9)
+
+
+def _hopper_scaled_mm_ok(t: Tensor) -> bool:
+    return (
+        t.is_cuda
+        and hasattr(torch, "_scaled_mm")
+        and _device_supports_deepseek_scaling(t.device.index or 0)
+    )
+
+
+def _pad_rows_cols(q: Tensor, rows: int, cols: int) -> Tensor:
+    """Zero-pad a 2-D FP8 tensor to (rows, cols); zeros add nothing to the GEMM."""
+    r, c = q.shape
+    if (r, c) == (rows, cols):
+        return q
+    return F.pad(q.view(torch.uint8), (0, cols - c, 0, rows - r)).view(q.dtype)
+
+
+def _scaled_mm_nt(
+    aq: Tensor,
+    a_s: Tensor,
+    bq: Tensor,
+    b_s: Tensor,
+    b_blocks: bool,
+    out_dtype: torch.dtype,
+) -> Tensor:
+    """``a @ b.T`` on ``torch._scaled_mm`` with DeepSeek block scales (sm90 cuBLASLt).
+
+    Layouts follow torch's checks for ``_scaled_mm`` (aten ScaledBlas.cpp): mat1 row-major and
+    mat2 column-major; a 1x128 scale for mat1 is (M, K/128) outer-dim-major (stride (1, M)); for
+    mat2 = b.T a 1x128 scale is (K/128, N) row-major and a 128x128 scale is (K/128, N/128) as the
+    transpose of the row-major (N/128, K/128) checkpoint layout. Shapes are zero-padded to what
+    cuBLASLt takes (K to 128, M and N to 16): padding inside the last tile/block leaves the scale
+    grid unchanged and the extra zeros contribute nothing.
+    """
+    m, c = aq.shape
+    n = bq.shape[0]
+    cp, mp, np_ = _round_up(c, TILE), _round_up(m, 16), _round_up(n, 16)
+    n_c = cp // TILE
+    # sm90 cuBLASLt: mat1 row-major, mat2 (= bq.t()) column-major.
+    aq = _pad_rows_cols(aq, mp, cp).contiguous()
+    bq = _pad_rows_cols(bq, np_, cp).contiguous()
+    a_s = F.pad(a_s, (0, 0, 0, mp - m), value=1.0) if mp != m else a_s
+    scale_a = a_s.float().t().contiguous().t()
+    if b_blocks and n_c % 4 == 0:
+        # torch versions differ on whether this stride must be padded to a multiple of 4; with
+        # K/128 % 4 == 0 both rules agree (DeepSeek-V3 dims all satisfy it).
+        scale_b = b_s.float().contiguous().t()
+    else:
+        # A 128x128 block is 128 rows of 1x128 tiles sharing one scale: same math.
+        if b_blocks:
+            b_s = b_s.repeat_interleave(TILE, dim=0)[:n]
+        b_s = F.pad(b_s, (0, 0, 0, np_ - n), value=1.0) if np_ != n else b_s
+        scale_b = b_s.float().t().contiguous()
+    # use_fast_accum=False: promote partial sums to FP32 (§3.3 "increasing accumulation precision")
+    out = torch._scaled_mm(
+        aq,
+        bq.t(),
+        scale_a=scale_a,
+        scale_b=scale_b,
+        out_dtype=out_dtype,
+        use_fast_accum=False,
+    )
+    if (mp, np_) != (m, n):
+        out = out[:m, :n].contiguous()
+    return out
+
+
+def fp8_matmul_nt(
+    aq: Tensor,
+    a_scale: Tensor,
+    bq: Tensor,
+    b_scale: Tensor,
+    *,
+    b_blocks: bool,
+    out_dtype: torch.dtype,
+    backend: Backend = "auto",
+) -> Tensor:
+    """``A @ B^T`` for FP8 operands that share the contraction (last) dim, FP32 accumulation.
+
+    ``aq`` (M, C) has 1x128 tile scales (M, ceil(C/128)); ``bq`` (N, C) has 1x128 tile scales
+    (N, ceil(C/128)) or, with ``b_blocks``, 128x128 block scales (ceil(N/128), ceil(C/128)).
+    """
+    global _scaled_mm_broken
+    use_fast = backend == "scaled_mm" or (
+        backend == "auto" and not _scaled_mm_broken and _hopper_scaled_mm_ok(aq)
+    )
+    if use_fast:
+        mm_dtype = (
+            out_dtype if out_dtype in (torch.bfloat16, torch.float16) else torch.float32
+        )
+        try:
+            return _scaled_mm_nt(aq, a_scale, bq, b_scale, b_blocks, mm_dtype).to(
+                out_dtype
+            )
+        except (RuntimeError, ValueError) as err:
+            if backend == "scaled_mm":
+                raise
+            _scaled_mm_broken = True
+            warnings.warn(
+                f"torch._scaled_mm blockwise FP8 failed ({err}); emulating FP8 GEMMs",
+                stacklevel=2,
+            )
+    a = dequantize_tiles(aq, a_scale)
+    b = dequantize_blocks(bq, b_scale) if b_blocks else dequantize_tiles(bq, b_scale)
+    return (a @ b.t()).to(out_dtype)
+
+
+class _FP8LinearFn(torch.autograd.Function):
+    """Autograd for ``y = x @ w.T + b`` with every GEMM in FP8 (report §3.3)."""
+
+    @staticmethod
+    def forward(
+        ctx, x: Tensor, weight: Tensor, bias: Tensor | None, backend: Backend
+    ) -> Tensor:
+        out_f, in_f = weight.shape
+        x2 = x.reshape(-1, in_f)
+        xq, xs = quantize_tiles(x2)  # 1x128 along in_features
+        wq, ws = quantize_blocks(weight)  # 128x128
+        y = fp8_matmul_nt(
+            xq, xs, wq, ws, b_blocks=True, out_dtype=x.dtype, backend=backend
+        )
+        if bias is not None:
+            y = y + bias.to(y.dtype)
+        # X is cached in FP8 only; the weight is the (already resident) master parameter.
+        ctx.save_for_backward(xq, xs, weight)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.x_shape, ctx.x_dtype, ctx.backend = x.shape, x.dtype, backend
+        return y.reshape(*x.shape[:-1], out_f)
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor):
+        xq, xs, weight = ctx.saved_tensors
+        out_f = weight.shape[0]
+        gy = grad_y.reshape(-1, out_f)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            gq, gs = quantize_tiles(gy)  # 1x128 along out_features
+            # Block quantisation commutes with transposition, so W^T's blocks are W's blocks
+            # transposed: reuse them and only move the FP8 bytes.
+            wq, ws = quantize_blocks(weight)
+            grad_x = fp8_matmul_nt(
+                gq,
+                gs,
+                wq.t().contiguous(),
+                ws.t().contiguous(),
+                b_blocks=True,
+                out_dtype=ctx.x_dtype,
+                backend=ctx.backend,
+            ).reshape(ctx.x_shape)
+        if ctx.needs_input_grad[1]:
+            # dW = dY^T X, both operands in 1x128 tiles along the token dim (never 128x128 for
+            # gradients, §3.3). X comes back from its FP8 cache and is requantised along tokens.
+            gtq, gts = quantize_tiles(gy.t())
+            xtq, xts = quantize_tiles(dequantize_tiles(xq, xs).t())
+            grad_w = fp8_matmul_nt(
+                gtq,
+                gts,
+                xtq,
+                xts,
+                b_blocks=False,
+                out_dtype=torch.float32,
+                backend=ctx.backend,
+            ).to(weight.dtype)
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+            grad_b = gy.float().sum(0).to(ctx.bias_dtype)
+        return grad_x, grad_w, grad_b, None
+
+
+def fp8_linear(
+    x: Tensor, weight: Tensor, bias: Tensor | None = None, *, backend: Backend = "auto"
+) -> Tensor:
+    """``x @ weight.T + bias`` with FP8 forward and backward GEMMs (report §3.3).
+
+    ``x``: (..., in_features), any float dtype (output has the same dtype); ``weight``:
+    (out_features, in_features) master weight; ``backend``: "auto" (``torch._scaled_mm`` on sm90,
+    emulation elsewhere), "emulate", or "scaled_mm" (fail instead of falling back).
+    """
+    return _FP8LinearFn.apply(x, weight, bias, backend)
+
+
+class FP8Linear(nn.Linear):
+    """``nn.Linear`` whose three GEMMs run in FP8 with fine-grained scaling (report §3.3).
+
+    Parameters are ordinary ``nn.Linear`` parameters (the FP32/BF16 master weights the optimiser
+    updates); only the matmuls change.
+    """
+
+    backend: Backend = "auto"
+
+    def forward(self, x: Tensor) -> Tensor:
+        return fp8_linear(x, self.weight, self.bias, backend=self.backend)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, backend: Backend = "auto") -> FP8Linear:
+        """Wrap an existing ``nn.Linear``, sharing (not copying) its Parameter objects."""
+        new = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            device="meta",
+        )
+        new.weight = linear.weight
+        new.bias = linear.bias
+        new.backend = backend
+        new.train(linear.training)
+        return new
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, fp8=e4m3 1x128/128x128, backend={self.backend}"

@@ -1,0 +1,224 @@
+"""Fine-grained FP8 (E4M3) quantisation with FP32 scales, DeepSeek-V3 report §3.3.
+
+Two groupings, both with ``scale = max|x| / 448`` computed online (no delayed amax history):
+
+* activations / gradients: 1x128 tiles along the last dimension (each row, each 128 channels);
+  scale shape ``(*x.shape[:-1], ceil(K / 128))``;
+* weights: 128x128 blocks of a 2-D matrix; scale shape ``(ceil(N / 128), ceil(K / 128))``.
+
+A scale here is always the *dequantisation* factor (``x ~= q * scale``), which is exactly what the
+official DeepSeek-V3 checkpoint stores as ``weight_scale_inv``, so :func:`dequantize_blocks` is the
+function a checkpoint loader calls.
+
+The plain PyTorch code below is the reference and runs anywhere. On a CUDA GPU with FP8 support
+the public functions dispatch to Triton kernels (:mod:`dsv3.fp8.triton_quant`) when Triton is
+installed; set ``DSV3_FP8_NO_TRITON=1`` to force the reference path.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0  # largest finite E4M3 value (§3.3: scale = amax / 448)
+TILE = 128
+
+__all__ = [
+    "FP8_DTYPE",
+    "FP8_MAX",
+    "dequantize_blocks",
+    "dequantize_tiles",
+    "pow2_ceil",
+    "quantize_blocks",
+    "quantize_tiles",
+]
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def pow2_ceil(s: Tensor) -> Tensor:
+    """Round positive FP32 values up to a power of two, exactly (bit trick, no log2 rounding).
+
+    Adding 0x7FFFFF to the bit pattern carries into the exponent iff the mantissa is non-zero;
+    masking the mantissa away then leaves 2^ceil(log2 s). Subnormal inputs (amax < ~5e-36)
+    become 2^-126, still a power of two >= s.
+    """
+    bits = s.to(torch.float32).contiguous().view(torch.int32)
+    return ((bits + 0x007FFFFF) & 0x7F800000).view(torch.float32)
+
+
+def _scale_from_amax(amax: Tensor, pow2_scales: bool) -> Tensor:
+    scale = amax / FP8_MAX
+    # All-zero group (or amax so small the division underflows): any finite scale works since
+    # every element quantises to 0; 1 keeps q = x / scale free of NaN/inf.
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return pow2_ceil(scale) if pow2_scales else scale
+
+
+def _to_fp8(x: Tensor) -> Tensor:
+    # The clamp guards against x / scale landing a rounding step above 448: torch's cast maps
+    # out-of-range values to NaN rather than saturating.
+    return x.clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+# --------------------------------------------------------------------------- reference (torch)
+
+
+def _quantize_tiles_torch(
+    x: Tensor, tile: int, pow2_scales: bool
+) -> tuple[Tensor, Tensor]:
+    k = x.shape[-1]
+    n_tiles = _ceil_div(k, tile)
+    pad = n_tiles * tile - k
+    # Row-major output whatever x's strides (x may be a transposed view): GEMMs need it.
+    xf = x.to(torch.float32, memory_format=torch.contiguous_format)
+    # Zero padding never changes a tile's amax, so a ragged last tile needs no special case.
+    if pad:
+        xf = F.pad(xf, (0, pad))
+    xt = xf.unflatten(-1, (n_tiles, tile))
+    scale = _scale_from_amax(xt.abs().amax(dim=-1), pow2_scales)
+    q = _to_fp8(xt / scale.unsqueeze(-1)).flatten(-2)
+    if pad:
+        q = q[..., :k].contiguous()
+    return q, scale
+
+
+def _quantize_blocks_torch(
+    w: Tensor, block: int, pow2_scales: bool
+) -> tuple[Tensor, Tensor]:
+    n, k = w.shape
+    nb, kb = _ceil_div(n, block), _ceil_div(k, block)
+    wf = w.to(torch.float32, memory_format=torch.contiguous_format)
+    if nb * block != n or kb * block != k:
+        wf = F.pad(wf, (0, kb * block - k, 0, nb * block - n))
+    wb = wf.view(nb, block, kb, block)
+    scale = _scale_from_amax(wb.abs().amax(dim=(1, 3)), pow2_scales)
+    q = _to_fp8(wb / scale[:, None, :, None]).view(nb * block, kb * block)
+    if q.shape != (n, k):
+        q = q[:n, :k].contiguous()
+    return q, scale
+
+
+# --------------------------------------------------------------------------- dispatch
+
+
+@functools.cache
+def _triton_module():
+    """The Triton kernels, or None when Triton is not installed (it is an optional extra)."""
+    try:
+        from dsv3.fp8 import triton_quant
+    except ImportError:
+        return None
+    return triton_quant
+
+
+def _use_triton(x: Tensor, group: int) -> bool:
+    if not x.is_cuda or x.numel() == 0 or os.environ.get("DSV3_FP8_NO_TRITON") == "1":
+        return False
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    if group < 16 or group & (group - 1):  # Triton block sizes must be powers of two
+        return False
+    # E4M3 conversion instructions exist from sm89 (Ada) on.
+    if torch.cuda.get_device_capability(x.device) < (8, 9):
+        return False
+    return _triton_module() is not None
+
+
+def quantize_tiles(
+    x: Tensor, tile: int = TILE, pow2_scales: bool = False
+) -> tuple[Tensor, Tensor]:
+    """Quantise ``x`` to E4M3 per 1 x ``tile`` group along the last dim (report §3.3).
+
+    Returns ``(q, scale)``: ``q`` has ``x``'s shape and dtype ``float8_e4m3fn``; ``scale`` is FP32
+    of shape ``(*x.shape[:-1], ceil(K / tile))`` with ``x ~= q * scale`` per tile. A ragged last
+    tile (K not a multiple of ``tile``) gets its own scale from its real elements.
+    ``pow2_scales`` rounds each scale up to a power of two, so ``q * scale`` is exact.
+    """
+    if x.dim() == 0:
+        raise ValueError("quantize_tiles needs at least one dimension")
+    if _use_triton(x, tile):
+        return _triton_module().quantize_tiles(x, tile, pow2_scales)
+    return _quantize_tiles_torch(x, tile, pow2_scales)
+
+
+def quantize_blocks(
+    w: Tensor, block: int = TILE, pow2_scales: bool = False
+) -> tuple[Tensor, Tensor]:
+    """Quantise a 2-D weight to E4M3 per ``block`` x ``block`` block (report §3.3).
+
+    Returns ``(q, scale)`` with ``scale`` FP32 of shape ``(ceil(N / block), ceil(K / block))``,
+    the layout of the official checkpoint's ``weight_scale_inv``. Ragged edge blocks are fine.
+    """
+    if w.dim() != 2:
+        raise ValueError(
+            f"quantize_blocks expects a 2-D weight, got shape {tuple(w.shape)}"
+        )
+    if _use_triton(w, block):
+        return _triton_module().quantize_blocks(w, block, pow2_scales)
+    return _quantize_blocks_torch(w, block, pow2_scales)
+
+
+def _pad_fp8(q: Tensor, pad: tuple[int, ...]) -> Tensor:
+    """Zero-pad an FP8 tensor (through its byte view: constant pad has no FP8 kernels)."""
+    if not any(pad):
+        return q
+    return F.pad(q.view(torch.uint8), pad).view(q.dtype)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # float64 callers (reference tests) get an exact product; everything else multiplies in FP32.
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def dequantize_tiles(
+    q: Tensor, scale: Tensor, tile: int = TILE, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """Inverse of :func:`quantize_tiles`: ``q * scale`` broadcast over each 1 x ``tile`` group."""
+    k = q.shape[-1]
+    n_tiles = _ceil_div(k, tile)
+    if scale.shape != (*q.shape[:-1], n_tiles):
+        raise ValueError(
+            f"tile scale shape {tuple(scale.shape)} does not match q {tuple(q.shape)} "
+            f"with tile {tile} (expected {(*q.shape[:-1], n_tiles)})"
+        )
+    cd = _compute_dtype(dtype)
+    qt = _pad_fp8(q, (0, n_tiles * tile - k)).unflatten(-1, (n_tiles, tile))
+    out = (qt.to(cd) * scale.to(cd).unsqueeze(-1)).flatten(-2)[..., :k]
+    return out.to(dtype) if out.dtype != dtype else out.contiguous()
+
+
+def dequantize_blocks(
+    q: Tensor, scale_inv: Tensor, block: int = TILE, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """Inverse of :func:`quantize_blocks`; also the loader for official FP8 checkpoints.
+
+    ``scale_inv`` has shape ``(ceil(N / block), ceil(K / block))`` and is what multiplies each
+    FP8 block to give the real weight (the checkpoint's ``weight_scale_inv``).
+    """
+    if q.dim() != 2:
+        raise ValueError(
+            f"dequantize_blocks expects a 2-D tensor, got shape {tuple(q.shape)}"
+        )
+    n, k = q.shape
+    nb, kb = _ceil_div(n, block), _ceil_div(k, block)
+    if scale_inv.shape != (nb, kb):
+        raise ValueError(
+            f"block scale shape {tuple(scale_inv.shape)} does not match q {(n, k)} "
+            f"with block {block} (expected {(nb, kb)})"
+        )
+    cd = _compute_dtype(dtype)
+    qb = _pad_fp8(q, (0, kb * block - k, 0, nb * block - n)).reshape(
+        nb, block, kb, block
+    )
+    out = (qb.to(cd) * scale_inv.to(cd)[:, None, :, None]).view(nb * block, kb * block)[
+        :n, :k
+    ]
+    return out.to(dtype) if out.dtype != dtype else out.contiguous()
