@@ -1,0 +1,169 @@
+"""Every setting of a training run in one dataclass, loadable from YAML or TOML.
+
+A config file holds trainer fields at the top level and model fields (any :class:`dsv3.ModelConfig` field,
+overriding the preset) under ``model``::
+
+    preset: tiny
+    steps: 500
+    lr: 3.0e-3
+    model:
+      num_hidden_layers: 6
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..config import ConfigError, ModelConfig, preset
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("DSV3_CACHE", str(Path.home() / ".cache" / "dsv3"))
+
+
+@dataclass
+class TrainConfig:
+    preset: str = "tiny"
+    """Model preset the run starts from (``tiny``, ``16b``, ``v3-671b``)."""
+    model: dict[str, Any] = field(default_factory=dict)
+    """Overrides of ModelConfig fields. ``vocab_size`` always follows the tokenizer."""
+    data: str | None = None
+    """Text/JSONL file or directory; None = the running Python's standard library sources."""
+    tokenizer: str | None = None
+    """A Hugging Face tokenizer.json (or its directory); None = a byte-level BPE trained on ``data`` (cached)."""
+    vocab_size: int = 4096
+    """Vocabulary of the BPE trained when no tokenizer is given."""
+    cache_dir: str = field(default_factory=default_cache_dir)
+    """Where trained tokenizers and token files are kept between runs."""
+    out: str | None = None
+    """Run directory (checkpoints, metrics.jsonl, plots, export); default runs/<preset>-<time>."""
+    steps: int = 400
+    """Token budget of the run in full-size batches: total tokens = steps * batch_size * seq_len."""
+    seq_len: int = 256
+    batch_size: int = 16
+    """Global batch in sequences after the ramp."""
+    micro_batch_size: int = 16
+    """Sequences per forward/backward; the batch is reached by gradient accumulation."""
+    batch_ramp: bool = True
+    """Ramp the batch from 0.2x (report: 3072 -> 15360) over the report's share of the run."""
+    lr: float = 3e-3
+    """Peak learning rate (report: 2.2e-4 for 671B; small models take larger ones)."""
+    warmup: float = 0.05
+    """Warm-up as a fraction of the run's tokens."""
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    bf16_moments: bool = False
+    """Keep AdamW's moments in BF16 (report §3.3) instead of FP32."""
+    balance: str = "aux_free"
+    """``aux_free``: bias update (report); ``aux_loss``: conventional auxiliary loss (ablation)."""
+    gamma: float = 0.001
+    """Bias update speed; 0 for the last 500B/14.8T of the run as in the report."""
+    seq_aux_alpha: float = 1e-4
+    """Weight of the complementary sequence-wise balance loss (report: 0.0001)."""
+    aux_loss_alpha: float = 0.01
+    """Weight of the conventional auxiliary loss when ``balance`` is ``aux_loss``."""
+    mtp: bool = True
+    """Train the MTP module(s) with the report's lambda schedule (0.3 then 0.1)."""
+    fim_rate: float = 0.1
+    doc_mask: bool = False
+    """Keep packed documents from attending to each other (the report uses no such mask)."""
+    eval_every: int = 100
+    eval_batches: int = 16
+    save_every: int = 100
+    keep_last: int = 3
+    device: str = "auto"
+    seed: int = 0
+    fp8: bool = False
+    """FP8 GEMMs for the Linear layers of attention and experts (report §3.3)."""
+    compile: bool = False
+    sample_prompt: str = "def fibonacci(n):\n"
+    sample_tokens: int = 64
+    stop_after: int | None = None
+    """Stop with a checkpoint after this many steps of this invocation (experiments and tests)."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        def need(ok: bool, name: str, allowed: str) -> None:
+            if not ok:
+                raise ConfigError(f"{name}: must be {allowed}, got {getattr(self, name)!r}")
+
+        for name in ("steps", "seq_len", "batch_size", "micro_batch_size", "vocab_size", "eval_batches",
+                     "keep_last"):
+            v = getattr(self, name)
+            need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, name, "an integer >= 1")
+        for name in ("eval_every", "save_every"):
+            v = getattr(self, name)
+            need(isinstance(v, int) and v >= 0, name, "an integer >= 0 (0 = only at the end)")
+        need(self.batch_size % self.micro_batch_size == 0, "batch_size",
+             f"a multiple of micro_batch_size ({self.micro_batch_size})")
+        need(isinstance(self.lr, (int, float)) and 0 < self.lr < 1, "lr", "a number in (0, 1)")
+        need(0 <= self.warmup < 1, "warmup", "a fraction in [0, 1)")
+        need(0 <= self.weight_decay < 1, "weight_decay", "in [0, 1)")
+        need(0 <= self.beta1 < 1, "beta1", "in [0, 1)")
+        need(0 <= self.beta2 < 1, "beta2", "in [0, 1)")
+        need(self.grad_clip > 0, "grad_clip", "> 0")
+        need(self.balance in ("aux_free", "aux_loss"), "balance", "'aux_free' or 'aux_loss'")
+        need(self.gamma >= 0, "gamma", ">= 0")
+        need(self.seq_aux_alpha >= 0, "seq_aux_alpha", ">= 0")
+        need(self.aux_loss_alpha >= 0, "aux_loss_alpha", ">= 0")
+        need(0 <= self.fim_rate <= 1, "fim_rate", "in [0, 1]")
+        need(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda"), "device",
+             "'auto', 'cpu' or 'cuda[:N]'")
+        need(self.stop_after is None or self.stop_after >= 1, "stop_after", "None or >= 1")
+        need(isinstance(self.model, dict), "model", "a mapping of ModelConfig fields")
+        known = {f.name for f in dataclasses.fields(ModelConfig)}
+        for key in self.model:
+            if key not in known:
+                raise ConfigError(f"model.{key}: not a ModelConfig field")
+        self.model_config(vocab_size=self.vocab_size)  # validates preset and overrides
+
+    def model_config(self, vocab_size: int) -> ModelConfig:
+        overrides = {k: v for k, v in self.model.items() if k != "vocab_size"}
+        try:
+            return preset(self.preset).replace(vocab_size=vocab_size, **overrides)
+        except ConfigError as e:
+            raise ConfigError(f"model.{e}") from None
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides: Any) -> "TrainConfig":
+        """Read a YAML (.yaml/.yml) or TOML (.toml) file; ``overrides`` (e.g. CLI flags) win."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no config file at {path}")
+        text = path.read_text()
+        if path.suffix in (".toml",):
+            import tomllib
+
+            data = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml", ".json"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            raise ConfigError(f"config: {path} must end in .yaml, .yml, .toml or .json")
+        if not isinstance(data, dict):
+            raise ConfigError(f"config: {path} must hold a mapping of fields")
+        return cls.from_dict({**data, **overrides})
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in data:
+            if key not in known:
+                raise ConfigError(f"{key}: not a training field (see `dsv3 train --help`)")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)

@@ -1,0 +1,198 @@
+"""Trainer: schedules, balancing, MTP targets, exact resume, checkpoint errors, the default CLI path."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import dsv3
+from dsv3.checkpoint import CheckpointError
+from dsv3.config import ConfigError
+from dsv3.model import ModelOutput
+from dsv3.train import Schedules, TrainConfig, train
+from dsv3.train.balance import max_violation, moe_gates, update_bias
+from dsv3.train.trainer import compute_losses
+
+
+# ---------------------------------------------------------------------------------------------- schedules
+def test_paper_schedule_breakpoints_at_full_scale():
+    s = Schedules.paper(14.8e12, peak_lr=2.2e-4, warmup_tokens=2000 * 15360 * 4096, batch_size=15360)
+    assert s.lr(0) == 0
+    assert s.lr(s.warmup_tokens / 2) == pytest.approx(1.1e-4)
+    assert s.lr(5e12) == pytest.approx(2.2e-4)
+    assert s.lr(10e12 - 1) == pytest.approx(2.2e-4)
+    assert s.lr(10e12 + 4.3e12 / 2) == pytest.approx(2.2e-4 * (0.1 + 0.9 * 0.5))  # cosine midpoint
+    assert s.lr(14.3e12 - 1) == pytest.approx(2.2e-5, rel=1e-6)
+    assert s.lr(14.3e12 + 1e9) == pytest.approx(2.2e-5)
+    assert s.lr(14.3e12 + 333e9 + 1e9) == pytest.approx(7.3e-6)
+    assert s.batch_size(0) == 3072 and s.batch_size(469e9) == 15360
+    assert s.batch_size(469e9 / 2) == (3072 + 15360) // 2
+    assert s.bias_update_speed(14.3e12 - 1) == 0.001 and s.bias_update_speed(14.3e12) == 0
+    assert s.mtp_weight(10e12 - 1) == 0.3 and s.mtp_weight(10e12) == 0.1
+
+
+def test_schedule_scales_to_a_small_run():
+    big, small = Schedules.paper(14.8e12), Schedules.paper(1e6)
+    for frac in (0.1, 0.5, 0.7, 0.9, 0.97, 0.99):
+        assert small.lr(frac * 1e6) / small.peak_lr == pytest.approx(big.lr(frac * 14.8e12) / big.peak_lr)
+    assert small.batch_size(0, multiple=4) % 4 == 0
+
+
+# ---------------------------------------------------------------------------------------------- balancing
+def test_bias_update_rule():
+    model = dsv3.build_model("tiny")
+    gates = moe_gates(model)
+    assert len(gates) == model.config.n_moe_layers + model.config.num_nextn_predict_layers
+    loads = [torch.arange(16.0) for _ in gates]  # mean 7.5: experts 0-7 under, 8-15 over
+    update_bias(gates, loads, gamma=0.01)
+    b = gates[0].e_score_correction_bias
+    assert torch.allclose(b[:8], torch.full((8,), 0.01)) and torch.allclose(b[8:], torch.full((8,), -0.01))
+    update_bias(gates, [torch.full((16,), 5.0) for _ in gates], gamma=0.01)  # balanced: no change
+    assert torch.allclose(gates[0].e_score_correction_bias[:8], torch.full((8,), 0.01))
+    assert max_violation(torch.tensor([1.0, 1.0, 4.0, 2.0])) == pytest.approx((4 - 2) / 2)
+
+
+def test_mtp_loss_targets_are_shifted_tokens():
+    cfg = TrainConfig(seq_len=6, batch_size=1, micro_batch_size=1)
+    vocab = 50
+    window = torch.randint(0, vocab, (1, 6 + 1 + 2))  # depth 2
+
+    def peaked(targets):  # logits that are right exactly for these targets
+        return torch.nn.functional.one_hot(targets, vocab).float() * 50
+
+    out = ModelOutput(logits=peaked(window[:, 1:7]), hidden=torch.zeros(1),
+                      mtp_logits=[peaked(window[:, 2:8]), peaked(window[:, 3:9])])
+    loss, mtp, _ = compute_losses(out, window, cfg, top_k=2)
+    assert loss < 1e-6 and mtp < 1e-6
+    wrong = ModelOutput(logits=out.logits, hidden=out.hidden, mtp_logits=[out.mtp_logits[1], out.mtp_logits[0]])
+    assert compute_losses(wrong, window, cfg, top_k=2)[1] > 1
+
+
+def test_model_feeds_mtp_the_next_token_embeddings():
+    model = dsv3.build_model(dsv3.preset("tiny").replace(vocab_size=64, num_hidden_layers=2))
+    tokens = torch.randint(0, 64, (2, 10))
+    full = model(tokens[:, :8], future_tokens=tokens[:, 8:9], with_mtp=True).mtp_logits[0]
+    # without future tokens module 1 predicts at the first S - 1 positions only, from the same inputs
+    short = model(tokens[:, :8], with_mtp=True).mtp_logits[0]
+    torch.testing.assert_close(full[:, :7], short)
+    assert full.shape[1] == 8 and short.shape[1] == 7
+
+
+# ---------------------------------------------------------------------------------------------- runs
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+    g = torch.Generator().manual_seed(0)
+    for i in range(30):
+        idx = torch.randint(0, len(words), (400,), generator=g).tolist()
+        (root / f"doc{i:02d}.txt").write_text(" ".join(words[j] for j in idx) + "\n")
+    return root
+
+
+def small_config(corpus, out, **changes) -> TrainConfig:
+    base = dict(data=str(corpus), vocab_size=300, cache_dir=str(out.parent / "cache"), out=str(out), steps=6,
+                seq_len=32, batch_size=4, micro_batch_size=2, eval_every=3, eval_batches=2, save_every=2,
+                sample_tokens=4, model={"num_hidden_layers": 2, "hidden_size": 64})
+    base.update(changes)
+    return TrainConfig(**base)
+
+
+def losses(run_dir):
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_kill_and_resume_equals_uninterrupted_run(corpus, tmp_path):
+    full = train(small_config(corpus, tmp_path / "full"), log=lambda *a: None)
+    assert not full.interrupted and full.val_loss is not None and math.isfinite(full.val_ppl)
+    part = train(small_config(corpus, tmp_path / "part", stop_after=3), log=lambda *a: None)
+    assert part.interrupted and part.step == 3
+    resumed = train(small_config(corpus, tmp_path / "part"), resume=True, log=lambda *a: None)
+    assert resumed.step == full.step
+    a, b = losses(tmp_path / "full"), losses(tmp_path / "part")
+    assert [r["step"] for r in b] == list(range(1, full.step + 1))
+    for ra, rb in zip(a, b):  # bitwise on CPU: every logged loss, norm and expert load
+        for key in ("loss", "mtp_loss", "balance_loss", "grad_norm", "lr", "expert_load", "val_loss"):
+            assert ra.get(key) == rb.get(key), (ra["step"], key)
+    fa = dsv3.load_pretrained(tmp_path / "full" / "export", dtype=torch.float32).state_dict()
+    fb = dsv3.load_pretrained(tmp_path / "part" / "export", dtype=torch.float32).state_dict()
+    assert all(torch.equal(fa[k], fb[k]) for k in fa)
+    # the routing biases moved (aux-loss-free balancing ran) and were restored
+    assert any(v.abs().sum() > 0 for k, v in fa.items() if k.endswith("e_score_correction_bias"))
+
+
+def test_checkpoint_keep_last_and_errors(corpus, tmp_path):
+    out = tmp_path / "run"
+    r = train(small_config(corpus, out, keep_last=2, save_every=1), log=lambda *a: None)
+    ckpts = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
+    assert ckpts == [f"step_{r.step - 1:07d}", f"step_{r.step:07d}"]
+    with pytest.raises(CheckpointError, match="already holds checkpoints"):
+        train(small_config(corpus, out), log=lambda *a: None)
+    # an incompatible model
+    with pytest.raises(CheckpointError, match="model config differs"):
+        train(small_config(corpus, out, steps=8, model={"num_hidden_layers": 3, "hidden_size": 64}), resume=True,
+              log=lambda *a: None)
+    # a corrupted file
+    file = out / "checkpoints" / f"step_{r.step:07d}" / "model.safetensors"
+    data = bytearray(file.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    file.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="corrupted"):
+        train(small_config(corpus, out, steps=8), resume=True, log=lambda *a: None)
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        train(small_config(corpus, tmp_path / "empty"), resume=True, log=lambda *a: None)
+
+
+@pytest.mark.parametrize("changes, field", [
+    ({"batch_size": 10, "micro_batch_size": 4}, "batch_size"),
+    ({"lr": -1.0}, "lr"),
+    ({"balance": "none"}, "balance"),
+    ({"steps": 0}, "steps"),
+    ({"model": {"n_group": 3}}, "model.n_group"),
+    ({"model": {"nonsense": 1}}, "model.nonsense"),
+    ({"device": "tpu"}, "device"),
+])
+def test_bad_train_config(changes, field):
+    with pytest.raises(ConfigError, match=rf"^{field}"):
+        TrainConfig(**changes)
+
+
+def test_config_files(tmp_path):
+    (tmp_path / "a.yaml").write_text("steps: 7\nlr: 0.001\nmodel:\n  num_hidden_layers: 3\n")
+    (tmp_path / "b.toml").write_text("steps = 9\n[model]\nhidden_size = 64\n")
+    (tmp_path / "c.yaml").write_text("stepz: 7\n")
+    a = TrainConfig.from_file(tmp_path / "a.yaml")
+    assert a.steps == 7 and a.model == {"num_hidden_layers": 3}
+    assert TrainConfig.from_file(tmp_path / "b.toml", steps=3).steps == 3
+    with pytest.raises(ConfigError, match="stepz"):
+        TrainConfig.from_file(tmp_path / "c.yaml")
+
+
+def test_aux_loss_ablation_and_no_mtp(corpus, tmp_path):
+    r = train(small_config(corpus, tmp_path / "abl", balance="aux_loss", mtp=False, steps=2, eval_every=0),
+              log=lambda *a: None)
+    rec = losses(r.run_dir)
+    assert all(x["mtp_loss"] == 0 and x["gamma"] == 0 and x["balance_loss"] > 0 for x in rec)
+    model = dsv3.load_pretrained(r.run_dir / "export")
+    assert len(model.mtp) == 0
+
+
+def test_default_cli_path_end_to_end(tmp_path):
+    """`dsv3 train` with its defaults (tiny preset, stdlib corpus, CPU), cut to a few steps, then sample/plot."""
+    env_cache = str(tmp_path / "cache")
+    cmd = [sys.executable, "-m", "dsv3.cli", "train", "--steps", "2", "--out", str(tmp_path / "run"),
+           "--cache-dir", env_cache, "--eval-every", "0"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "perplexity" in proc.stdout and "sample for" in proc.stdout
+    out = subprocess.run([sys.executable, "-m", "dsv3.cli", "sample", str(tmp_path / "run"), "--prompt", "def f(",
+                          "--max-new-tokens", "5"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.startswith("def f("), out.stderr[-2000:]
+    plots = subprocess.run([sys.executable, "-m", "dsv3.cli", "plot", str(tmp_path / "run")],
+                           capture_output=True, text=True, timeout=300)
+    assert plots.returncode == 0, plots.stderr[-2000:]
+    assert all(Path(p).stat().st_size > 1000 for p in plots.stdout.split())
