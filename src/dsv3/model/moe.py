@@ -118,11 +118,12 @@ class Experts(nn.Module):
         impl = self.implementation
         if impl == "auto":
             impl = "grouped" if _grouped_mm_ok(x, self.gate_up_proj) else "loop"
-        if impl == "grouped":
+        if impl == "grouped":  # bf16 (under autocast the FP32 master weights are cast, as autocast would)
             offsets = counts.cumsum(0).to(torch.int32)
-            h = torch._grouped_mm(x, self.gate_up_proj.transpose(-2, -1), offs=offsets)
+            w1, w2 = self.gate_up_proj.to(torch.bfloat16), self.down_proj.to(torch.bfloat16)
+            h = torch._grouped_mm(x.to(torch.bfloat16), w1.transpose(-2, -1), offs=offsets)
             gate, up = h.split(self.inter_dim, dim=-1)
-            return torch._grouped_mm(F.silu(gate) * up, self.down_proj.transpose(-2, -1), offs=offsets)
+            return torch._grouped_mm(F.silu(gate) * up, w2.transpose(-2, -1), offs=offsets)
         out = []
         for e, chunk in enumerate(x.split(counts.tolist())):
             if chunk.shape[0] == 0:
@@ -135,8 +136,10 @@ class Experts(nn.Module):
 
 def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
     """torch._grouped_mm runs on Hopper-class GPUs in bf16 with 16-byte aligned strides."""
+    bf16 = (x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16) or (
+        torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") == torch.bfloat16)
     return (
-        x.is_cuda and x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+        x.is_cuda and bf16 and hasattr(torch, "_grouped_mm")
         and torch.cuda.get_device_capability(x.device) >= (9, 0)
         and x.shape[-1] % 8 == 0 and w.shape[1] % 8 == 0
     )
