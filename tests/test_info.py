@@ -1,5 +1,4 @@
-import subprocess
-import sys
+from conftest import run_cli
 
 from dsv3.config import preset
 from dsv3.info import model_stats
@@ -20,9 +19,7 @@ def test_16b_matches_benchmark_shape():
 
 
 def test_cli_info():
-    out = subprocess.run([sys.executable, "-m", "dsv3.cli", "info", "--preset", "v3-671b"],
-                         capture_output=True, text=True, check=True).stdout
+    out = run_cli("info", "--preset", "v3-671b", check=True).stdout
     assert "671,026,404,352" in out and "37.6B" in out
-    bad = subprocess.run([sys.executable, "-m", "dsv3.cli", "info", "--config", "/no/such/dir"],
-                         capture_output=True, text=True)
+    bad = run_cli("info", "--config", "/no/such/dir")
     assert bad.returncode == 2 and "no config.json" in bad.stderr

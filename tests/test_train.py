@@ -2,8 +2,11 @@
 
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +19,8 @@ from dsv3.model import ModelOutput
 from dsv3.train import Schedules, TrainConfig, train
 from dsv3.train.balance import max_violation, moe_gates, update_bias
 from dsv3.train.trainer import compute_losses
+
+from conftest import SRC, run_cli
 
 
 # ---------------------------------------------------------------------------------------------- schedules
@@ -183,16 +188,38 @@ def test_aux_loss_ablation_and_no_mtp(corpus, tmp_path):
 
 def test_default_cli_path_end_to_end(tmp_path):
     """`dsv3 train` with its defaults (tiny preset, stdlib corpus, CPU), cut to a few steps, then sample/plot."""
-    env_cache = str(tmp_path / "cache")
-    cmd = [sys.executable, "-m", "dsv3.cli", "train", "--steps", "2", "--out", str(tmp_path / "run"),
-           "--cache-dir", env_cache, "--eval-every", "0"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    proc = run_cli("train", "--steps", "2", "--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache"),
+                   "--eval-every", "0")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "perplexity" in proc.stdout and "sample for" in proc.stdout
-    out = subprocess.run([sys.executable, "-m", "dsv3.cli", "sample", str(tmp_path / "run"), "--prompt", "def f(",
-                          "--max-new-tokens", "5"], capture_output=True, text=True, timeout=300)
+    out = run_cli("sample", str(tmp_path / "run"), "--prompt", "def f(", "--max-new-tokens", "5")
     assert out.returncode == 0 and out.stdout.startswith("def f("), out.stderr[-2000:]
-    plots = subprocess.run([sys.executable, "-m", "dsv3.cli", "plot", str(tmp_path / "run")],
-                           capture_output=True, text=True, timeout=300)
+    plots = run_cli("plot", str(tmp_path / "run"))
     assert plots.returncode == 0, plots.stderr[-2000:]
     assert all(Path(p).stat().st_size > 1000 for p in plots.stdout.split())
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_finishes(corpus, tmp_path):
+    out = tmp_path / "run"
+    args = ["train", "--data", str(corpus), "--vocab-size", "300", "--cache-dir", str(tmp_path / "cache"),
+            "--out", str(out), "--steps", "400", "--seq-len", "32", "--batch-size", "2", "--micro-batch-size", "2",
+            "--save-every", "0", "--eval-every", "0", "--set", "model.num_hidden_layers=2", "--set",
+            "model.hidden_size=64"]
+    env = {**os.environ, "PYTHONPATH": SRC}
+    proc = subprocess.Popen([sys.executable, "-m", "dsv3.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-2000:]
+    assert "checkpoint saved" in err or "checkpoint saved" in _
+    step = len(metrics.read_text().splitlines())
+    assert 3 <= step < 400
+    assert (out / "checkpoints" / f"step_{step:07d}").is_dir()
+    resumed = run_cli(*args[:-4], "--resume", "--steps", "400")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
+    assert steps == list(range(1, steps[-1] + 1)) and steps[-1] >= 400

@@ -15,7 +15,8 @@ dsv3 (``DeepSeekV3``)                           checkpoint
 ==============================================  =================================================================
 
 FP8 checkpoints store a Linear weight as float8_e4m3fn with a float32 ``weight_scale_inv`` holding one factor per
-128x128 block (ragged at the edges); loading dequantises them. Only safetensors is read: nothing is unpickled.
+128x128 block (ragged at the edges); loading dequantises them, or keeps them in FP8 (``fp8=``, see
+:mod:`dsv3.fp8.serving`: by default on a Hopper GPU). Only safetensors is read: nothing is unpickled.
 Loading streams one tensor at a time into a model built on the meta device, so a full second copy of the
 weights never exists in memory.
 """
@@ -34,6 +35,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import ModelConfig
+from .fp8.serving import apply_fp8_serving, wants_fp8_serving
 from .model import DeepSeekV3
 from .model.moe import Gate
 from .model.rope import RotaryEmbedding
@@ -65,16 +67,19 @@ def hf_tensors(model: DeepSeekV3) -> Iterator[tuple[str, str, torch.Tensor, tupl
     config = model.config
     state = model.state_dict(keep_vars=True)
     for name, tensor in state.items():
-        if name.endswith("experts.gate_up_proj") or name.endswith("experts.down_proj"):
+        # FP8-served experts also hold their block factors, stacked the same way, as ``..._scale_inv``
+        m = re.search(r"experts\.(gate_up_proj|down_proj)(_scale_inv)?$", name)
+        if m:
             prefix = _hf_prefix(name.rsplit(".", 1)[0], config)
             n_exp, rows = tensor.shape[0], tensor.shape[1]
+            weight = "weight" + (m.group(2) or "")
             for j in range(n_exp):
-                if name.endswith("gate_up_proj"):
+                if m.group(1) == "gate_up_proj":
                     half = rows // 2
-                    yield f"{prefix}.{j}.gate_proj.weight", name, tensor, (j, slice(0, half))
-                    yield f"{prefix}.{j}.up_proj.weight", name, tensor, (j, slice(half, rows))
+                    yield f"{prefix}.{j}.gate_proj.{weight}", name, tensor, (j, slice(0, half))
+                    yield f"{prefix}.{j}.up_proj.{weight}", name, tensor, (j, slice(half, rows))
                 else:
-                    yield f"{prefix}.{j}.down_proj.weight", name, tensor, (j,)
+                    yield f"{prefix}.{j}.down_proj.{weight}", name, tensor, (j,)
             continue
         if name.startswith("lm_head.") and config.tie_word_embeddings:
             continue
@@ -129,10 +134,13 @@ def load_pretrained(
     dtype: torch.dtype = torch.bfloat16,
     *,
     progress: bool = False,
+    fp8: bool | str = "auto",
 ) -> DeepSeekV3:
     """Load a Hugging Face-layout checkpoint directory (config.json, safetensors shards) into a DeepSeekV3.
 
-    FP8 weights are dequantised to ``dtype``. The routing bias stays float32. Raises :class:`CheckpointError`
+    FP8 weights are dequantised to ``dtype``, unless ``fp8`` keeps them: ``True`` keeps the float8 weights and
+    their ``weight_scale_inv`` in FP8 inference modules (:mod:`dsv3.fp8.serving`; half the memory of BF16),
+    ``"auto"`` does so on a Hopper GPU only, ``False`` never. The routing bias stays float32. Raises :class:`CheckpointError`
     naming any missing, unexpected or misshapen tensor. A checkpoint whose config declares MTP modules that
     its files lack (transformers drops them when saving) loads without MTP, with a warning.
     """
@@ -148,7 +156,13 @@ def load_pretrained(
             stacklevel=2,
         )
         config = config.replace(num_nextn_predict_layers=0)
-    model = build_empty(config, device, dtype)
+    keep_fp8 = None
+    if wants_fp8_serving(fp8, config.quantization_config, device):
+        def keep_fp8(meta_model: DeepSeekV3) -> None:  # modules whose checkpoint weights are FP8 stay FP8
+            names = {ours.rsplit(".", 1)[0] for hf, ours, _, _ in hf_tensors(meta_model)
+                     if hf + "_scale_inv" in weight_map}
+            apply_fp8_serving(meta_model, names)
+    model = build_empty(config, device, dtype, transform=keep_fp8)
 
     targets: dict[str, tuple[str, torch.Tensor, tuple | None]] = {
         hf: (ours, t, idx) for hf, ours, t, idx in hf_tensors(model)
@@ -188,12 +202,12 @@ def load_pretrained(
             if ours == "lm_head.weight" and name != "lm_head.weight":
                 continue  # an MTP module's copy of the shared head
             src = tensor(name)
-            if src.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            view = dest if index is None else dest[index]
+            if src.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) and src.dtype != view.dtype:
                 scale = name + "_scale_inv"
                 if scale not in weight_map:
                     raise CheckpointError(f"{name}: float8 weight without its {scale}")
                 src = _dequantize(src, tensor(scale), name)
-            view = dest if index is None else dest[index]
             if tuple(src.shape) != tuple(view.shape):
                 raise CheckpointError(f"{name}: shape {tuple(src.shape)} in checkpoint, expected {tuple(view.shape)}")
             view.copy_(src)
@@ -203,11 +217,14 @@ def load_pretrained(
     return model
 
 
-def build_empty(config: ModelConfig, device: str | torch.device, dtype: torch.dtype) -> DeepSeekV3:
-    """A DeepSeekV3 with uninitialised storage on ``device``: built on meta, then allocated once."""
+def build_empty(config: ModelConfig, device: str | torch.device, dtype: torch.dtype, transform=None) -> DeepSeekV3:
+    """A DeepSeekV3 with uninitialised storage on ``device``: built on meta, then allocated once.
+    ``transform(model)``, if given, may swap modules while the model is still on meta (after the dtype cast)."""
     with torch.device("meta"):
         model = DeepSeekV3(config)
     model.to(dtype)
+    if transform is not None:
+        transform(model)
     model.to_empty(device=device)
     for module in model.modules():
         if isinstance(module, Gate) and module.e_score_correction_bias is not None:

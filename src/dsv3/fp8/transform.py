@@ -1,0 +1,395 @@
+"""Turn a :class:`~dsv3.model.DeepSeekV3` into an FP8 mixed-precision training model (report §3.3).
+
+:func:`apply_fp8_training` rewires the model from outside; the model code never mentions FP8:
+
+* every ``nn.Linear`` of MLA (``q_proj`` or ``q_a_proj``/``q_b_proj``, ``kv_a_proj_with_mqa``, ``kv_b_proj``,
+  ``o_proj``), of the dense SwiGLU MLPs and shared experts (``gate_proj``, ``up_proj``, ``down_proj``) and
+  each MTP module's ``eh_proj`` becomes an :class:`~dsv3.fp8.FP8Linear`;
+* each routed :class:`~dsv3.model.moe.Experts` becomes an :class:`FP8Experts`, whose two grouped GEMMs
+  (``gate_up_proj`` and ``down_proj``) run in FP8 with the same recipe as the Linear layers.
+
+The new modules hold the *same* Parameter objects, so an optimiser built before or after the swap (and its
+state) is unaffected. Kept in high precision, as §3.3 says: the embedding, the output head, the MoE gate,
+the RMSNorms and the attention core (SDPA).
+
+The recipe for one expert e with weight W_e (N, K) and its tokens X_e (M_e, K):
+
+* forward  ``Y_e = X_e W_e^T``: X in 1x128 tiles along K (per token), W_e in 128x128 blocks;
+* dgrad    ``dX_e = dY_e W_e``: dY in 1x128 tiles along N, W_e^T in (the transposed) 128x128 blocks;
+* wgrad    ``dW_e = dY_e^T X_e``: both in 1x128 tiles along the tokens *of expert e* (a tile never mixes
+  two experts' tokens); X comes back from its FP8 forward cache.
+
+GEMM backends for the experts (``FP8Experts.backend``):
+
+``emulate``   quantise -> dequantise -> FP32 matmul per expert: the reference, runs anywhere;
+``scaled_mm`` a loop over experts of ``torch._scaled_mm`` with DeepSeek block scales (sm90; one host sync);
+``triton``    two Triton grouped kernels (sm90): tokens are laid out with every expert's segment padded to
+              128 rows, so each 128-row tile belongs to one expert and each token tile of the weight gradient
+              stays inside one expert; no host sync, one launch per GEMM;
+``auto``      ``triton`` on a Hopper GPU with Triton, else ``scaled_mm`` on Hopper, else ``emulate``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dsv3.fp8.linear import Backend, FP8Linear, _hopper_scaled_mm_ok, fp8_matmul_nt
+from dsv3.fp8.quant import TILE, dequantize_blocks, dequantize_tiles, quantize_blocks, quantize_tiles
+from dsv3.model.moe import Experts
+
+try:  # Triton is optional (GPU extra); the kernels below exist only where it is installed.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the environment
+    triton = None
+
+ExpertsBackend = Literal["auto", "emulate", "scaled_mm", "triton"]
+
+__all__ = ["ExpertsBackend", "FP8Experts", "apply_fp8_training", "fp8_grouped_linear"]
+
+# Linear layers swapped for FP8Linear, by the attribute name they have in their parent module.
+_MLA_LINEARS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
+_MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
+
+
+def apply_fp8_training(model: nn.Module, backend: Backend = "auto") -> nn.Module:
+    """Swap the model's projection GEMMs to FP8 (see the module docstring); returns ``model`` itself.
+
+    ``backend`` is passed to every :class:`FP8Linear` and :class:`FP8Experts` ("auto", "emulate" or
+    "scaled_mm"; the experts also take "triton"). Applying it twice changes nothing.
+    """
+    from dsv3.model.attention import MLA
+    from dsv3.model.ffn import MLP
+    from dsv3.model.mtp import MTPModule
+
+    for module in list(model.modules()):
+        names: tuple[str, ...] = ()
+        if isinstance(module, MLA):
+            names = _MLA_LINEARS
+        elif isinstance(module, MLP):  # dense FFN layers and the shared experts
+            names = _MLP_LINEARS
+        elif isinstance(module, MTPModule):
+            names = ("eh_proj",)
+        for name in names:
+            child = getattr(module, name, None)
+            if isinstance(child, nn.Linear) and not isinstance(child, FP8Linear):
+                setattr(module, name, FP8Linear.from_linear(child, backend=backend))
+        for name, child in list(module.named_children()):
+            if isinstance(child, Experts) and not isinstance(child, FP8Experts):
+                setattr(module, name, FP8Experts.from_experts(child, backend=backend))
+    return model
+
+
+# --------------------------------------------------------------------------------------------------------
+# FP8 experts
+
+
+class FP8Experts(Experts):
+    """Routed experts whose grouped GEMMs (forward, dgrad, wgrad) all take FP8 operands (report §3.3).
+
+    Same parameters as :class:`~dsv3.model.moe.Experts` (the master weights); only the matmuls change.
+    """
+
+    backend: ExpertsBackend = "auto"
+
+    def forward(self, x: Tensor, counts: Tensor) -> Tensor:
+        """x (N, d) sorted by expert with ``counts`` (E,) rows each -> (N, d)."""
+        h = fp8_grouped_linear(x, self.gate_up_proj, counts, backend=self.backend)
+        gate, up = h.split(self.inter_dim, dim=-1)
+        return fp8_grouped_linear(F.silu(gate) * up, self.down_proj, counts, backend=self.backend)
+
+    @classmethod
+    def from_experts(cls, experts: nn.Module, backend: ExpertsBackend = "auto") -> FP8Experts:
+        """Wrap an existing ``Experts``, sharing (not copying) its Parameter objects."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.n_experts, new.inter_dim = experts.n_experts, experts.inter_dim
+        new.gate_up_proj, new.down_proj = experts.gate_up_proj, experts.down_proj
+        new.implementation = getattr(experts, "implementation", "auto")
+        new.backend = backend
+        new.train(experts.training)
+        return new
+
+    def extra_repr(self) -> str:
+        return f"n_experts={self.n_experts}, fp8=e4m3 1x128/128x128, backend={self.backend}"
+
+
+def quantize_expert_blocks(w: Tensor) -> tuple[Tensor, Tensor]:
+    """128x128 block quantisation of each expert's (N, K) matrix of a stacked (E, N, K) weight.
+
+    Returns ``q`` (E, N, K) float8 and ``scale`` (E, ceil(N/128), ceil(K/128)). One call for all experts:
+    with N padded to a multiple of 128 (zeros never change a block's amax) the stack is one tall matrix.
+    """
+    e, n, k = w.shape
+    n_pad = -(-n // TILE) * TILE
+    wp = F.pad(w, (0, 0, 0, n_pad - n)) if n_pad != n else w
+    q, s = quantize_blocks(wp.reshape(e * n_pad, k))
+    q = q.view(e, n_pad, k)
+    return (q[:, :n].contiguous() if n_pad != n else q), s.view(e, n_pad // TILE, -1)
+
+
+# Set once a GPU path fails in "auto" mode; later calls then go straight to emulation.
+_fast_path_broken = False
+
+
+def _resolve(backend: ExpertsBackend, x: Tensor) -> str:
+    if backend != "auto":
+        return backend
+    if not _fast_path_broken and _hopper_scaled_mm_ok(x):
+        return "triton" if triton is not None else "scaled_mm"
+    return "emulate"
+
+
+class _FP8GroupedLinearFn(torch.autograd.Function):
+    """``y[rows of e] = x[rows of e] @ w[e].T`` for every expert e, all three GEMMs in FP8."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, counts: Tensor, backend: str) -> Tensor:
+        ops = _BACKENDS[backend]
+        layout = ops.layout(counts, x.shape[0])
+        xq, xs = quantize_tiles(x)  # 1x128 along K: per token, so independent of the grouping
+        wq, ws = quantize_expert_blocks(weight)
+        y = ops.mm(xq, xs, wq, ws, layout, x.dtype)
+        ctx.save_for_backward(xq, xs, weight)
+        ctx.layout, ctx.ops, ctx.x_dtype = layout, ops, x.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor):
+        xq, xs, weight = ctx.saved_tensors
+        ops, layout = ctx.ops, ctx.layout
+        grad_x = grad_w = None
+        gy = grad_y.contiguous()
+        if ctx.needs_input_grad[0]:
+            gq, gs = quantize_tiles(gy)  # 1x128 along N
+            wq, ws = quantize_expert_blocks(weight)  # W^T's blocks are W's blocks transposed
+            grad_x = ops.mm(gq, gs, wq.transpose(1, 2).contiguous(), ws.transpose(1, 2).contiguous(),
+                            layout, ctx.x_dtype)
+        if ctx.needs_input_grad[1]:
+            grad_w = ops.wgrad(gy, dequantize_tiles(xq, xs), layout).to(weight.dtype)
+        return grad_x, grad_w, None, None
+
+
+def fp8_grouped_linear(x: Tensor, weight: Tensor, counts: Tensor, *, backend: ExpertsBackend = "auto") -> Tensor:
+    """Per-expert ``x_e @ weight[e].T`` with FP8 GEMMs; x (M, K) sorted by expert, ``counts`` (E,) rows each,
+    weight (E, N, K) -> (M, N) in x's dtype."""
+    impl = _resolve(backend, x)
+    if impl != "emulate" and backend == "auto":
+        try:
+            return _FP8GroupedLinearFn.apply(x, weight, counts, impl)
+        except Exception as err:  # noqa: BLE001 - a broken GPU path falls back to the reference once
+            _disable_fast_path(impl, err)
+            return _FP8GroupedLinearFn.apply(x, weight, counts, "emulate")
+    return _FP8GroupedLinearFn.apply(x, weight, counts, impl)
+
+
+def _disable_fast_path(impl: str, err: Exception) -> None:
+    global _fast_path_broken
+    _fast_path_broken = True
+    warnings.warn(f"FP8 experts backend {impl!r} failed ({err}); emulating FP8 GEMMs", stacklevel=3)
+
+
+# --------------------------------------------------------------------------------------------------------
+# backends: each has layout(counts, n_rows), mm(aq, a_s, bq, b_s, layout, out_dtype) and
+# wgrad(gy, x, layout) -> fp32 (E, N, K)
+
+
+class _Emulate:
+    """Reference: dequantise, FP32 (or float64 for float64 inputs) matmul per expert."""
+
+    @staticmethod
+    def layout(counts: Tensor, n_rows: int) -> list[int]:
+        return counts.tolist()
+
+    @staticmethod
+    def mm(aq, a_s, bq, b_s, sizes, out_dtype):
+        cd = torch.float64 if out_dtype == torch.float64 else torch.float32
+        a = dequantize_tiles(aq, a_s, dtype=cd)
+        out = []
+        for e, a_e in enumerate(a.split(sizes)):
+            if a_e.shape[0]:
+                a_e = a_e @ dequantize_blocks(bq[e], b_s[e], dtype=cd).t()
+            else:
+                a_e = a_e.new_zeros(0, bq.shape[1])
+            out.append(a_e)
+        return torch.cat(out).to(out_dtype)
+
+    @staticmethod
+    def wgrad(gy, x, sizes):
+        cd = torch.float64 if gy.dtype == torch.float64 else torch.float32
+        out = gy.new_zeros(len(sizes), gy.shape[1], x.shape[1], dtype=cd)
+        for e, (g_e, x_e) in enumerate(zip(gy.split(sizes), x.split(sizes))):
+            if g_e.shape[0]:  # 1x128 tiles along this expert's tokens
+                out[e] = dequantize_tiles(*quantize_tiles(g_e.t()), dtype=cd) @ dequantize_tiles(
+                    *quantize_tiles(x_e.t()), dtype=cd).t()
+        return out.float() if cd == torch.float32 else out
+
+
+class _ScaledMMLoop(_Emulate):
+    """One ``torch._scaled_mm`` per expert (DeepSeek block scales, sm90)."""
+
+    @staticmethod
+    def mm(aq, a_s, bq, b_s, sizes, out_dtype):
+        out, start = [], 0
+        for e, m in enumerate(sizes):
+            if m:
+                out.append(fp8_matmul_nt(aq[start:start + m], a_s[start:start + m], bq[e], b_s[e], b_blocks=True,
+                                         out_dtype=out_dtype, backend="scaled_mm"))
+            start += m
+        return torch.cat(out) if out else aq.new_zeros(0, bq.shape[1], dtype=out_dtype)
+
+    @staticmethod
+    def wgrad(gy, x, sizes):
+        out = gy.new_zeros(len(sizes), gy.shape[1], x.shape[1], dtype=torch.float32)
+        for e, (g_e, x_e) in enumerate(zip(gy.split(sizes), x.split(sizes))):
+            if g_e.shape[0]:
+                gq, gs = quantize_tiles(g_e.t())
+                xq, xs = quantize_tiles(x_e.t())
+                out[e] = fp8_matmul_nt(gq, gs, xq, xs, b_blocks=False, out_dtype=torch.float32, backend="scaled_mm")
+        return out
+
+
+class _PaddedLayout:
+    """Rows sorted by expert, each expert's segment padded to a multiple of 128 rows (no host sync).
+
+    ``dest`` (M,) the padded row of each real row; ``tile_expert`` (T,) the expert of each 128-row tile, -1
+    for tiles past the last segment; ``pad_start``/``pad_count`` (E,) each segment's first row and length.
+    T = M // 128 + E + 1 bounds sum_e ceil(count_e / 128) without reading the counts on the host.
+    """
+
+    def __init__(self, counts: Tensor, n_rows: int):
+        e = counts.numel()
+        dev = counts.device
+        padded = (counts + TILE - 1) // TILE * TILE
+        pad_end = padded.cumsum(0)
+        self.pad_start = (pad_end - padded).to(torch.int32)
+        self.pad_count = padded.to(torch.int32)
+        start = counts.cumsum(0) - counts
+        expert = torch.repeat_interleave(torch.arange(e, device=dev), counts, output_size=n_rows)
+        self.dest = self.pad_start[expert].long() + torch.arange(n_rows, device=dev) - start[expert]
+        self.n_tiles = n_rows // TILE + e + 1
+        tile_rows = torch.arange(self.n_tiles, device=dev) * TILE
+        idx = torch.searchsorted(pad_end, tile_rows, right=True)
+        self.tile_expert = torch.where(idx < e, idx, -1).to(torch.int32)
+        self.n_experts, self.n_rows = e, n_rows
+
+    def pad(self, t: Tensor) -> Tensor:
+        """(M, C) -> (T * 128, C) with zero rows in the padding (FP8 moved as bytes)."""
+        out = t.new_zeros(self.n_tiles * TILE, t.shape[1], dtype=torch.uint8 if t.element_size() == 1 else t.dtype)
+        if t.element_size() == 1 and t.dtype != torch.uint8:
+            return out.index_copy_(0, self.dest, t.view(torch.uint8)).view(t.dtype)
+        return out.index_copy_(0, self.dest, t)
+
+
+class _TritonGrouped:
+    """Grouped block-scaled FP8 GEMMs in Triton over the padded layout (see :class:`_PaddedLayout`)."""
+
+    layout = _PaddedLayout
+
+    @staticmethod
+    def mm(aq, a_s, bq, b_s, layout: _PaddedLayout, out_dtype):
+        if out_dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            raise ValueError(f"triton grouped FP8 GEMM: unsupported output dtype {out_dtype}")
+        ap, sp = layout.pad(aq), layout.pad(a_s.float())
+        e, n, k = bq.shape
+        c = torch.empty(ap.shape[0], n, device=aq.device, dtype=out_dtype)
+        launch = dict(TRITON_LAUNCH)
+        block_m = launch.pop("BLOCK_M")  # divides 128, so a row tile still belongs to one expert
+        grid = (layout.n_tiles * (TILE // block_m), triton.cdiv(n, _BN))
+        _grouped_fp8_mm_kernel[grid](
+            ap, sp, bq, b_s.float().contiguous(), c, layout.tile_expert, n, k, triton.cdiv(k, TILE),
+            b_s.shape[1], BLOCK_M=block_m, BLOCK_N=_BN, BLOCK_K=TILE, **launch,
+        )
+        return c[layout.dest]
+
+    @staticmethod
+    def wgrad(gy, x, layout: _PaddedLayout):
+        # 1x128 tiles along the padded token axis: tiles never straddle two experts' segments.
+        gq, gs = quantize_tiles(layout.pad(gy).t())  # (N, Mp), (N, Mp/128)
+        xq, xs = quantize_tiles(layout.pad(x).t())  # (K, Mp), (K, Mp/128)
+        n, k, mp = gq.shape[0], xq.shape[0], gq.shape[1]
+        out = torch.empty(layout.n_experts, n, k, device=gy.device, dtype=torch.float32)
+        grid = (triton.cdiv(n, _BN), triton.cdiv(k, _BN), layout.n_experts)
+        _grouped_fp8_wgrad_kernel[grid](
+            gq, gs, xq, xs, out, layout.pad_start, layout.pad_count, n, k, mp, mp // TILE,
+            BLOCK_N=_BN, BLOCK_K=_BN, BLOCK_T=TILE, num_warps=TRITON_LAUNCH["num_warps"],
+            num_stages=TRITON_LAUNCH["num_stages"],
+        )
+        return out
+
+
+_BACKENDS = {"emulate": _Emulate, "scaled_mm": _ScaledMMLoop, "triton": _TritonGrouped}
+_BN = 128  # output tile width: one 128x128 weight block per tile, so one weight scale per K step
+# Launch settings of the grouped kernels (128x128x128 FP8 tiles: 32 KB of shared memory per stage)
+# (bench/fp8_gemm.py --sweep on an H200: 128/8/4 best of six, 353-451 TF/s kernel-only)
+TRITON_LAUNCH = {"BLOCK_M": 128, "num_warps": 8, "num_stages": 4}
+
+if triton is not None:
+
+    @triton.jit
+    def _grouped_fp8_mm_kernel(
+        a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, tile_expert_ptr, N, K, n_kb, n_nb,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        """C[tile] = A[tile] @ B[e]^T for the expert e owning the 128-row tile. A (Mp, K) fp8 with 1x128 scales
+        (Mp, n_kb); B (E, N, K) fp8 with 128x128 scales (E, n_nb, n_kb). Partial sums are scaled into an FP32
+        accumulator after every 128-wide K step (the §3.3 promotion)."""
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        e = tl.load(tile_expert_ptr + pid_m // (128 // BLOCK_M))
+        n_steps = tl.where(e >= 0, n_kb, 0)
+        e = tl.maximum(e, 0).to(tl.int64)
+        rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        ks = tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + rows[:, None] * K + ks[None, :]
+        b_ptrs = b_ptr + e * N * K + cols[None, :] * K + ks[:, None]
+        bs_ptrs = bs_ptr + e * n_nb * n_kb + (pid_n * BLOCK_N // 128) * n_kb
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kb in range(n_steps):
+            k_ok = ks + kb * BLOCK_K < K
+            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_ok[:, None] & (cols[None, :] < N), other=0.0)
+            sa = tl.load(as_ptr + rows * n_kb + kb)
+            sb = tl.load(bs_ptrs + kb)
+            acc += tl.dot(a, b) * (sa[:, None] * sb)
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K
+        c_ptrs = c_ptr + rows[:, None] * N + cols[None, :]
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(cols[None, :] < N) & (n_steps > 0))
+
+    @triton.jit
+    def _grouped_fp8_wgrad_kernel(
+        g_ptr, gs_ptr, x_ptr, xs_ptr, c_ptr, pad_start_ptr, pad_count_ptr, N, K, Mp, n_tb,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr,
+    ):
+        """dW[e] = G[:, seg e] @ X[:, seg e]^T with G (N, Mp), X (K, Mp) fp8 in 1x128 tiles along tokens
+        (scales (N, n_tb), (K, n_tb)); seg e = [pad_start[e], pad_start[e] + pad_count[e]), 128-aligned."""
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        e = tl.program_id(2)
+        t0 = tl.load(pad_start_ptr + e).to(tl.int64)
+        n_steps = tl.load(pad_count_ptr + e) // BLOCK_T
+        rn = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+        ts = t0 + tl.arange(0, BLOCK_T)
+        g_ptrs = g_ptr + rn[:, None] * Mp + ts[None, :]
+        x_ptrs = x_ptr + rk[None, :] * Mp + ts[:, None]
+        n_ok, k_ok = rn < N, rk < K
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for i in range(n_steps):
+            tb = t0 // BLOCK_T + i
+            g = tl.load(g_ptrs, mask=n_ok[:, None], other=0.0)
+            x = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
+            sg = tl.load(gs_ptr + rn * n_tb + tb, mask=n_ok, other=0.0)
+            sx = tl.load(xs_ptr + rk * n_tb + tb, mask=k_ok, other=0.0)
+            acc += tl.dot(g, x) * (sg[:, None] * sx[None, :])
+            g_ptrs += BLOCK_T
+            x_ptrs += BLOCK_T
+        c_ptrs = c_ptr + e.to(tl.int64) * N * K + rn[:, None] * K + rk[None, :]
+        tl.store(c_ptrs, acc, mask=n_ok[:, None] & k_ok[None, :])
