@@ -1,0 +1,169 @@
+"""A preallocated, paged cache of MLA latents (report §2.1.1).
+
+MLA needs only the normalised compressed KV c^KV (``kv_lora_rank`` = 512 for V3) and the shared RoPE key
+k^R (``qk_rope_head_dim`` = 64) of every past token: 576 values per token and layer, instead of
+128 heads x (192 + 128) for the expanded keys and values. The cache stores exactly these, concatenated as
+[c^KV; k^R], in one tensor allocated once:
+
+    latent  (n_layers, num_pages + 1, page_size, kv_lora_rank + qk_rope_head_dim)
+
+Memory is handed out in *pages* of ``page_size`` tokens. Each sequence lives in a *slot* (a row of the
+block table); its row lists the pages holding its positions 0, page_size, 2 * page_size, ... in order, so
+sequences of any length share the pool with at most one partly filled page each. Page ``num_pages`` (the
+last one) is a scratch page that is never handed out: unused entries of the block table point at it, so a
+padded batch (fixed shapes for a CUDA graph) can read and write through every row without touching a
+live sequence.
+
+Bookkeeping (free pages, page lists, lengths) is plain Python on the host; the block table is mirrored
+on the device for the gathers and scatters of the attention.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class CacheFullError(RuntimeError):
+    """No free page (or no free slot) is left for a sequence that needs one."""
+
+
+class PagedLatentCache:
+    """Latent KV cache shared by up to ``max_seqs`` sequences of at most ``max_seq_len`` tokens each.
+
+    ``n_layers`` counts every layer with attention that caches: the main layers, then the MTP blocks
+    (layer index ``num_hidden_layers + k``).
+    """
+
+    def __init__(
+        self,
+        n_layers: int,
+        kv_lora_rank: int,
+        rope_dim: int,
+        *,
+        max_seqs: int,
+        max_seq_len: int,
+        page_size: int = 16,
+        num_pages: int | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ):
+        if page_size < 1 or max_seqs < 1 or max_seq_len < 1:
+            raise ValueError("page_size, max_seqs and max_seq_len must be >= 1")
+        self.n_layers = n_layers
+        self.kv_lora_rank = kv_lora_rank
+        self.rope_dim = rope_dim
+        self.page_size = page_size
+        self.max_seqs = max_seqs
+        self.max_seq_len = max_seq_len
+        self.max_pages_per_seq = -(-max_seq_len // page_size)
+        self.num_pages = num_pages if num_pages is not None else max_seqs * self.max_pages_per_seq
+        if self.num_pages < 1:
+            raise ValueError(f"num_pages must be >= 1, got {self.num_pages}")
+        self.null_page = self.num_pages  # scratch page for padding, never allocated
+        self.device = torch.device(device)
+        self.latent = torch.zeros(
+            n_layers, self.num_pages + 1, page_size, kv_lora_rank + rope_dim, device=self.device, dtype=dtype
+        )
+        self.block_table = torch.full(
+            (max_seqs, self.max_pages_per_seq), self.null_page, dtype=torch.long, device=self.device
+        )
+        self._free_pages: list[int] = list(range(self.num_pages - 1, -1, -1))  # pop() gives page 0 first
+        self._free_slots: list[int] = list(range(max_seqs - 1, -1, -1))
+        self.pages: list[list[int]] = [[] for _ in range(max_seqs)]
+        """Pages of each slot, in position order (host copy of the block table's live entries)."""
+        self.lengths: list[int] = [0] * max_seqs
+        """Tokens of each slot whose latents are (being) written."""
+
+    # ------------------------------------------------------------------------------------------------
+    # accounting
+    @property
+    def num_free_pages(self) -> int:
+        return len(self._free_pages)
+
+    @property
+    def num_free_slots(self) -> int:
+        return len(self._free_slots)
+
+    def pages_for(self, n_tokens: int) -> int:
+        """Pages needed to hold ``n_tokens`` tokens."""
+        return -(-n_tokens // self.page_size)
+
+    def bytes_per_token(self) -> int:
+        return self.n_layers * (self.kv_lora_rank + self.rope_dim) * self.latent.element_size()
+
+    # ------------------------------------------------------------------------------------------------
+    # sequences
+    def new_sequence(self) -> int:
+        """A free slot, empty (length 0, no pages)."""
+        if not self._free_slots:
+            raise CacheFullError(f"all {self.max_seqs} sequence slots are in use")
+        slot = self._free_slots.pop()
+        self.lengths[slot] = 0
+        return slot
+
+    def free(self, slot: int) -> None:
+        """Return the slot and all its pages to the pool at once."""
+        self.truncate(slot, 0)
+        if slot not in self._free_slots:
+            self._free_slots.append(slot)
+
+    def extend(self, slot: int, n_tokens: int) -> int:
+        """Grow the sequence in ``slot`` by ``n_tokens`` positions, allocating pages as needed; returns the
+        first new position. Raises :class:`CacheFullError` (and changes nothing) when it cannot."""
+        start = self.lengths[slot]
+        new_len = start + n_tokens
+        if new_len > self.max_seq_len:
+            raise CacheFullError(f"slot {slot}: {new_len} tokens exceed max_seq_len = {self.max_seq_len}")
+        need = self.pages_for(new_len) - len(self.pages[slot])
+        if need > len(self._free_pages):
+            raise CacheFullError(
+                f"out of cache pages: slot {slot} needs {need} more page(s) of {self.page_size} tokens, "
+                f"{len(self._free_pages)} of {self.num_pages} free"
+            )
+        if need > 0:
+            new_pages = [self._free_pages.pop() for _ in range(need)]
+            first = len(self.pages[slot])
+            self.pages[slot].extend(new_pages)
+            self.block_table[slot, first:first + need] = torch.tensor(new_pages, dtype=torch.long).to(self.device)
+        self.lengths[slot] = new_len
+        return start
+
+    def truncate(self, slot: int, length: int) -> None:
+        """Keep the first ``length`` positions of ``slot`` (rejected speculative tokens) and free the pages
+        beyond them."""
+        if length > self.lengths[slot]:
+            raise ValueError(f"slot {slot}: cannot truncate {self.lengths[slot]} tokens to {length}")
+        keep = self.pages_for(length)
+        dropped = self.pages[slot][keep:]
+        if dropped:
+            del self.pages[slot][keep:]
+            self._free_pages.extend(reversed(dropped))
+            self.block_table[slot, keep:] = self.null_page
+        self.lengths[slot] = length
+
+    # ------------------------------------------------------------------------------------------------
+    # device side: scatter new latents, gather a batch's latents
+    def flat_index(
+        self, slots: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Row of ``latent[layer].view(-1, width)`` holding each (slot, position); same shape as positions.
+        ``slots`` broadcasts against ``positions`` (e.g. (B, 1) and (B, S)). Where ``valid`` is False the
+        row is in the scratch page (padding tokens)."""
+        page = self.block_table[slots, (positions // self.page_size).clamp(max=self.max_pages_per_seq - 1)]
+        if valid is not None:
+            page = torch.where(valid, page, self.null_page)
+        return page * self.page_size + positions % self.page_size
+
+    def write(self, layer: int, index: torch.Tensor, kv: torch.Tensor, k_pe: torch.Tensor) -> None:
+        """Store c^KV (..., d_c) and k^R (..., d_r) at the rows ``index`` (...) from :meth:`flat_index`."""
+        flat = self.latent[layer].view(-1, self.latent.shape[-1])
+        flat[index.reshape(-1)] = torch.cat([kv, k_pe], dim=-1).reshape(-1, flat.shape[-1]).to(flat.dtype)
+
+    def gather(self, layer: int, slots: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``max_len`` positions of each slot: c^KV (B, T, d_c) and k^R (B, T, d_r) with
+        T = max_len rounded up to whole pages. Positions beyond a sequence's length hold garbage (the
+        caller masks them)."""
+        n_pages = self.pages_for(max_len)
+        pages = self.block_table[slots, :n_pages]  # (B, P)
+        lat = self.latent[layer][pages].flatten(1, 2)  # (B, P * page_size, width)
+        return lat.split([self.kv_lora_rank, self.rope_dim], dim=-1)

@@ -1,0 +1,454 @@
+"""The inference engine: prefill and absorbed-MLA decode over a paged latent cache, plus generation.
+
+Two attention forms over the same cache (report §2.1.1):
+
+* **prefill** (:meth:`Engine.prefill`, one prompt at a time): the expanded form of training. q, c^KV and k^R
+  come from the model's own :meth:`MLA.query` / :meth:`MLA.latent`; c^KV and k^R are written to the cache;
+  keys and values are expanded with W^UK / W^UV (``kv_b_proj``) and attended with SDPA. A prompt appended
+  to a cached sequence (prefix continuation) attends over the cached latents too.
+* **decode** (:meth:`Engine.decode`, a batch of sequences of different lengths): weight absorption. With
+  W^UK_h and W^UV_h the per-head slices of ``kv_b_proj``,
+
+      q_lat   = q^C_h W^UK_h                                 (the query moved into the latent space, d_c)
+      score_t = (q_lat . c^KV_t + q^R_h . k^R_t) * softmax_scale
+      o_h     = W^UV_h (sum_t softmax(score)_t c^KV_t)        then W^O (``o_proj``)
+
+  so per cached token only the 576 latent values are read; keys and values are never expanded.
+
+Everything else in a block (norms, dense FFN, MoE) is the model's own module. The batched decode core,
+:meth:`Engine.forward_cached`, works on tensors of fixed shape (tokens, slots, positions, a validity mask,
+a key length): padding a batch to a fixed size and key length makes one step capturable in a CUDA graph
+later. Generation (:meth:`Engine.generate`, :meth:`Engine.stream`) runs on the continuous-batching
+:class:`~dsv3.inference.scheduler.Scheduler`; the engine itself does no I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence as Seq
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ..model.attention import MLA
+from ..model.moe import MoE
+from ..model.transformer import DeepSeekV3
+from ..model.transformer_block import Block
+from .cache import CacheFullError, PagedLatentCache
+from .sampling import GenerationRequest, GenerationResult, SamplingParams, TokenEvent, sample_token
+
+Prompt = list[int] | str
+
+
+@dataclass(eq=False)
+class Sequence:
+    """A request being generated: its cache slot, its tokens and its sampling state.
+
+    Invariant between steps: the cache holds positions 0 .. n-2 of the n tokens prompt + completion; the
+    last sampled token (:attr:`last_token`) is the input of the next step.
+    """
+
+    request: GenerationRequest
+    prompt: list[int]
+    slot: int
+    generator: torch.Generator
+    stop_ids: frozenset[int]
+    max_new_tokens: int
+    """``params.max_new_tokens``, lowered so that prompt + completion fits ``max_seq_len``."""
+    result: GenerationResult
+    text_sent: int = 0
+    """Characters of the completion text already streamed."""
+    draft: int | None = None
+    """Speculative decoding: the MTP module's proposal for the token after :attr:`last_token`."""
+    draft_probs: torch.Tensor | None = field(default=None, repr=False)
+    """Its draft distribution q (V,); ``None`` for greedy (one-hot)."""
+    mtp_len: int = 0
+    """Positions of this sequence already in the MTP block's cache."""
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.request.params
+
+    @property
+    def last_token(self) -> int:
+        return self.result.tokens[-1]
+
+    @property
+    def finished(self) -> bool:
+        return self.result.finish_reason is not None
+
+
+def run_block(block: Block, x: torch.Tensor, attend: Callable[[MLA, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """One decoder block (as :meth:`Block.forward`) with the attention replaced by ``attend(mla, h)``; the
+    norms and the FFN / MoE are the block's own modules."""
+    x = x + attend(block.self_attn, block.input_layernorm(x))
+    h = block.post_attention_layernorm(x)
+    y = block.mlp(h)[0] if isinstance(block.mlp, MoE) else block.mlp(h)
+    return x + y
+
+
+class Engine:
+    """Generation with a :class:`DeepSeekV3` model and a paged latent cache.
+
+    ``max_batch`` bounds the sequences in flight (the cache's slots), ``max_seq_len`` the tokens of one
+    sequence (prompt + completion); ``num_pages`` pages of ``page_size`` tokens are shared by all sequences
+    (default: enough for ``max_batch`` sequences of ``max_seq_len``). ``device`` / ``dtype`` default to the
+    model's; when given, the model is moved there. ``speculative`` drafts one token per step with the
+    model's first MTP module (report §2.2) and verifies it with the main model
+    (:mod:`dsv3.inference.speculative`).
+    """
+
+    def __init__(
+        self,
+        model: DeepSeekV3,
+        tokenizer=None,
+        *,
+        max_batch: int = 8,
+        max_seq_len: int | None = None,
+        page_size: int = 16,
+        num_pages: int | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        speculative: bool = False,
+    ):
+        param = next(model.parameters())
+        self.device = torch.device(device) if device is not None else param.device
+        self.dtype = dtype if dtype is not None else param.dtype
+        if device is not None or dtype is not None:
+            model.to(device=self.device, dtype=self.dtype)
+        self.model = model.eval()
+        self.config = model.config
+        self.tokenizer = tokenizer
+        self.max_batch = max_batch
+        self.max_seq_len = max_seq_len or min(self.config.max_position_embeddings, 4096)
+        if speculative and len(model.mtp) == 0:
+            raise ValueError("speculative decoding needs a model with MTP modules (num_nextn_predict_layers >= 1)")
+        self.speculative = speculative
+        n_main = self.config.num_hidden_layers
+        self.main_blocks: list[tuple[int, Block]] = list(enumerate(model.layers))
+        self.mtp_blocks: list[tuple[int, Block]] = [(n_main + k, m) for k, m in enumerate(model.mtp)]
+        self.cache = PagedLatentCache(
+            n_main + (len(model.mtp) if speculative else 0),
+            self.config.kv_lora_rank,
+            self.config.qk_rope_head_dim,
+            max_seqs=max_batch,
+            max_seq_len=self.max_seq_len,
+            page_size=page_size,
+            num_pages=num_pages,
+            device=self.device,
+            dtype=self.dtype,
+        )
+        eos = getattr(tokenizer, "eos_id", None) if tokenizer is not None else self.config.eos_token_id
+        self.eos_id: int | None = eos
+        from .scheduler import Scheduler  # the scheduler drives the engine; imported here to avoid a cycle
+        from .speculative import MTPSpeculator
+
+        self.speculator = MTPSpeculator(self) if speculative else None
+        self.scheduler = Scheduler(self)
+        """The engine's own request queue, used by :meth:`generate` and :meth:`stream`."""
+
+    # ================================================================================================
+    # attention over the cache
+    def _prefill_attention(
+        self, attn: MLA, layer: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+        slot: int, start: int, index: torch.Tensor,
+    ) -> torch.Tensor:
+        """Expanded MLA for the n new tokens x (1, n, d) of ``slot`` at positions start .. start+n-1."""
+        _, n, _ = x.shape
+        q_nope, q_pe = attn.query(x, cos, sin)
+        kv, k_pe = attn.latent(x, cos, sin)
+        self.cache.write(layer, index, kv, k_pe)
+        if start > 0:  # prefix continuation: attend over the cached positions as well
+            slots = torch.tensor([slot], device=x.device)
+            kv, k_pe = (t[:, :start + n] for t in self.cache.gather(layer, slots, start + n))
+        k, v = attn.expand_kv(kv.to(x.dtype), k_pe.to(x.dtype))
+        q = torch.cat([q_nope, q_pe], dim=-1)
+        mask = None
+        if start > 0:
+            mask = torch.arange(start + n, device=x.device) <= torch.arange(start, start + n, device=x.device)[:, None]
+        o = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            attn_mask=mask, is_causal=start == 0, scale=attn.softmax_scale,
+        )
+        return attn.o_proj(o.transpose(1, 2).reshape(1, n, attn.n_heads * attn.v_head_dim))
+
+    def _absorbed_attention(
+        self, attn: MLA, layer: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+        slots: torch.Tensor, index: torch.Tensor, key_ok: torch.Tensor,
+    ) -> torch.Tensor:
+        """MLA with W^UK and W^UV absorbed, for new tokens x (B, S, d) attending over their slots' cached
+        latents. ``key_ok`` (B, S, T) says which cached positions each query may see."""
+        b, s, _ = x.shape
+        h, d_nope, d_v = attn.n_heads, attn.qk_nope_head_dim, attn.v_head_dim
+        q_nope, q_pe = attn.query(x, cos, sin)  # (B, S, H, d_nope), (B, S, H, d_r)
+        kv, k_pe = attn.latent(x, cos, sin)
+        self.cache.write(layer, index, kv, k_pe)  # write first: a token attends to itself
+        c_kv, k_r = self.cache.gather(layer, slots, key_ok.shape[-1])  # (B, T, d_c), (B, T, d_r)
+        w = attn.kv_b_proj.weight.view(h, d_nope + d_v, attn.kv_lora_rank)
+        w_uk, w_uv = w[:, :d_nope].to(x.dtype), w[:, d_nope:].to(x.dtype)  # (H, d_nope, d_c), (H, d_v, d_c)
+        q_lat = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)
+        scores = torch.einsum("bshc,btc->bsht", q_lat, c_kv.to(x.dtype))
+        scores = scores + torch.einsum("bshr,btr->bsht", q_pe, k_r.to(x.dtype))
+        scores = (scores.float() * attn.softmax_scale).masked_fill(~key_ok[:, :, None, :], float("-inf"))
+        probs = scores.softmax(dim=-1).to(x.dtype)
+        o_lat = torch.einsum("bsht,btc->bshc", probs, c_kv.to(x.dtype))
+        o = torch.einsum("bshc,hvc->bshv", o_lat, w_uv)
+        return attn.o_proj(o.reshape(b, s, h * d_v))
+
+    # ================================================================================================
+    # forwards through blocks
+    def run_prefill(self, x: torch.Tensor, blocks: list[tuple[int, Block]], slot: int, start: int) -> torch.Tensor:
+        """x (1, n, d) through ``blocks`` at positions start .. start+n-1 of ``slot`` (expanded attention);
+        the latents are written to the cache, whose pages must already cover these positions."""
+        n = x.shape[1]
+        positions = torch.arange(start, start + n, device=x.device)
+        cos, sin = self.model.rotary(positions)
+        index = self.cache.flat_index(torch.tensor([slot], device=x.device)[:, None], positions[None])
+        for layer, block in blocks:
+            x = run_block(
+                block, x, lambda attn, h: self._prefill_attention(attn, layer, h, cos, sin, slot, start, index)
+            )
+        return x
+
+    def forward_cached(
+        self,
+        x: torch.Tensor,
+        blocks: list[tuple[int, Block]],
+        slots: torch.Tensor,
+        positions: torch.Tensor,
+        valid: torch.Tensor | None,
+        max_len: int,
+    ) -> torch.Tensor:
+        """The batched decode core: x (B, S, d) through ``blocks`` with absorbed attention.
+
+        ``slots`` (B,) cache slot of each row; ``positions`` (B, S) position of each new token; ``valid``
+        (B, S) bool or ``None`` (all valid): invalid (padding) tokens write to the scratch page and their
+        outputs are meaningless; ``max_len`` bounds the keys read (every valid position < max_len). All
+        shapes are fixed by (B, S, max_len): pad these to constants to capture one step in a CUDA graph.
+        """
+        cos, sin = self.model.rotary(positions)
+        index = self.cache.flat_index(slots[:, None], positions, valid)
+        n_keys = self.cache.pages_for(max_len) * self.cache.page_size
+        key_ok = torch.arange(n_keys, device=x.device) <= positions[:, :, None]  # (B, S, T)
+        for layer, block in blocks:
+            x = run_block(
+                block, x, lambda attn, h: self._absorbed_attention(attn, layer, h, cos, sin, slots, index, key_ok)
+            )
+        return x
+
+    # ================================================================================================
+    # sequence-level API
+    def new_sequence(self) -> int:
+        """An empty cache slot (raises :class:`CacheFullError` when all are taken)."""
+        return self.cache.new_sequence()
+
+    def free(self, slot: int) -> None:
+        """Release a slot and its pages."""
+        self.cache.free(slot)
+
+    @torch.inference_mode()
+    def prefill(self, slot: int, tokens: Seq[int], all_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append ``tokens`` to the sequence in ``slot`` (empty, or a cached prefix to continue) and run them
+        through the main model. Returns the final normalised hidden states (n, d) and the logits of the
+        last token (1, V), or of every token (n, V) with ``all_logits``."""
+        n = len(tokens)
+        if n == 0:
+            raise ValueError("prefill needs at least one token")
+        start = self.cache.extend(slot, n)
+        ids = torch.as_tensor(list(tokens), dtype=torch.long, device=self.device)[None]
+        x = self.run_prefill(self.model.embed_tokens(ids), self.main_blocks, slot, start)
+        h = self.model.norm(x)[0]
+        return h, self.model.lm_head(h if all_logits else h[-1:])
+
+    def prefill_batch(self, slots: Seq[int], prompts: Seq[Seq[int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """:meth:`prefill` of several prompts of different lengths (one after the other: no padding)."""
+        return [self.prefill(slot, tokens) for slot, tokens in zip(slots, prompts, strict=True)]
+
+    @torch.inference_mode()
+    def decode(
+        self, slots: Seq[int], tokens: torch.Tensor | Seq[int] | Seq[Seq[int]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append S new tokens to each of the B sequences ``slots`` (of any lengths) and run them through the
+        main model with absorbed attention. ``tokens`` (B,) or (B, S). Returns the final normalised hidden
+        states (B, S, d) and the logits (B, S, V)."""
+        tokens = torch.as_tensor(tokens, dtype=torch.long, device=self.device)
+        if tokens.dim() == 1:
+            tokens = tokens[:, None]
+        b, s = tokens.shape
+        if b != len(slots):
+            raise ValueError(f"{len(slots)} slots but {b} rows of tokens")
+        starts = []
+        try:
+            for slot in slots:
+                starts.append(self.cache.extend(slot, s))
+        except CacheFullError:
+            for slot, start in zip(slots, starts):
+                self.cache.truncate(slot, start)
+            raise
+        start_t = torch.tensor(starts, dtype=torch.long, device=self.device)
+        positions = start_t[:, None] + torch.arange(s, device=self.device)
+        slots_t = torch.tensor(list(slots), dtype=torch.long, device=self.device)
+        x = self.model.embed_tokens(tokens)
+        x = self.forward_cached(x, self.main_blocks, slots_t, positions, None, max(starts) + s)
+        h = self.model.norm(x)
+        return h, self.model.lm_head(h)
+
+    # ================================================================================================
+    # requests: start, advance, finish (driven by the scheduler)
+    def encode_prompt(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("a text prompt needs an engine with a tokenizer")
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = [int(t) for t in prompt]
+        if not ids:
+            raise ValueError("empty prompt")
+        if len(ids) >= self.max_seq_len:
+            raise ValueError(f"prompt of {len(ids)} tokens leaves no room in max_seq_len = {self.max_seq_len}")
+        if max(ids) >= self.config.vocab_size or min(ids) < 0:
+            raise ValueError(f"prompt token ids must lie in [0, {self.config.vocab_size})")
+        return ids
+
+    def max_new_tokens(self, n_prompt: int, params: SamplingParams) -> int:
+        return min(params.max_new_tokens, self.max_seq_len - n_prompt)
+
+    def pages_needed(self, n_prompt: int, params: SamplingParams) -> int:
+        """Pages a request may hold at most: prompt and completion (the verify step of speculative decoding
+        writes at most one position past the last token, which this covers)."""
+        return self.cache.pages_for(n_prompt + self.max_new_tokens(n_prompt, params))
+
+    @torch.inference_mode()
+    def start(
+        self, request: GenerationRequest, prompt: list[int], result: GenerationResult
+    ) -> tuple[Sequence, list[TokenEvent]]:
+        """Admit a request: take a slot, prefill its prompt, sample its first token (and draft the next one
+        when speculative)."""
+        params = request.params
+        generator = torch.Generator(device=self.device)
+        if params.seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(params.seed)
+        stop_ids = set(params.stop_token_ids)
+        if not params.ignore_eos and self.eos_id is not None:
+            stop_ids.add(self.eos_id)
+        seq = Sequence(
+            request=request, prompt=prompt, slot=self.new_sequence(), generator=generator,
+            stop_ids=frozenset(stop_ids), max_new_tokens=self.max_new_tokens(len(prompt), params), result=result,
+        )
+        try:
+            hidden, logits = self.prefill(seq.slot, prompt)
+        except Exception:
+            self.free(seq.slot)
+            raise
+        result.forward_passes += 1
+        events = [self.emit(seq, sample_token(logits[-1], params, generator))]
+        if self.speculator is not None and not seq.finished:
+            self.speculator.draft_after_prefill(seq, hidden)
+        return seq, events
+
+    @torch.inference_mode()
+    def advance(self, seqs: list[Sequence]) -> list[TokenEvent]:
+        """One decode step for every running sequence (plain, or draft-and-verify when speculative)."""
+        if not seqs:
+            return []
+        if self.speculator is not None:
+            return self.speculator.step(seqs)
+        _, logits = self.decode([seq.slot for seq in seqs], [[seq.last_token] for seq in seqs])
+        events = []
+        for row, seq in enumerate(seqs):
+            seq.result.forward_passes += 1
+            events.append(self.emit(seq, sample_token(logits[row, -1], seq.params, seq.generator)))
+        return events
+
+    def release(self, seq: Sequence) -> None:
+        """Free a finished or cancelled sequence's slot and pages."""
+        self.free(seq.slot)
+        seq.draft_probs = None
+
+    def emit(self, seq: Sequence, token: int) -> TokenEvent:
+        """Append a sampled token to the sequence and decide whether it finishes it."""
+        res = seq.result
+        res.tokens.append(token)
+        reason = "stop" if token in seq.stop_ids else None
+        text = None
+        if self.tokenizer is not None:
+            text = self.tokenizer.decode(res.tokens[:-1] if reason == "stop" else res.tokens)
+            cut = [i for i in (text.find(s) for s in seq.params.stop if s) if i >= 0]
+            if cut:
+                text, reason = text[:min(cut)], "stop"
+        if reason is None and len(res.tokens) >= seq.max_new_tokens:
+            reason = "length"
+        delta = ""
+        if text is not None:
+            safe = len(text) if reason is not None else _streamable(text, seq.params.stop)
+            if safe > seq.text_sent:
+                delta = text[seq.text_sent:safe]
+                seq.text_sent = safe
+            res.text = text
+        res.finish_reason = reason
+        return TokenEvent(res.request_id, token, delta, reason)
+
+    # ================================================================================================
+    # generation
+    def _requests(self, prompts, params) -> list[GenerationRequest]:
+        if isinstance(prompts, (str, GenerationRequest)) or (prompts and isinstance(prompts[0], int)):
+            raise TypeError("prompts must be a list of prompts (token-id lists or strings)")
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or SamplingParams()] * len(prompts)
+        return [
+            p if isinstance(p, GenerationRequest) else GenerationRequest(prompt=p, params=sp)
+            for p, sp in zip(prompts, params, strict=True)
+        ]
+
+    def stream(
+        self,
+        prompts: Seq[Prompt | GenerationRequest],
+        params: SamplingParams | Seq[SamplingParams] | None = None,
+    ) -> Iterator[TokenEvent]:
+        """Generate for all prompts with continuous batching, yielding each new token of each request as it
+        comes. Abandoning the iterator cancels the requests still running."""
+        requests = self._requests(prompts, params)
+        pending = set()
+        for r in requests:
+            self.scheduler.submit(r)
+            pending.add(r.request_id)
+        try:
+            while pending:
+                for event in self.scheduler.step():
+                    if event.request_id in pending:
+                        if event.finish_reason is not None:
+                            pending.discard(event.request_id)
+                        yield event
+        finally:
+            for rid in pending:
+                self.scheduler.cancel(rid)
+            if pending:
+                self.scheduler.step()
+
+    def generate(
+        self,
+        prompts: Seq[Prompt | GenerationRequest],
+        params: SamplingParams | Seq[SamplingParams] | None = None,
+    ) -> list[GenerationResult]:
+        """Complete every prompt; results in the order of the prompts. (Steps the engine's scheduler, so
+        requests submitted to it by others advance too.)"""
+        requests = self._requests(prompts, params)
+        results = [self.scheduler.submit(r) for r in requests]
+        while any(r.finish_reason is None for r in results):
+            self.scheduler.step()
+        return results
+
+
+def _streamable(text: str, stops: Seq[str]) -> int:
+    """How much of an unfinished completion can be sent: hold back an incomplete UTF-8 character (decoded
+    as U+FFFD) and any tail that may be the start of a stop string."""
+    end = len(text.rstrip("\ufffd"))
+    hold = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, end), 0, -1):
+            if text[:end].endswith(s[:k]):
+                hold = max(hold, k)
+                break
+    return end - hold

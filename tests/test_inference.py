@@ -1,0 +1,382 @@
+"""Inference engine: paged latent cache, absorbed decode, sampling, MTP speculative decoding, scheduling.
+
+Every reference is the model's own full forward (``model(tokens).logits``) in float32 on the CPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dsv3
+from dsv3.inference import (
+    CacheFullError, Engine, GenerationRequest, PagedLatentCache, SamplingParams, speculative_accept, token_probs,
+)
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Decode runs many tiny matmuls: one intra-op thread is much faster than two fighting (and than two
+    on a busy machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return dsv3.build_model("tiny", seed=0)
+
+
+def full_logits(model, tokens: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([tokens])).logits[0]
+
+
+def rand_tokens(n: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(2, 4096, (n,), generator=g).tolist()
+
+
+GREEDY = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
+
+
+class CharTokenizer:
+    """Stand-in tokenizer: token i is the letter chr(97 + i % 26)."""
+
+    eos_id = 1
+
+    def encode(self, text: str) -> list[int]:
+        return [ord(c) - 97 + 26 for c in text]
+
+    def decode(self, ids) -> str:
+        return "".join(chr(97 + i % 26) for i in ids)
+
+
+# ------------------------------------------------------------------------------------------------------
+# cache
+
+def test_cache_pages_slots_and_errors():
+    cache = PagedLatentCache(2, 8, 4, max_seqs=3, max_seq_len=20, page_size=4, num_pages=5)
+    assert cache.latent.shape == (2, 6, 4, 12)  # one scratch page beyond the pool
+    a, b = cache.new_sequence(), cache.new_sequence()
+    assert cache.extend(a, 5) == 0 and cache.pages[a] == [0, 1]
+    assert cache.extend(b, 3) == 0 and cache.pages[b] == [2]
+    assert cache.extend(a, 3) == 5 and cache.pages[a] == [0, 1]  # fits the partly filled page
+    assert cache.extend(b, 2) == 3 and cache.pages[b] == [2, 3]
+    with pytest.raises(CacheFullError, match="out of cache pages"):
+        cache.extend(a, 8)  # needs 2 more pages, 1 free
+    assert cache.lengths[a] == 8 and cache.num_free_pages == 1  # unchanged by the failure
+    cache.truncate(b, 4)
+    assert cache.pages[b] == [2] and cache.num_free_pages == 2
+    assert cache.block_table[b, 1] == cache.null_page
+    cache.free(a)
+    cache.free(b)
+    assert cache.num_free_pages == 5 and cache.num_free_slots == 3
+    with pytest.raises(CacheFullError, match="max_seq_len"):
+        cache.extend(cache.new_sequence(), 21)
+
+
+# ------------------------------------------------------------------------------------------------------
+# prefill and absorbed decode against the full forward
+
+@pytest.mark.parametrize("variant", ["tiny", "yarn-noqlora"])
+def test_absorbed_decode_matches_full_forward(model, variant):
+    if variant != "tiny":  # YaRN softmax scale and the uncompressed query path
+        cfg = dsv3.preset("tiny").replace(
+            q_lora_rank=None, max_position_embeddings=4096,
+            rope_scaling={"type": "yarn", "factor": 4, "original_max_position_embeddings": 256,
+                          "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707},
+        )
+        model = dsv3.build_model(cfg, seed=1)
+    tokens = rand_tokens(14, 0)
+    ref = full_logits(model, tokens)
+    engine = Engine(model, max_batch=1, max_seq_len=32, page_size=4)
+    slot = engine.new_sequence()
+    _, logits = engine.prefill(slot, tokens[:1])
+    got = [logits[0]]
+    for t in tokens[1:]:
+        _, logits = engine.decode([slot], [t])
+        got.append(logits[0, 0])
+    torch.testing.assert_close(torch.stack(got), ref, atol=TOL, rtol=0)
+
+
+def test_incremental_prefill_continuation_and_multi_token_decode(model):
+    tokens = rand_tokens(17, 1)
+    ref = full_logits(model, tokens)
+    engine = Engine(model, max_batch=2, max_seq_len=32, page_size=4)
+    slot = engine.new_sequence()
+    _, a = engine.prefill(slot, tokens[:5], all_logits=True)
+    _, b = engine.prefill(slot, tokens[5:11], all_logits=True)  # prefix continuation
+    _, c = engine.decode([slot], [tokens[11:13]])  # two tokens at once (as speculative verification does)
+    rest = []
+    for t in tokens[13:]:
+        rest.append(engine.decode([slot], [t])[1][0])
+    got = torch.cat([a, b, c[0]] + rest)
+    torch.testing.assert_close(got, ref, atol=TOL, rtol=0)
+    assert engine.cache.lengths[slot] == 17
+
+
+def test_paged_batch_of_mixed_lengths_equals_each_alone(model):
+    seqs = [rand_tokens(n, 10 + n) for n in (12, 7, 15)]
+    engine = Engine(model, max_batch=3, max_seq_len=24, page_size=4)
+    slots = [engine.new_sequence() for _ in seqs]
+    # interleave the prefills so that every sequence's pages are scattered through the pool
+    prefix = [3, 1, 6]
+    for slot, toks, n in zip(slots, seqs, prefix):
+        engine.prefill(slot, toks[:n])
+    for slot, toks, n in zip(slots, seqs, prefix):
+        engine.prefill(slot, toks[n:n + 2])
+    assert engine.cache.pages[slots[0]] == [0, 4]  # not contiguous
+    # batched decode of all three, each at its own length
+    pos = [n + 2 for n in prefix]
+    for _ in range(3):
+        _, logits = engine.decode(slots, [toks[p] for toks, p in zip(seqs, pos)])
+        for row, (toks, p) in enumerate(zip(seqs, pos)):
+            torch.testing.assert_close(logits[row, 0], full_logits(model, toks[:p + 1])[-1], atol=TOL, rtol=0)
+        pos = [p + 1 for p in pos]
+
+
+# ------------------------------------------------------------------------------------------------------
+# generation, sampling and stopping
+
+def test_generate_greedy_matches_full_forward_argmax(model):
+    prompt = rand_tokens(6, 2)
+    engine = Engine(model, max_batch=2, max_seq_len=64, page_size=8)
+    res = engine.generate([prompt], SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True))[0]
+    seq = list(prompt)
+    for _ in range(6):
+        seq.append(int(full_logits(model, seq)[-1].argmax()))
+    assert res.tokens == seq[6:]
+    assert (res.finish_reason, res.prompt_tokens, res.completion_tokens) == ("length", 6, 6)
+    assert engine.cache.num_free_pages == engine.cache.num_pages
+
+
+def test_seeded_sampling_reproducible_and_independent_of_batch(model):
+    engine = Engine(model, max_batch=4, max_seq_len=64, page_size=4)
+    p = SamplingParams(max_new_tokens=10, temperature=1.0, top_p=0.95, seed=123, ignore_eos=True)
+    prompt = rand_tokens(5, 3)
+    alone = engine.generate([prompt], p)[0].tokens
+    others = [(rand_tokens(n, 20 + n), SamplingParams(max_new_tokens=n, temperature=0.7, seed=n, ignore_eos=True))
+              for n in (3, 9, 14)]
+    batch = engine.generate([others[0][0], prompt, others[1][0], others[2][0]],
+                            [others[0][1], p, others[1][1], others[2][1]])
+    assert batch[1].tokens == alone
+    assert engine.generate([prompt], p)[0].tokens == alone
+    other_seed = SamplingParams(max_new_tokens=10, temperature=1.0, top_p=0.95, seed=124, ignore_eos=True)
+    assert engine.generate([prompt], other_seed)[0].tokens != alone
+
+
+def test_top_k_and_top_p_restrict_support(model):
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
+    probs = token_probs(logits, SamplingParams(top_k=3))
+    assert (probs > 0).nonzero().flatten().tolist() == [0, 1, 2]
+    torch.testing.assert_close(probs.sum(), torch.tensor(1.0))
+    full = logits.softmax(-1)  # 0.561, 0.206, 0.125, 0.076, ...: cumulative 0.561, 0.767, 0.892, 0.968
+    assert (token_probs(logits, SamplingParams(top_p=0.5)) > 0).sum() == 1
+    assert (token_probs(logits, SamplingParams(top_p=0.75)) > 0).sum() == 2
+    assert (token_probs(logits, SamplingParams(top_p=0.8)) > 0).sum() == 3
+    assert (token_probs(logits, SamplingParams(top_p=0.95)) > 0).sum() == 4
+    torch.testing.assert_close(token_probs(logits, SamplingParams()), full)
+    greedy = token_probs(logits, SamplingParams(temperature=0))
+    assert greedy.tolist() == [1.0, 0, 0, 0, 0, 0]
+
+    # in the engine: every sampled token lies in the top-k of the full forward's logits
+    engine = Engine(model, max_batch=1, max_seq_len=32, page_size=4)
+    prompt = rand_tokens(4, 4)
+    params = SamplingParams(max_new_tokens=5, temperature=2.0, top_k=3, seed=0, ignore_eos=True)
+    res = engine.generate([prompt], params)[0]
+    ref = full_logits(model, prompt + res.tokens)
+    for i, t in enumerate(res.tokens):
+        assert t in ref[len(prompt) - 1 + i].topk(3).indices.tolist()
+
+
+def test_stop_ids_strings_and_length(model):
+    tok = CharTokenizer()
+    engine = Engine(model, tokenizer=tok, max_batch=2, max_seq_len=40, page_size=4)
+    prompt = rand_tokens(5, 5)
+    base = engine.generate([prompt], GREEDY)[0]
+    assert base.finish_reason == "length" and len(base.tokens) == 12
+    assert base.text == tok.decode(base.tokens)
+
+    k = next(i for i in range(2, 12) if base.tokens[i] not in base.tokens[:i])
+    stop_id = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True, stop_token_ids=[base.tokens[k]])
+    res = engine.generate([prompt], stop_id)[0]
+    assert res.finish_reason == "stop" and res.tokens == base.tokens[:k + 1]
+    assert res.text == tok.decode(base.tokens[:k])  # the stop token is not in the text
+
+    stop_text = tok.decode(base.tokens[3:5])
+    first = base.text.find(stop_text)
+    res = engine.generate([prompt], SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True,
+                                                   stop=["zzzzzz", stop_text]))[0]
+    assert res.finish_reason == "stop" and res.text == base.text[:first]
+    assert len(res.tokens) == first + 2
+
+    # EOS (the tokenizer's) stops unless ignored
+    eos_engine = Engine(model, tokenizer=tok, max_batch=1, max_seq_len=40, page_size=4)
+    eos_engine.eos_id = base.tokens[k]
+    res = eos_engine.generate([prompt], SamplingParams(max_new_tokens=12, temperature=0))[0]
+    assert res.finish_reason == "stop" and res.tokens == base.tokens[:k + 1]
+
+    # max_seq_len caps the completion
+    short = Engine(model, max_batch=1, max_seq_len=9, page_size=4)
+    res = short.generate([prompt], GREEDY)[0]
+    assert res.finish_reason == "length" and res.tokens == base.tokens[:4]
+
+
+def test_streaming_yields_every_token_and_text(model):
+    tok = CharTokenizer()
+    engine = Engine(model, tokenizer=tok, max_batch=2, max_seq_len=40, page_size=4)
+    prompts = ["hello", "abc"]
+    params = [SamplingParams(max_new_tokens=5, temperature=0, ignore_eos=True),
+              SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True, stop=["q"])]
+    events = list(engine.stream(prompts, params))
+    results = engine.generate(prompts, params)
+    by_prompt = {}
+    for e in events:
+        by_prompt.setdefault(e.request_id, []).append(e)
+    streamed = list(by_prompt.values())
+    for evs, res in zip(streamed, results):
+        assert [e.token for e in evs] == res.tokens
+        assert "".join(e.text for e in evs) == res.text
+        assert [e.finish_reason for e in evs[:-1]] == [None] * (len(evs) - 1)
+        assert evs[-1].finish_reason == res.finish_reason
+    # abandoning the iterator cancels what is still running
+    stream = engine.stream(prompts, params)
+    next(stream)
+    stream.close()
+    assert not engine.scheduler.has_work and engine.cache.num_free_pages == engine.cache.num_pages
+
+
+# ------------------------------------------------------------------------------------------------------
+# speculative decoding with the MTP module
+
+PROMPTS = [rand_tokens(n, 30 + n) for n in (3, 9, 17)]
+
+
+def test_speculative_greedy_equals_plain_greedy(model):
+    params = SamplingParams(max_new_tokens=10, temperature=0, ignore_eos=True)
+    plain = Engine(model, max_batch=3, max_seq_len=64, page_size=4).generate(PROMPTS, params)
+    spec_engine = Engine(model, max_batch=3, max_seq_len=64, page_size=4, speculative=True)
+    assert spec_engine.cache.n_layers == model.config.num_hidden_layers + 1
+    spec = spec_engine.generate(PROMPTS, params)
+    for a, b in zip(plain, spec):
+        assert b.tokens == a.tokens and b.finish_reason == "length"
+        assert b.draft_tokens > 0 and 0 <= b.acceptance_rate <= 1
+        assert b.tokens_per_forward == len(b.tokens) / b.forward_passes
+    assert spec_engine.cache.num_free_pages == spec_engine.cache.num_pages
+    # a sequence that reaches max_seq_len (the verify step writes one position past the last token)
+    short = Engine(model, max_batch=1, max_seq_len=12, page_size=4, speculative=True)
+    res = short.generate([PROMPTS[1]], params)[0]
+    assert res.finish_reason == "length" and res.tokens == plain[1].tokens[:3]
+
+
+def test_speculative_accepts_correct_drafts(model, monkeypatch):
+    """With drafts replaced by an oracle (right on every other step), the output is still plain greedy,
+    accepted drafts give two tokens per forward, and mixed accept/reject rows share one MTP batch."""
+    params = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
+    plain = Engine(model, max_batch=3, max_seq_len=64, page_size=4).generate(PROMPTS, params)
+    truth = {tuple(p): r.tokens for p, r in zip(PROMPTS, plain)}
+    engine = Engine(model, max_batch=3, max_seq_len=64, page_size=4, speculative=True)
+    spec = engine.speculator
+    original = spec._set_draft
+    calls = {"n": 0}
+
+    def oracle(seq, logits):
+        original(seq, logits)
+        calls["n"] += 1
+        done = len(seq.result.tokens)
+        ref = truth[tuple(seq.prompt)]
+        if calls["n"] % 2 and done < len(ref):
+            seq.draft = ref[done]
+
+    monkeypatch.setattr(spec, "_set_draft", oracle)
+    results = engine.generate(PROMPTS, params)
+    for a, b in zip(plain, results):
+        assert b.tokens == a.tokens
+        assert b.accepted_tokens > 0
+    assert sum(r.tokens_per_forward for r in results) / 3 > 1.2
+    assert 0.2 < sum(r.acceptance_rate for r in results) / 3 < 0.9
+    assert engine.cache.num_free_pages == engine.cache.num_pages
+
+
+def test_speculative_sampling_rule_preserves_the_target_distribution():
+    g = torch.Generator().manual_seed(0)
+    p = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    q = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    counts = torch.zeros(4)
+    n = 6000
+    for _ in range(n):
+        draft = int(torch.multinomial(q, 1, generator=g))
+        _, token = speculative_accept(p, q, draft, g)
+        counts[token] += 1
+    torch.testing.assert_close(counts / n, p, atol=0.025, rtol=0)
+    # greedy (one-hot) drafts: accepted iff the draft is the target's argmax
+    one_hot = torch.tensor([0.0, 1.0, 0.0, 0.0])
+    assert speculative_accept(one_hot, None, 1, g) == (True, 1)
+    assert speculative_accept(one_hot, None, 2, g) == (False, 1)
+
+
+def test_speculative_sampling_seeded_runs(model):
+    params = SamplingParams(max_new_tokens=8, temperature=0.9, top_k=20, seed=7, ignore_eos=True)
+    engine = Engine(model, max_batch=3, max_seq_len=64, page_size=4, speculative=True)
+    a = engine.generate(PROMPTS, params)
+    b = engine.generate(PROMPTS[::-1], params)[::-1]
+    assert [r.tokens for r in a] == [r.tokens for r in b]
+    assert all(len(r.tokens) == 8 and r.finish_reason == "length" for r in a)
+
+
+# ------------------------------------------------------------------------------------------------------
+# continuous batching
+
+def test_scheduler_runs_more_requests_than_max_batch(model):
+    params = SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True)
+    prompts = [rand_tokens(n, 40 + n) for n in (2, 7, 3, 12, 5)]
+    engine = Engine(model, max_batch=2, max_seq_len=32, page_size=4, num_pages=9)
+    sched = engine.scheduler
+    results = [sched.submit(GenerationRequest(p, params)) for p in prompts]
+    max_running = 0
+    while sched.has_work:
+        sched.step()
+        max_running = max(max_running, len(sched.running))
+        assert engine.cache.num_free_pages >= 0
+    assert max_running == 2
+    assert all(r.finish_reason == "length" and len(r.tokens) == 4 for r in results)
+    alone = Engine(model, max_batch=1, max_seq_len=32, page_size=4)
+    for p, r in zip(prompts, results):
+        assert alone.generate([p], params)[0].tokens == r.tokens
+    assert engine.cache.num_free_pages == engine.cache.num_pages
+
+
+def test_scheduler_cancel_frees_pages(model):
+    params = SamplingParams(max_new_tokens=20, temperature=0, ignore_eos=True)
+    engine = Engine(model, max_batch=2, max_seq_len=32, page_size=4)
+    sched = engine.scheduler
+    reqs = [GenerationRequest(rand_tokens(6, 50 + i), params) for i in range(3)]
+    results = [sched.submit(r) for r in reqs]
+    sched.step()
+    sched.step()
+    assert len(sched.running) == 2 and len(sched.waiting) == 1
+    assert engine.cache.num_free_pages < engine.cache.num_pages
+    sched.cancel(reqs[0].request_id)  # running
+    sched.cancel(reqs[2].request_id)  # still waiting
+    events = sched.step()
+    assert {e.request_id for e in events if e.finish_reason == "cancelled"} == {reqs[0].request_id, reqs[2].request_id}
+    assert results[0].finish_reason == results[2].finish_reason == "cancelled"
+    assert len(sched.running) == 1 and not sched.waiting
+    while sched.has_work:
+        sched.step()
+    assert results[1].finish_reason == "length" and len(results[1].tokens) == 20
+    assert engine.cache.num_free_pages == engine.cache.num_pages
+    assert engine.cache.num_free_slots == 2
+
+
+def test_scheduler_rejects_requests_that_cannot_fit(model):
+    engine = Engine(model, max_batch=2, max_seq_len=32, page_size=4, num_pages=3)
+    with pytest.raises(CacheFullError):
+        engine.scheduler.submit(GenerationRequest(rand_tokens(6, 0), SamplingParams(max_new_tokens=20)))
+    with pytest.raises(ValueError, match="max_seq_len"):
+        engine.scheduler.submit(GenerationRequest(rand_tokens(40, 0), SamplingParams()))
