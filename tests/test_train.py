@@ -223,3 +223,38 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(corpus, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
     assert steps == list(range(1, steps[-1] + 1)) and steps[-1] >= 400
+
+
+def test_document_mask_isolates_packed_documents():
+    model = dsv3.build_model(dsv3.preset("tiny").replace(vocab_size=128, num_hidden_layers=2), seed=1)
+    a, b = torch.randint(0, 128, (1, 7)), torch.randint(0, 128, (1, 9))
+    packed = torch.cat([a, b], dim=1)
+    doc_ids = torch.tensor([[0] * 7 + [1] * 9])
+    with torch.no_grad():
+        masked = model(packed, doc_ids=doc_ids).logits
+        alone = model(b).logits
+        unmasked = model(packed).logits
+    # RoPE is relative, so document b alone at positions 0.. equals b packed after a, once a is masked out
+    torch.testing.assert_close(masked[:, 7:], alone, atol=1e-5, rtol=1e-5)
+    assert (unmasked[:, 7:] - alone).abs().max() > 1e-3  # without the mask a leaks into b
+
+
+def test_bf16_moments_optimizer_tracks_fp32_adamw():
+    from dsv3.train.optim import build_optimizer
+
+    torch.manual_seed(0)
+    w1 = torch.nn.Linear(32, 16)
+    w2 = torch.nn.Linear(32, 16)
+    w2.load_state_dict(w1.state_dict())
+    o1 = build_optimizer(w1, 1e-2, (0.9, 0.95), 0.1, bf16_moments=False)
+    o2 = build_optimizer(w2, 1e-2, (0.9, 0.95), 0.1, bf16_moments=True)
+    for _ in range(20):
+        x = torch.randn(8, 32)
+        for m, o in ((w1, o1), (w2, o2)):
+            m(x).pow(2).mean().backward()
+            o.step()
+            o.zero_grad()
+    state = o2.state[w2.weight]
+    assert state["exp_avg"].dtype == torch.bfloat16 and w2.weight.dtype == torch.float32
+    torch.testing.assert_close(w2.weight, w1.weight, atol=2e-3, rtol=0)
+    assert not torch.equal(w2.weight, w1.weight)  # really a different (lower-precision) state
