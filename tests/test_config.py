@@ -131,3 +131,30 @@ def test_presets():
     assert (b16.hidden_size, b16.num_hidden_layers, b16.n_routed_experts, b16.num_experts_per_tok,
             b16.n_shared_experts, b16.q_lora_rank, b16.vocab_size) == (2048, 27, 64, 6, 2, None, 102400)
     assert isinstance(dsv3.build_model("tiny"), dsv3.DeepSeekV3)
+
+
+# config.json of DeepSeek-V2-Lite (softmax routing, no MTP, no query compression; auto_map abridged)
+V2_LITE = {
+    "architectures": ["DeepseekV2ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "aux_loss_alpha": 0.001, "bos_token_id": 100000, "eos_token_id": 100001, "first_k_dense_replace": 1,
+    "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 10944,
+    "kv_lora_rank": 512, "max_position_embeddings": 163840, "model_type": "deepseek_v2",
+    "moe_intermediate_size": 1408, "moe_layer_freq": 1, "n_group": 1, "n_routed_experts": 64,
+    "n_shared_experts": 2, "norm_topk_prob": False, "num_attention_heads": 16, "num_experts_per_tok": 6,
+    "num_hidden_layers": 27, "num_key_value_heads": 16, "pretraining_tp": 1, "q_lora_rank": None,
+    "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "rms_norm_eps": 1e-06,
+    "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 0.707, "mscale_all_dim": 0.707,
+                     "original_max_position_embeddings": 4096, "type": "yarn"},
+    "rope_theta": 10000, "routed_scaling_factor": 1.0, "scoring_func": "softmax", "seq_aux": True,
+    "tie_word_embeddings": False, "topk_group": 1, "topk_method": "greedy", "torch_dtype": "bfloat16",
+    "transformers_version": "4.33.1", "use_cache": True, "v_head_dim": 128, "vocab_size": 102400,
+}
+
+
+def test_deepseek_v2_config_reads_and_round_trips():
+    config = ModelConfig.from_hf_dict(V2_LITE)
+    assert config.scoring_func == "softmax" and not config.uses_bias_routing
+    assert config.num_nextn_predict_layers == 0 and config.q_lora_rank is None and not config.norm_topk_prob
+    assert config.to_hf_dict() == V2_LITE
+    gate = dsv3.model.Gate(config)
+    assert gate.e_score_correction_bias is None

@@ -47,7 +47,7 @@ def test_ours_to_transformers(tmp_path, case):
     ours = dsv3.build_model(config, seed=1)
     randomise_bias(ours)
     dsv3.save_pretrained(ours, tmp_path)
-    theirs = transformers.DeepseekV3ForCausalLM.from_pretrained(tmp_path, torch_dtype=torch.float32)
+    theirs = transformers.DeepseekV3ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
     theirs.eval()
     # longer than the original context (16) so YaRN's interpolated frequencies matter; batch > 1
     tokens = torch.randint(0, config.vocab_size, (3, 40), generator=torch.Generator().manual_seed(2))
@@ -82,3 +82,23 @@ def test_transformers_to_ours(tmp_path):
         a = ours(tokens).logits
         b = theirs(tokens).logits
     assert (a - b).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("routing", [{}, {"topk_method": "group_limited_greedy", "n_group": 4, "topk_group": 2}])
+def test_deepseek_v2_softmax_routing_matches_transformers(tmp_path, routing):
+    """Softmax scoring without bias (DeepSeek-V2 checkpoints) against transformers' DeepseekV2ForCausalLM."""
+    from test_config import V2_LITE
+
+    d = {**V2_LITE, "hidden_size": 64, "intermediate_size": 96, "moe_intermediate_size": 32,
+         "num_hidden_layers": 3, "num_attention_heads": 4, "kv_lora_rank": 32, "qk_nope_head_dim": 16,
+         "qk_rope_head_dim": 8, "v_head_dim": 16, "n_routed_experts": 8, "num_experts_per_tok": 2,
+         "vocab_size": 256, "max_position_embeddings": 256, "initializer_range": 0.1,
+         "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 4, "mscale": 0.707, "mscale_all_dim": 0.707,
+                          "original_max_position_embeddings": 16, "type": "yarn"}, **routing}
+    ours = dsv3.build_model(ModelConfig.from_hf_dict(d), seed=0)
+    dsv3.save_pretrained(ours, tmp_path)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert type(theirs).__name__ == "DeepseekV2ForCausalLM"
+    tokens = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (ours(tokens).logits - theirs(tokens).logits).abs().max().item() <= 1e-4

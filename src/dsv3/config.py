@@ -98,6 +98,8 @@ class ModelConfig:
     """Present in FP8 checkpoints: ``{"quant_method": "fp8", "weight_block_size": [128, 128], ...}``."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Other keys of config.json, kept verbatim for an exact round trip."""
+    absent: tuple[str, ...] = field(default=(), repr=False)
+    """Fields the config.json read did not have (written back without them)."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -233,9 +235,12 @@ class ModelConfig:
         if "topk_method" not in kwargs:  # DeepSeek-V2 files without a method: greedy top-k
             kwargs["topk_method"] = "greedy" if kwargs.get("scoring_func", "softmax") == "softmax" else "noaux_tc"
         kwargs.setdefault("scoring_func", "softmax" if kwargs["topk_method"] != "noaux_tc" else "sigmoid")
+        absent = tuple(n for n in cls._HF_FIELDS if n not in kwargs)
         for name in ("rope_scaling", "quantization_config", "q_lora_rank", "bos_token_id", "eos_token_id"):
             kwargs.setdefault(name, None)  # absent in the file means absent, not the 671B default
+        kwargs.setdefault("num_nextn_predict_layers", 0)  # DeepSeek-V2 files: no MTP
         kwargs["extra"] = d
+        kwargs["absent"] = absent
         try:
             return cls(**kwargs)
         except TypeError as e:  # a field of the wrong kind
@@ -257,7 +262,7 @@ class ModelConfig:
         d.update(copy.deepcopy(self.extra))
         for name in self._HF_FIELDS:
             value = copy.deepcopy(getattr(self, name))
-            if name == "quantization_config" and value is None:
+            if (name == "quantization_config" and value is None) or name in self.absent:
                 continue
             d[name] = value
         if "rope_parameters" in self.extra:  # the file used transformers 5's form: write that form back
