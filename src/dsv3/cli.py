@@ -116,6 +116,115 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def default_cpu_threads(model) -> int:
+    """Intra-op threads for decoding on a CPU: 1 for small models (< 50M parameters), whose many tiny matmuls
+    run far slower when threads contend; torch's default otherwise."""
+    import torch
+
+    n_params = sum(p.numel() for p in model.parameters())
+    return 1 if n_params < 50_000_000 else torch.get_num_threads()
+
+
+def _engine_from_args(args: argparse.Namespace):
+    """Model, tokenizer and a one-sequence :class:`Engine` for ``generate`` / ``chat``."""
+    import torch
+
+    from .inference import Engine
+
+    model, tokenizer = load_run_or_checkpoint(args.checkpoint, args.device)
+    if next(model.parameters()).device.type == "cpu":
+        torch.set_num_threads(args.threads or default_cpu_threads(model))
+    engine = Engine(model, tokenizer, max_batch=1, max_seq_len=args.max_seq_len, speculative=args.speculative)
+    return engine, tokenizer
+
+
+def _sampling_from_args(args: argparse.Namespace):
+    from .inference import SamplingParams
+
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, seed=args.seed, stop=args.stop or [])
+
+
+def _stream_to_stdout(engine, prompt, params) -> tuple[str, str | None, int]:
+    """Print a completion as its tokens come; returns (text, finish reason, tokens)."""
+    text, reason, n = [], None, 0
+    for event in engine.stream([prompt], params):
+        if event.token is not None:
+            n += 1
+        if event.text:
+            print(event.text, end="", flush=True)
+            text.append(event.text)
+        reason = event.finish_reason or reason
+    return "".join(text), reason, n
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import time
+
+    engine, _ = _engine_from_args(args)
+    params = _sampling_from_args(args)
+    if not args.no_echo:
+        print(args.prompt, end="", flush=True)
+    t0 = time.perf_counter()
+    _, reason, n = _stream_to_stdout(engine, args.prompt, params)
+    dt = time.perf_counter() - t0
+    print(flush=True)
+    print(f"[{n} tokens in {dt:.2f} s, {n / max(dt, 1e-9):.1f} tokens/s, finish: {reason}]", file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from .inference.chat import ChatTemplate
+
+    engine, tokenizer = _engine_from_args(args)
+    template = ChatTemplate.load(tokenizer, args.checkpoint)
+    params = _sampling_from_args(args)
+    interactive = sys.stdin.isatty()
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    messages = list(system)
+    if interactive:
+        print("dsv3 chat: type a message; /reset starts over, /exit (or Ctrl-D) quits.")
+    while True:
+        try:
+            line = input(">>> ") if interactive else sys.stdin.readline()
+        except (EOFError, KeyboardInterrupt):
+            break
+        if not interactive and line == "":
+            break  # end of input
+        line = line.rstrip("\n")
+        if line.strip() in ("/exit", "/quit"):
+            break
+        if line.strip() == "/reset":
+            messages = list(system)
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        try:
+            ids = template.encode(messages)
+            reply, _, _ = _stream_to_stdout(engine, ids, params)
+        except ValueError as e:  # e.g. the conversation no longer fits max_seq_len
+            messages.pop()
+            print(f"dsv3 chat: {e} (/reset starts a new conversation)", file=sys.stderr)
+            continue
+        print(flush=True)
+        messages.append({"role": "assistant", "content": reply})
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from .serve import serve
+    except ImportError as e:
+        print(f"dsv3 serve: needs FastAPI and uvicorn ({e}): pip install 'dsv3[serve]'", file=sys.stderr)
+        return 2
+    serve(args.checkpoint, args.host, args.port, model_name=args.model_name, device=args.device,
+          max_batch=args.max_batch, max_seq_len=args.max_seq_len, page_size=args.page_size,
+          num_pages=args.num_pages, speculative=args.speculative, num_threads=args.threads,
+          max_pending=args.max_pending, log_level=args.log_level)
+    return 0
+
+
 def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     from .data import train_tokenizer
 
@@ -192,6 +301,63 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_sample)
+
+    def engine_args(p: argparse.ArgumentParser, temperature: float, seed: int | None, max_new: int) -> None:
+        p.add_argument("checkpoint", help="Hugging Face layout directory (tokenizer.json beside the weights) or "
+                                          "`dsv3 train` run directory")
+        p.add_argument("--max-new-tokens", type=int, default=max_new)
+        p.add_argument("--temperature", type=float, default=temperature, help=f"0 = greedy (default {temperature})")
+        p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default 1 = off)")
+        p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
+        p.add_argument("--seed", type=int, default=seed, help=f"sampling seed (default {seed})")
+        p.add_argument("--stop", action="append", metavar="TEXT", help="stop at this text (repeatable)")
+        p.add_argument("--speculative", action="store_true",
+                       help="draft one token per step with the MTP module and verify it (same outputs)")
+        p.add_argument("--max-seq-len", type=int, default=None,
+                       help="tokens of prompt + completion (default min(max_position_embeddings, 4096))")
+        p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+        p.add_argument("--threads", type=int, default=None,
+                       help="CPU intra-op threads (default 1 for models under 50M parameters, else torch's)")
+
+    p = sub.add_parser("generate", help="complete a prompt with the inference engine, streaming tokens",
+                       description="Complete a prompt with the cached inference engine (dsv3.inference), "
+                                   "printing tokens as they come; speed on stderr.")
+    engine_args(p, temperature=0.0, seed=0, max_new=128)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--no-echo", action="store_true", help="print only the completion, not the prompt")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive chat in the DeepSeek-V3 chat format",
+                       description="Chat with a model: reads one user message per line from stdin (a terminal "
+                                   "or a pipe), keeps the conversation and formats it with the checkpoint's "
+                                   "chat template (tokenizer_config.json) or DeepSeek-V3's format. /reset "
+                                   "starts over; /exit or end of input quits.")
+    engine_args(p, temperature=0.7, seed=None, max_new=512)
+    p.add_argument("--system", default=None, help="system prompt")
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (needs the serve extra)",
+                       description="Serve a checkpoint with an OpenAI-compatible API: /v1/completions, "
+                                   "/v1/chat/completions (streaming with SSE), /v1/models, /health. "
+                                   "Needs `pip install 'dsv3[serve]'`.")
+    p.add_argument("checkpoint", help="Hugging Face layout directory or `dsv3 train` run directory")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model-name", default=None, help="the model's id in the API (default: directory name)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (default 8)")
+    p.add_argument("--max-seq-len", type=int, default=None,
+                   help="tokens of prompt + completion per sequence (default min(max_position_embeddings, 4096))")
+    p.add_argument("--page-size", type=int, default=16, help="tokens per cache page (default 16)")
+    p.add_argument("--num-pages", type=int, default=None,
+                   help="cache pages shared by all sequences (default: max-batch full-length sequences)")
+    p.add_argument("--max-pending", type=int, default=None,
+                   help="requests queued or running before the server answers 429 (default unbounded)")
+    p.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU intra-op threads (default 1 for models under 50M parameters, else torch's)")
+    p.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("tokenizer", help="tokenizer tools", description="Tokenizer tools.")
     tsub = p.add_subparsers(dest="tokenizer_command", required=True, metavar="ACTION")
