@@ -380,3 +380,99 @@ def test_scheduler_rejects_requests_that_cannot_fit(model):
         engine.scheduler.submit(GenerationRequest(rand_tokens(6, 0), SamplingParams(max_new_tokens=20)))
     with pytest.raises(ValueError, match="max_seq_len"):
         engine.scheduler.submit(GenerationRequest(rand_tokens(40, 0), SamplingParams()))
+
+
+# ------------------------------------------------------------------------------------------------------
+# batched prefill and the fixed-shape (CUDA-graph) decode step
+
+def test_batched_prefill_equals_one_at_a_time(model):
+    prompts = [rand_tokens(n, 60 + n) for n in (9, 3, 14)]
+    one = Engine(model, max_batch=3, max_seq_len=32, page_size=4)
+    batch = Engine(model, max_batch=3, max_seq_len=32, page_size=4)
+    slots = [batch.new_sequence() for _ in prompts]
+    got = batch.prefill_batch(slots, prompts)
+    for slot, p, (h, logits) in zip(slots, prompts, got):
+        ref_h, ref_logits = one.prefill(one.new_sequence(), p)
+        torch.testing.assert_close(h, ref_h, atol=TOL, rtol=0)
+        torch.testing.assert_close(logits, ref_logits, atol=TOL, rtol=0)
+        assert batch.cache.lengths[slot] == len(p)
+    # the padding wrote to the scratch page only: decoding continues exactly as after separate prefills
+    nxt = [p[0] for p in prompts]
+    torch.testing.assert_close(batch.decode(slots, nxt)[1], one.decode([0, 1, 2], nxt)[1], atol=TOL, rtol=0)
+
+
+def test_padded_step_matches_plain_decode_and_writes_only_scratch(model):
+    """Engine(cuda_graph=True) on the CPU runs the graph's padded fixed-shape step eagerly: 3 sequences
+    padded to a batch of 4, keys padded to a power-of-two bucket of pages."""
+    seqs = [rand_tokens(n, 70 + n) for n in (5, 11, 2)]
+    engines = [Engine(model, max_batch=6, max_seq_len=40, page_size=4, cuda_graph=g) for g in (False, True)]
+    plain, padded = engines
+    assert plain.graphs is None and padded.graphs.batch_sizes == [1, 2, 4, 6]
+    for eng in engines:
+        for toks in seqs:
+            eng.prefill(eng.new_sequence(), toks[:-1])
+    slots, last = [0, 1, 2], [toks[-1] for toks in seqs]
+    before = padded.cache.latent.clone()
+    _, ref = plain.decode(slots, last)
+    h, logits, greedy = padded.decode_step(slots, last)
+    assert logits.shape == ref.shape and (4, 1, 16) in padded.graphs.steps  # batch 4, keys 16 (max length 12)
+    torch.testing.assert_close(logits, ref, atol=TOL, rtol=0)
+    assert greedy.tolist() == ref.argmax(-1).tolist()
+    cache = padded.cache
+    changed = (padded.cache.latent != before).any(-1).any(0)  # (pages + 1, page_size)
+    expected = torch.zeros_like(changed)
+    for slot, toks in zip(slots, seqs):
+        pos = len(toks) - 1
+        expected[cache.pages[slot][pos // 4], pos % 4] = True
+    assert changed[:-1].equal(expected[:-1])  # live pages: exactly the three new positions
+    assert changed[cache.null_page].any()  # the padded row wrote to the scratch page
+
+
+def test_padded_step_generation_equals_plain(model):
+    params = SamplingParams(max_new_tokens=9, temperature=0, ignore_eos=True)
+    prompts = [rand_tokens(n, 80 + n) for n in (2, 7, 3, 12, 5)]
+    plain = Engine(model, max_batch=4, max_seq_len=40, page_size=4).generate(prompts, params)
+    padded = Engine(model, max_batch=4, max_seq_len=40, page_size=4, cuda_graph=True)
+    assert [r.tokens for r in padded.generate(prompts, params)] == [r.tokens for r in plain]
+    spec = Engine(model, max_batch=4, max_seq_len=40, page_size=4, cuda_graph=True, speculative=True)
+    assert [r.tokens for r in spec.generate(prompts, params)] == [r.tokens for r in plain]
+    sampled = SamplingParams(max_new_tokens=6, temperature=0.8, seed=3, ignore_eos=True)
+    a = Engine(model, max_batch=4, max_seq_len=40, page_size=4).generate(prompts[:3], sampled)
+    b = Engine(model, max_batch=4, max_seq_len=40, page_size=4, cuda_graph=True).generate(prompts[:3], sampled)
+    assert [r.tokens for r in a] == [r.tokens for r in b]
+
+
+# ------------------------------------------------------------------------------------------------------
+# on the GPU: captured CUDA graphs against the plain path
+
+def _gpu_engines(model, **kw):
+    return [Engine(model, max_batch=4, max_seq_len=64, page_size=8, cuda_graph=g, **kw) for g in (False, True)]
+
+
+@pytest.mark.gpu
+def test_cuda_graph_decode_matches_plain_float32():
+    model = dsv3.build_model("tiny", seed=0).cuda()
+    plain, graphed = _gpu_engines(model)
+    prompts = [rand_tokens(n, 90 + n) for n in (4, 9, 6)]
+    params = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
+    ref = plain.generate(prompts, params)
+    got = graphed.generate(prompts, params)
+    assert [r.tokens for r in got] == [r.tokens for r in ref]
+    assert any(step.graph is not None for step in graphed.graphs.steps.values())
+    assert graphed.cache.num_free_pages == graphed.cache.num_pages
+
+
+@pytest.mark.gpu
+def test_cuda_graph_decode_bf16_logits_close_and_used_by_default():
+    model = dsv3.build_model("tiny", seed=0, device="cuda", dtype=torch.bfloat16)
+    plain, graphed = _gpu_engines(model)
+    hopper = torch.cuda.get_device_capability() >= (9, 0)
+    assert (Engine(model, max_batch=2, max_seq_len=32).graphs is not None) == hopper  # automatic on Hopper
+    prompts = [rand_tokens(n, 100 + n) for n in (5, 8)]
+    for eng in (plain, graphed):
+        for p in prompts:
+            eng.prefill(eng.new_sequence(), p)
+    _, ref = plain.decode([0, 1], [3, 4])
+    _, got = graphed.decode([0, 1], [3, 4])
+    assert graphed.graphs.steps[(2, 1, 16)].graph is not None
+    torch.testing.assert_close(got.float(), ref.float(), atol=0.05, rtol=0.02)

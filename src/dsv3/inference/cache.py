@@ -163,7 +163,9 @@ class PagedLatentCache:
         """The first ``max_len`` positions of each slot: c^KV (B, T, d_c) and k^R (B, T, d_r) with
         T = max_len rounded up to whole pages. Positions beyond a sequence's length hold garbage (the
         caller masks them)."""
-        n_pages = self.pages_for(max_len)
-        pages = self.block_table[slots, :n_pages]  # (B, P)
-        lat = self.latent[layer][pages].flatten(1, 2)  # (B, P * page_size, width)
-        return lat.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        return self.gather_latent(layer, slots, max_len).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+
+    def gather_latent(self, layer: int, slots: torch.Tensor, max_len: int) -> torch.Tensor:
+        """As :meth:`gather`, unsplit: [c^KV; k^R] (B, T, d_c + d_r), one copy of the pages read."""
+        pages = self.block_table[slots, :self.pages_for(max_len)]  # (B, P)
+        return self.latent[layer][pages].flatten(1, 2)  # (B, P * page_size, width)

@@ -15,11 +15,13 @@ Two attention forms over the same cache (report §2.1.1):
 
   so per cached token only the 576 latent values are read; keys and values are never expanded.
 
-Everything else in a block (norms, dense FFN, MoE) is the model's own module. The batched decode core,
-:meth:`Engine.forward_cached`, works on tensors of fixed shape (tokens, slots, positions, a validity mask,
-a key length): padding a batch to a fixed size and key length makes one step capturable in a CUDA graph
-later. Generation (:meth:`Engine.generate`, :meth:`Engine.stream`) runs on the continuous-batching
-:class:`~dsv3.inference.scheduler.Scheduler`; the engine itself does no I/O.
+Everything else in a block (norms, dense FFN, MoE) is the model's own module; the MoE runs through
+:func:`moe_forward`, which counts the tokens per expert without reading anything back to the host. The
+batched decode core, :meth:`Engine.forward_cached`, works on tensors of fixed shape (tokens, slots,
+positions, a validity mask, a key length): on a GPU, :mod:`dsv3.inference.cuda_graph` pads a batch to a
+few fixed sizes and replays one captured CUDA graph per decode step (``Engine(cuda_graph=...)``). The plain
+path stays the reference (CPU, tests). Generation (:meth:`Engine.generate`, :meth:`Engine.stream`) runs on
+the continuous-batching :class:`~dsv3.inference.scheduler.Scheduler`; the engine itself does no I/O.
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..model.attention import MLA
-from ..model.moe import MoE
+from ..model.attention import MLA, _prefer_cudnn
+from ..model.moe import Experts, MoE, _grouped_mm_ok, combine
 from ..model.transformer import DeepSeekV3
 from ..model.transformer_block import Block
 from .cache import CacheFullError, PagedLatentCache
@@ -78,12 +80,50 @@ class Sequence:
         return self.result.finish_reason is not None
 
 
-def run_block(block: Block, x: torch.Tensor, attend: Callable[[MLA, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+def grouped_experts(experts: Experts, x: torch.Tensor) -> bool:
+    """Whether ``experts`` run as a grouped GEMM on x's dtype and device (no host sync)."""
+    impl = experts.implementation
+    return impl == "grouped" or (impl == "auto" and _grouped_mm_ok(x, experts.gate_up_proj))
+
+
+def moe_forward(moe: MoE, x: torch.Tensor, capturable: bool = False) -> torch.Tensor:
+    """:meth:`MoE.forward` for inference (no router statistics), without host syncs.
+
+    The tokens per expert are counted with a scatter-add: ``torch.bincount`` (used by
+    :func:`dsv3.model.moe.dispatch`) reads the input's min and max back to the host on CUDA, which stalls
+    every step and cannot be captured in a CUDA graph. With ``capturable``, experts that cannot run as a
+    grouped GEMM (not bf16 on Hopper) avoid the reference loop (it splits by counts read to the host):
+    each token copy is multiplied by its own expert's gathered weights instead (fixed shapes; meant for
+    small models and tests).
+    """
+    b, s, d = x.shape
+    flat = x.reshape(-1, d)
+    weights, indices, _ = moe.gate(flat)
+    ids = indices.flatten()
+    order = ids.argsort(stable=True)
+    counts = torch.zeros(moe.n_experts, dtype=torch.long, device=x.device).scatter_add_(0, ids, torch.ones_like(ids))
+    x_sorted = flat[order // indices.shape[1]]
+    experts = moe.experts
+    if capturable and not grouped_experts(experts, x_sorted):
+        e = ids[order]
+        gate, up = torch.bmm(experts.gate_up_proj[e], x_sorted[:, :, None]).squeeze(-1).split(experts.inter_dim, -1)
+        y_sorted = torch.bmm(experts.down_proj[e], (F.silu(gate) * up)[:, :, None]).squeeze(-1)
+    else:
+        y_sorted = experts(x_sorted, counts)
+    y = combine(y_sorted, order, weights).to(x.dtype)
+    if moe.shared_experts is not None:
+        y = y + moe.shared_experts(flat)
+    return y.view(b, s, d)
+
+
+def run_block(
+    block: Block, x: torch.Tensor, attend: Callable[[MLA, torch.Tensor], torch.Tensor], capturable: bool = False
+) -> torch.Tensor:
     """One decoder block (as :meth:`Block.forward`) with the attention replaced by ``attend(mla, h)``; the
-    norms and the FFN / MoE are the block's own modules."""
+    norms and the FFN / MoE are the block's own modules (the MoE through :func:`moe_forward`)."""
     x = x + attend(block.self_attn, block.input_layernorm(x))
     h = block.post_attention_layernorm(x)
-    y = block.mlp(h)[0] if isinstance(block.mlp, MoE) else block.mlp(h)
+    y = moe_forward(block.mlp, h, capturable) if isinstance(block.mlp, MoE) else block.mlp(h)
     return x + y
 
 
@@ -96,6 +136,12 @@ class Engine:
     model's; when given, the model is moved there. ``speculative`` drafts one token per step with the
     model's first MTP module (report §2.2) and verifies it with the main model
     (:mod:`dsv3.inference.speculative`).
+
+    ``cuda_graph``: replay captured CUDA graphs for the decode steps (:mod:`dsv3.inference.cuda_graph`),
+    batches padded up to the nearest of ``graph_batch_sizes``. ``None`` (default): on when the model is on
+    a CUDA device and its experts run as grouped GEMMs (bf16 on Hopper). ``True`` on the CPU runs the same
+    padded fixed-shape step eagerly (for tests). The model's weights and the cache must not be moved or
+    reallocated once graphs are captured.
     """
 
     def __init__(
@@ -110,6 +156,8 @@ class Engine:
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         speculative: bool = False,
+        cuda_graph: bool | None = None,
+        graph_batch_sizes: Seq[int] = (1, 2, 4, 8, 16, 32),
     ):
         param = next(model.parameters())
         self.device = torch.device(device) if device is not None else param.device
@@ -144,69 +192,93 @@ class Engine:
         from .speculative import MTPSpeculator
 
         self.speculator = MTPSpeculator(self) if speculative else None
+        if cuda_graph is None:
+            cuda_graph = self.device.type == "cuda" and self._experts_capturable()
+        self.graphs = None
+        if cuda_graph:
+            from .cuda_graph import DecodeGraphs
+
+            self.graphs = DecodeGraphs(self, graph_batch_sizes)
         self.scheduler = Scheduler(self)
         """The engine's own request queue, used by :meth:`generate` and :meth:`stream`."""
+
+    def _experts_capturable(self) -> bool:
+        """Every weight is in the engine's dtype (FP8-served models keep the plain path) and every MoE
+        layer's experts run as a grouped GEMM (no host sync)."""
+        probe = torch.empty(0, 8, device=self.device, dtype=self.dtype)
+        return all(p.dtype == self.dtype for p in self.model.parameters()) and all(
+            grouped_experts(m, probe) for m in self.model.modules() if isinstance(m, Experts))
 
     # ================================================================================================
     # attention over the cache
     def _prefill_attention(
         self, attn: MLA, layer: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-        slot: int, start: int, index: torch.Tensor,
+        slots: torch.Tensor, start: int, index: torch.Tensor,
     ) -> torch.Tensor:
-        """Expanded MLA for the n new tokens x (1, n, d) of ``slot`` at positions start .. start+n-1."""
-        _, n, _ = x.shape
+        """Expanded MLA for the n new tokens x (B, n, d) of ``slots`` (B,) at positions start .. start+n-1
+        (prompts right-padded to n: causal attention keeps the padding out of every real token's view).
+        A prefix continuation (start > 0) is one sequence (B = 1)."""
+        b, n, _ = x.shape
         q_nope, q_pe = attn.query(x, cos, sin)
         kv, k_pe = attn.latent(x, cos, sin)
         self.cache.write(layer, index, kv, k_pe)
         if start > 0:  # prefix continuation: attend over the cached positions as well
-            slots = torch.tensor([slot], device=x.device)
             kv, k_pe = (t[:, :start + n] for t in self.cache.gather(layer, slots, start + n))
         k, v = attn.expand_kv(kv.to(x.dtype), k_pe.to(x.dtype))
         q = torch.cat([q_nope, q_pe], dim=-1)
         mask = None
         if start > 0:
             mask = torch.arange(start + n, device=x.device) <= torch.arange(start, start + n, device=x.device)[:, None]
-        o = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-            attn_mask=mask, is_causal=start == 0, scale=attn.softmax_scale,
-        )
-        return attn.o_proj(o.transpose(1, 2).reshape(1, n, attn.n_heads * attn.v_head_dim))
+        with _prefer_cudnn(q):
+            o = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                attn_mask=mask, is_causal=start == 0, scale=attn.softmax_scale,
+            )
+        return attn.o_proj(o.transpose(1, 2).reshape(b, n, attn.n_heads * attn.v_head_dim))
 
     def _absorbed_attention(
         self, attn: MLA, layer: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-        slots: torch.Tensor, index: torch.Tensor, key_ok: torch.Tensor,
+        slots: torch.Tensor, index: torch.Tensor, hidden: torch.Tensor,
     ) -> torch.Tensor:
         """MLA with W^UK and W^UV absorbed, for new tokens x (B, S, d) attending over their slots' cached
-        latents. ``key_ok`` (B, S, T) says which cached positions each query may see."""
+        latents. ``hidden`` (B, S, 1, T) bool marks the cached positions a query may not see.
+
+        The cache row [c^KV; k^R] serves as the key of every head against the query [q^C W^UK; q^R], so
+        the score q_lat . c^KV + q^R . k^R is one product; the value is its c^KV part."""
         b, s, _ = x.shape
-        h, d_nope, d_v = attn.n_heads, attn.qk_nope_head_dim, attn.v_head_dim
+        h, d_nope, d_v, d_c = attn.n_heads, attn.qk_nope_head_dim, attn.v_head_dim, attn.kv_lora_rank
         q_nope, q_pe = attn.query(x, cos, sin)  # (B, S, H, d_nope), (B, S, H, d_r)
         kv, k_pe = attn.latent(x, cos, sin)
         self.cache.write(layer, index, kv, k_pe)  # write first: a token attends to itself
-        c_kv, k_r = self.cache.gather(layer, slots, key_ok.shape[-1])  # (B, T, d_c), (B, T, d_r)
-        w = attn.kv_b_proj.weight.view(h, d_nope + d_v, attn.kv_lora_rank)
+        lat = self.cache.gather_latent(layer, slots, hidden.shape[-1]).to(x.dtype)  # (B, T, d_c + d_r)
+        w = attn.kv_b_proj.weight.view(h, d_nope + d_v, d_c)
         w_uk, w_uv = w[:, :d_nope].to(x.dtype), w[:, d_nope:].to(x.dtype)  # (H, d_nope, d_c), (H, d_v, d_c)
-        q_lat = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)
-        scores = torch.einsum("bshc,btc->bsht", q_lat, c_kv.to(x.dtype))
-        scores = scores + torch.einsum("bshr,btr->bsht", q_pe, k_r.to(x.dtype))
-        scores = (scores.float() * attn.softmax_scale).masked_fill(~key_ok[:, :, None, :], float("-inf"))
+        q = torch.cat([torch.einsum("bshd,hdc->bshc", q_nope, w_uk), q_pe], dim=-1)  # (B, S, H, d_c + d_r)
+        scores = torch.einsum("bshc,btc->bsht", q, lat)
+        scores = (scores.float() * attn.softmax_scale).masked_fill(hidden, float("-inf"))
         probs = scores.softmax(dim=-1).to(x.dtype)
-        o_lat = torch.einsum("bsht,btc->bshc", probs, c_kv.to(x.dtype))
+        o_lat = torch.einsum("bsht,btc->bshc", probs, lat[..., :d_c])
         o = torch.einsum("bshc,hvc->bshv", o_lat, w_uv)
         return attn.o_proj(o.reshape(b, s, h * d_v))
 
     # ================================================================================================
     # forwards through blocks
-    def run_prefill(self, x: torch.Tensor, blocks: list[tuple[int, Block]], slot: int, start: int) -> torch.Tensor:
+    def run_prefill(
+        self, x: torch.Tensor, blocks: list[tuple[int, Block]], slot: int | torch.Tensor, start: int,
+        valid: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """x (1, n, d) through ``blocks`` at positions start .. start+n-1 of ``slot`` (expanded attention);
-        the latents are written to the cache, whose pages must already cover these positions."""
+        the latents are written to the cache, whose pages must already cover these positions. Several
+        prompts at once (start 0): ``slot`` (B,) and x (B, n, d) right-padded, ``valid`` (B, n) marking the
+        real tokens (the padding writes to the scratch page)."""
         n = x.shape[1]
+        slots = torch.as_tensor(slot, device=x.device).reshape(-1)
         positions = torch.arange(start, start + n, device=x.device)
         cos, sin = self.model.rotary(positions)
-        index = self.cache.flat_index(torch.tensor([slot], device=x.device)[:, None], positions[None])
+        index = self.cache.flat_index(slots[:, None], positions[None], valid)
         for layer, block in blocks:
             x = run_block(
-                block, x, lambda attn, h: self._prefill_attention(attn, layer, h, cos, sin, slot, start, index)
+                block, x, lambda attn, h: self._prefill_attention(attn, layer, h, cos, sin, slots, start, index)
             )
         return x
 
@@ -218,21 +290,24 @@ class Engine:
         positions: torch.Tensor,
         valid: torch.Tensor | None,
         max_len: int,
+        capturable: bool = False,
     ) -> torch.Tensor:
         """The batched decode core: x (B, S, d) through ``blocks`` with absorbed attention.
 
         ``slots`` (B,) cache slot of each row; ``positions`` (B, S) position of each new token; ``valid``
         (B, S) bool or ``None`` (all valid): invalid (padding) tokens write to the scratch page and their
         outputs are meaningless; ``max_len`` bounds the keys read (every valid position < max_len). All
-        shapes are fixed by (B, S, max_len): pad these to constants to capture one step in a CUDA graph.
+        shapes are fixed by (B, S, max_len), and nothing is read back to the host: padded to constants, one
+        step is captured in a CUDA graph (``capturable`` also keeps the experts off the host-syncing loop).
         """
         cos, sin = self.model.rotary(positions)
         index = self.cache.flat_index(slots[:, None], positions, valid)
         n_keys = self.cache.pages_for(max_len) * self.cache.page_size
-        key_ok = torch.arange(n_keys, device=x.device) <= positions[:, :, None]  # (B, S, T)
+        hidden = (torch.arange(n_keys, device=x.device) > positions[:, :, None])[:, :, None, :]  # (B, S, 1, T)
         for layer, block in blocks:
             x = run_block(
-                block, x, lambda attn, h: self._absorbed_attention(attn, layer, h, cos, sin, slots, index, key_ok)
+                block, x, lambda attn, h: self._absorbed_attention(attn, layer, h, cos, sin, slots, index, hidden),
+                capturable,
             )
         return x
 
@@ -260,9 +335,38 @@ class Engine:
         h = self.model.norm(x)[0]
         return h, self.model.lm_head(h if all_logits else h[-1:])
 
+    @torch.inference_mode()
     def prefill_batch(self, slots: Seq[int], prompts: Seq[Seq[int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """:meth:`prefill` of several prompts of different lengths (one after the other: no padding)."""
-        return [self.prefill(slot, tokens) for slot, tokens in zip(slots, prompts, strict=True)]
+        """:meth:`prefill` of several prompts into empty slots, in one forward: the prompts are right-padded
+        to the longest (causal attention keeps the padding out of the real tokens; it writes to the scratch
+        page). Returns (hidden (n_i, d), last-token logits (1, V)) per prompt. Slots holding a prefix are
+        prefilled one at a time."""
+        lengths = [len(p) for p in prompts]
+        if len(slots) != len(prompts) or min(lengths, default=1) == 0:
+            raise ValueError("prefill_batch needs one non-empty prompt per slot")
+        if len(slots) <= 1 or any(self.cache.lengths[slot] for slot in slots):
+            return [self.prefill(slot, tokens) for slot, tokens in zip(slots, prompts)]
+        self._extend_all(slots, lengths)
+        n = max(lengths)
+        ids = torch.tensor([list(p) + [0] * (n - len(p)) for p in prompts], dtype=torch.long, device=self.device)
+        n_t = torch.tensor(lengths, device=self.device)
+        valid = torch.arange(n, device=self.device) < n_t[:, None]
+        slots_t = torch.tensor(list(slots), dtype=torch.long, device=self.device)
+        h = self.model.norm(self.run_prefill(self.model.embed_tokens(ids), self.main_blocks, slots_t, 0, valid))
+        logits = self.model.lm_head(h[torch.arange(len(slots), device=self.device), n_t - 1])
+        return [(h[i, :m], logits[i:i + 1]) for i, m in enumerate(lengths)]
+
+    def _extend_all(self, slots: Seq[int], counts: Seq[int]) -> list[int]:
+        """Grow every slot by its count of positions, all or none; returns their first new positions."""
+        starts = []
+        try:
+            for slot, k in zip(slots, counts):
+                starts.append(self.cache.extend(slot, k))
+        except CacheFullError:
+            for slot, start in zip(slots, starts):
+                self.cache.truncate(slot, start)
+            raise
+        return starts
 
     @torch.inference_mode()
     def decode(
@@ -271,27 +375,36 @@ class Engine:
         """Append S new tokens to each of the B sequences ``slots`` (of any lengths) and run them through the
         main model with absorbed attention. ``tokens`` (B,) or (B, S). Returns the final normalised hidden
         states (B, S, d) and the logits (B, S, V)."""
-        tokens = torch.as_tensor(tokens, dtype=torch.long, device=self.device)
+        h, logits, _ = self.decode_step(slots, tokens)
+        if self.graphs is not None:  # the graphs' output buffers are overwritten by the next step
+            h, logits = h.clone(), logits.clone()
+        return h, logits
+
+    @torch.inference_mode()
+    def decode_step(
+        self, slots: Seq[int], tokens: torch.Tensor | Seq[int] | Seq[Seq[int]]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`decode`, plus the greedy tokens (B, S) (argmax on the device). Through a captured CUDA graph
+        when the engine has them: then the outputs are views of the graph's buffers, valid until the next
+        step."""
+        tokens = torch.as_tensor(tokens, dtype=torch.long)
         if tokens.dim() == 1:
             tokens = tokens[:, None]
         b, s = tokens.shape
         if b != len(slots):
             raise ValueError(f"{len(slots)} slots but {b} rows of tokens")
-        starts = []
-        try:
-            for slot in slots:
-                starts.append(self.cache.extend(slot, s))
-        except CacheFullError:
-            for slot, start in zip(slots, starts):
-                self.cache.truncate(slot, start)
-            raise
+        starts = self._extend_all(slots, [s] * b)
+        if self.graphs is not None and self.graphs.covers(b):
+            return self.graphs.run(list(slots), tokens, starts)
+        tokens = tokens.to(self.device)
         start_t = torch.tensor(starts, dtype=torch.long, device=self.device)
         positions = start_t[:, None] + torch.arange(s, device=self.device)
         slots_t = torch.tensor(list(slots), dtype=torch.long, device=self.device)
         x = self.model.embed_tokens(tokens)
         x = self.forward_cached(x, self.main_blocks, slots_t, positions, None, max(starts) + s)
         h = self.model.norm(x)
-        return h, self.model.lm_head(h)
+        logits = self.model.lm_head(h)
+        return h, logits, logits.argmax(dim=-1)
 
     # ================================================================================================
     # requests: start, advance, finish (driven by the scheduler)
@@ -355,11 +468,13 @@ class Engine:
             return []
         if self.speculator is not None:
             return self.speculator.step(seqs)
-        _, logits = self.decode([seq.slot for seq in seqs], [[seq.last_token] for seq in seqs])
+        _, logits, greedy = self.decode_step([seq.slot for seq in seqs], [[seq.last_token] for seq in seqs])
+        greedy = greedy[:, -1].tolist() if all(seq.params.greedy for seq in seqs) else None  # one read-back
         events = []
         for row, seq in enumerate(seqs):
             seq.result.forward_passes += 1
-            events.append(self.emit(seq, sample_token(logits[row, -1], seq.params, seq.generator)))
+            token = greedy[row] if greedy is not None else sample_token(logits[row, -1], seq.params, seq.generator)
+            events.append(self.emit(seq, token))
         return events
 
     def release(self, seq: Sequence) -> None:
