@@ -89,9 +89,19 @@ def test_save_load_round_trip_with_mtp_and_shards(tmp_path):
     assert len(files) > 1
     mtp = f"model.layers.{model.config.num_hidden_layers}"
     for key in ("enorm.weight", "hnorm.weight", "eh_proj.weight", "shared_head.norm.weight",
-                "shared_head.head.weight", "embed_tokens.weight", "self_attn.kv_b_proj.weight",
-                "mlp.experts.3.up_proj.weight", "mlp.gate.e_score_correction_bias"):
+                "shared_head.head.weight", "embed_tokens.weight", "input_layernorm.weight",
+                "post_attention_layernorm.weight", "self_attn.q_a_proj.weight", "self_attn.q_a_layernorm.weight",
+                "self_attn.q_b_proj.weight", "self_attn.kv_a_proj_with_mqa.weight", "self_attn.kv_a_layernorm.weight",
+                "self_attn.kv_b_proj.weight", "self_attn.o_proj.weight", "mlp.gate.weight",
+                "mlp.experts.3.gate_proj.weight", "mlp.experts.3.up_proj.weight", "mlp.experts.3.down_proj.weight",
+                "mlp.shared_experts.gate_proj.weight", "mlp.shared_experts.up_proj.weight",
+                "mlp.shared_experts.down_proj.weight", "mlp.gate.e_score_correction_bias"):
         assert f"{mtp}.{key}" in index["weight_map"], key
+    assert not any(k.startswith(f"model.layers.{model.config.num_hidden_layers + 1}.") for k in index["weight_map"])
+    with safe_open(tmp_path / index["weight_map"][f"{mtp}.embed_tokens.weight"], "pt") as f:
+        assert torch.equal(f.get_tensor(f"{mtp}.embed_tokens.weight"), model.embed_tokens.weight)
+    with safe_open(tmp_path / index["weight_map"][f"{mtp}.shared_head.head.weight"], "pt") as f:
+        assert torch.equal(f.get_tensor(f"{mtp}.shared_head.head.weight"), model.lm_head.weight)
     with safe_open(tmp_path / index["weight_map"][f"{mtp}.mlp.gate.e_score_correction_bias"], "pt") as f:
         assert f.get_tensor(f"{mtp}.mlp.gate.e_score_correction_bias").dtype == torch.float32
     loaded = dsv3.load_pretrained(tmp_path, dtype=torch.float32)
@@ -122,6 +132,18 @@ def _rewrite(tmp_path, edit):
     (lambda t: t.__setitem__("model.norm.weight", torch.zeros(7)), "model.norm.weight: shape"),
     (lambda t: t.__setitem__("model.layers.1.mlp.experts.2.gate_proj.weight", torch.zeros(3, 3)),
      "experts.2.gate_proj.weight: shape"),
+    # the MTP layer (index num_hidden_layers = 2): present but incomplete is an error, not a warning
+    (lambda t: t.pop("model.layers.2.eh_proj.weight"), "missing.*model.layers.2.eh_proj.weight"),
+    (lambda t: t.__setitem__("model.layers.2.enorm.weight", torch.zeros(5)), "model.layers.2.enorm.weight: shape"),
+    (lambda t: t.__setitem__("model.layers.3.enorm.weight", torch.zeros(5)), "unexpected.*model.layers.3.enorm"),
+    # FP8 weights need a scale of one factor per 128x128 block
+    (lambda t: t.__setitem__("model.layers.1.self_attn.o_proj.weight",
+                             t["model.layers.1.self_attn.o_proj.weight"].to(torch.float8_e4m3fn)),
+     "o_proj.weight: float8 weight without its model.layers.1.self_attn.o_proj.weight_scale_inv"),
+    (lambda t: t.update({"model.layers.1.self_attn.o_proj.weight":
+                         t["model.layers.1.self_attn.o_proj.weight"].to(torch.float8_e4m3fn),
+                         "model.layers.1.self_attn.o_proj.weight_scale_inv": torch.ones(3, 3)}),
+     r"o_proj.weight_scale_inv: shape \(3, 3\), expected \(1, 1\)"),
 ])
 def test_bad_checkpoint_errors_name_the_tensor(tmp_path, edit, message):
     dsv3.save_pretrained(tiny_model(), tmp_path)
@@ -137,3 +159,61 @@ def test_missing_directory_and_no_pickle(tmp_path):
     torch.save({"x": torch.zeros(1)}, tmp_path / "pytorch_model.bin")  # never read: safetensors only
     with pytest.raises(CheckpointError, match="no safetensors"):
         dsv3.load_pretrained(tmp_path)
+
+
+def test_load_streams_shard_by_shard_into_a_meta_model(tmp_path, monkeypatch):
+    """The model is built on meta and allocated once (no random init); shards are mapped one at a time, in order,
+    each once; the routing bias stays float32 whatever the load dtype."""
+    model = tiny_model()
+    for g in model.modules():
+        if isinstance(g, dsv3.model.Gate):
+            g.e_score_correction_bias.normal_()
+    dsv3.save_pretrained(model, tmp_path, max_shard_size=200_000)
+    weight_map = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
+    mtp = f"model.layers.{model.config.num_hidden_layers}"
+    copies = {f"{mtp}.embed_tokens.weight", f"{mtp}.shared_head.head.weight"}  # the shared tensors, read once
+    shards = sorted({file for name, file in weight_map.items() if name not in copies})
+    assert len(shards) >= 3
+
+    import dsv3.checkpoint as ckpt
+
+    opened, live, peak = [], [0], [0]
+    real_open = ckpt.safe_open
+
+    class Tracked:
+        def __init__(self, file, *args, **kwargs):
+            self.handle = real_open(file, *args, **kwargs)
+            opened.append(file.name)
+            live[0] += 1
+            peak[0] = max(peak[0], live[0])
+
+        def get_tensor(self, name):
+            return self.handle.get_tensor(name)
+
+        def __del__(self):
+            live[0] -= 1
+
+    built_on = []
+    real_model = ckpt.DeepSeekV3
+
+    def tracked_model(config):
+        m = real_model(config)
+        built_on.append(m.embed_tokens.weight.device.type)
+        return m
+
+    def no_init(*args, **kwargs):
+        raise AssertionError("load_pretrained must not initialise weights it is about to overwrite")
+
+    monkeypatch.setattr(ckpt, "safe_open", Tracked)
+    monkeypatch.setattr(ckpt, "DeepSeekV3", tracked_model)
+    monkeypatch.setattr(real_model, "init_weights", no_init)
+    loaded = dsv3.load_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert built_on == ["meta"]
+    assert opened == shards  # shard by shard, each once
+    assert peak[0] == 1 and live[0] == 0  # never two shards mapped at once; all released at the end
+    for name, t in model.state_dict().items():
+        got = loaded.state_dict()[name]
+        if name.endswith("e_score_correction_bias"):
+            assert got.dtype == torch.float32 and torch.equal(got, t), name
+        else:
+            assert got.dtype == torch.bfloat16 and torch.equal(got, t.to(torch.bfloat16)), name

@@ -1,4 +1,6 @@
+import copy
 import json
+import re
 
 import pytest
 
@@ -61,15 +63,38 @@ OFFICIAL_V3 = {
 
 
 def test_official_config_round_trip_exact(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps(OFFICIAL_V3, indent=2))
+    text = json.dumps(OFFICIAL_V3, indent=2) + "\n"
+    (tmp_path / "config.json").write_text(text)
     config = ModelConfig.from_json(tmp_path)
     assert config.num_hidden_layers == 61 and config.n_group == 8 and config.yarn["factor"] == 40
+    assert config.quantization_config["weight_block_size"] == [128, 128]
     out = tmp_path / "out"
     out.mkdir()
     config.to_json(out)
-    written = json.loads((out / "config.json").read_text())
-    assert written == OFFICIAL_V3
-    assert json.dumps(written, sort_keys=True) == json.dumps(OFFICIAL_V3, sort_keys=True)  # 10000 stays an int
+    written = (out / "config.json").read_text()
+    assert json.loads(written) == OFFICIAL_V3
+    assert written == text  # same keys in the same order, 10000 stays an int, 1e-06 stays 1e-06
+
+
+def test_transformers5_saved_config_reads_as_official_and_round_trips(tmp_path):
+    """transformers 5 rewrites the official file with rope_parameters (holding both rope_type and type)."""
+    transformers = pytest.importorskip("transformers")
+    transformers.DeepseekV3Config(**copy.deepcopy(OFFICIAL_V3)).save_pretrained(tmp_path)
+    text = (tmp_path / "config.json").read_text()
+    assert "rope_parameters" in json.loads(text) and "rope_scaling" not in json.loads(text)
+    config = ModelConfig.from_json(tmp_path)
+    official = ModelConfig.from_hf_dict(OFFICIAL_V3)
+    for name in ModelConfig._HF_FIELDS:
+        assert getattr(config, name) == getattr(official, name), name
+    assert config.to_hf_dict() == json.loads(text)
+    out = tmp_path / "out"
+    out.mkdir()
+    config.to_json(out)
+    assert (out / "config.json").read_text().rstrip() == text.rstrip()
+    # a changed value lands in rope_parameters, never in a second rope_scaling key
+    changed = config.replace(rope_theta=50000.0, rope_scaling={**config.rope_scaling, "factor": 8}).to_hf_dict()
+    assert "rope_scaling" not in changed and "rope_theta" not in changed
+    assert changed["rope_parameters"]["rope_theta"] == 50000.0 and changed["rope_parameters"]["factor"] == 8
 
 
 def test_official_config_is_the_v3_preset():
@@ -99,23 +124,43 @@ def test_python_config_loads_in_transformers():
     assert hf.n_routed_experts == 16 and hf.topk_group == 2 and hf.q_lora_rank == 96
 
 
-@pytest.mark.parametrize("changes, field", [
-    ({"n_group": 3}, "n_group"),
-    ({"topk_group": 9}, "topk_group"),
-    ({"num_experts_per_tok": 0}, "num_experts_per_tok"),
-    ({"num_experts_per_tok": 300}, "num_experts_per_tok"),
-    ({"scoring_func": "relu"}, "scoring_func"),
-    ({"qk_rope_head_dim": 63}, "qk_rope_head_dim"),
-    ({"hidden_size": 0}, "hidden_size"),
-    ({"first_k_dense_replace": 62}, "first_k_dense_replace"),
-    ({"q_lora_rank": 0}, "q_lora_rank"),
-    ({"rms_norm_eps": -1.0}, "rms_norm_eps"),
-    ({"rope_scaling": {"type": "yarn"}}, "rope_scaling"),
-    ({"topk_method": "best"}, "topk_method"),
+@pytest.mark.parametrize("changes, field, allowed", [
+    ({"n_group": 3}, "n_group", "a divisor of n_routed_experts (256)"),
+    ({"topk_group": 9}, "topk_group", "between 1 and n_group (8)"),
+    ({"num_experts_per_tok": 0}, "num_experts_per_tok", "between 1 and n_routed_experts (256)"),
+    ({"num_experts_per_tok": 300}, "num_experts_per_tok", "between 1 and n_routed_experts (256)"),
+    ({"scoring_func": "relu"}, "scoring_func", "'sigmoid' or 'softmax'"),
+    ({"qk_rope_head_dim": 63}, "qk_rope_head_dim", "even"),
+    ({"hidden_size": 0}, "hidden_size", "an integer >= 1"),
+    ({"vocab_size": 1.5}, "vocab_size", "an integer >= 1"),
+    ({"n_shared_experts": -1}, "n_shared_experts", "an integer >= 0"),
+    ({"first_k_dense_replace": 62}, "first_k_dense_replace", "between 0 and num_hidden_layers (61)"),
+    ({"q_lora_rank": 0}, "q_lora_rank", "None (no query compression) or an integer >= 1"),
+    ({"rms_norm_eps": -1.0}, "rms_norm_eps", "a number in (0, 1)"),
+    ({"routed_scaling_factor": 0}, "routed_scaling_factor", "a number > 0"),
+    ({"rope_scaling": {"type": "yarn"}}, "rope_scaling", "yarn needs the key 'factor'"),
+    ({"rope_scaling": {"type": "linear", "factor": 2}}, "rope_scaling", "None or a dict with type 'yarn'"),
+    ({"rope_scaling": "yarn"}, "rope_scaling", "None or a dict with type 'yarn'"),
+    ({"rope_scaling": {"type": "yarn", "factor": 0.5, "original_max_position_embeddings": 4096}}, "rope_scaling",
+     "a yarn factor >= 1"),
+    ({"rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 1,
+                       "beta_slow": 32}}, "rope_scaling", "yarn beta_fast > beta_slow > 0"),
+    ({"topk_method": "best"}, "topk_method", "'noaux_tc', 'greedy' or 'group_limited_greedy'"),
+    ({"norm_topk_prob": "yes"}, "norm_topk_prob", "true or false"),
+    ({"quantization_config": {"quant_method": "fp8", "weight_block_size": [64, 64]}}, "quantization_config",
+     "weight_block_size [128, 128]"),
 ])
-def test_validation_names_the_field(changes, field):
-    with pytest.raises(ConfigError, match=rf"^{field}:"):
+def test_validation_names_the_field_and_range(changes, field, allowed):
+    with pytest.raises(ConfigError, match=rf"^{field}: .*{re.escape(allowed)}") as e:
         preset("v3-671b").replace(**changes)
+    assert "got" in str(e.value)  # and the offending value
+
+
+def test_config_json_errors_name_the_field():
+    with pytest.raises(ConfigError, match=r"^n_group: must be a divisor of n_routed_experts \(256\), got 5"):
+        ModelConfig.from_hf_dict({**OFFICIAL_V3, "n_group": 5})
+    with pytest.raises(ConfigError, match=r"^rope_parameters: must be a dict"):
+        ModelConfig.from_hf_dict({k: v for k, v in OFFICIAL_V3.items() if k != "rope_scaling"} | {"rope_parameters": 3})
 
 
 def test_unknown_preset():
@@ -124,12 +169,30 @@ def test_unknown_preset():
 
 
 def test_presets():
-    tiny = preset("tiny")
-    assert tiny.q_lora_rank and tiny.n_group >= 4 and tiny.topk_group < tiny.n_group
+    v3 = preset("v3-671b")  # the report's model (§4.2), number by number
+    assert (v3.num_hidden_layers, v3.hidden_size, v3.first_k_dense_replace, v3.num_attention_heads, v3.q_lora_rank,
+            v3.kv_lora_rank, v3.n_routed_experts, v3.n_shared_experts, v3.num_experts_per_tok, v3.n_group,
+            v3.topk_group, v3.routed_scaling_factor, v3.scoring_func, v3.vocab_size, v3.num_nextn_predict_layers,
+            v3.moe_intermediate_size, v3.intermediate_size, v3.qk_nope_head_dim, v3.qk_rope_head_dim, v3.v_head_dim
+            ) == (61, 7168, 3, 128, 1536, 512, 256, 1, 8, 8, 4, 2.5, "sigmoid", 129280, 1, 2048, 18432, 128, 64, 128)
+    assert v3.uses_bias_routing and v3.norm_topk_prob and not v3.tie_word_embeddings
+    assert v3.yarn["factor"] == 40 and v3.yarn["original_max_position_embeddings"] == 4096
+    assert (v3.yarn["beta_fast"], v3.yarn["beta_slow"]) == (32, 1) and v3.initializer_range == 0.006
+
+    tiny = preset("tiny")  # every feature on
+    assert tiny.q_lora_rank and tiny.q_lora_rank < tiny.hidden_size  # query compression
+    assert tiny.kv_lora_rank < tiny.num_attention_heads * (tiny.qk_nope_head_dim + tiny.v_head_dim)  # KV compression
+    assert tiny.n_group >= 4 and tiny.topk_group < tiny.n_group and tiny.uses_bias_routing  # group-limited
     assert tiny.n_shared_experts >= 1 and tiny.first_k_dense_replace >= 1 and tiny.num_nextn_predict_layers >= 1
-    b16 = preset("16b")
-    assert (b16.hidden_size, b16.num_hidden_layers, b16.n_routed_experts, b16.num_experts_per_tok,
-            b16.n_shared_experts, b16.q_lora_rank, b16.vocab_size) == (2048, 27, 64, 6, 2, None, 102400)
+    assert tiny.n_moe_layers >= 1 and tiny.scoring_func == "sigmoid"
+
+    b16 = preset("16b")  # shared/benchmarks.md
+    assert (b16.hidden_size, b16.num_hidden_layers, b16.first_k_dense_replace, b16.intermediate_size,
+            b16.num_attention_heads, b16.q_lora_rank, b16.kv_lora_rank, b16.qk_nope_head_dim, b16.qk_rope_head_dim,
+            b16.v_head_dim, b16.n_routed_experts, b16.num_experts_per_tok, b16.n_group, b16.n_shared_experts,
+            b16.moe_intermediate_size, b16.routed_scaling_factor, b16.vocab_size, b16.tie_word_embeddings,
+            b16.scoring_func) == (2048, 27, 1, 10944, 16, None, 512, 128, 64, 128, 64, 6, 1, 2, 1408, 1.0, 102400,
+                                  False, "sigmoid")
     assert isinstance(dsv3.build_model("tiny"), dsv3.DeepSeekV3)
 
 
@@ -158,3 +221,11 @@ def test_deepseek_v2_config_reads_and_round_trips():
     assert config.to_hf_dict() == V2_LITE
     gate = dsv3.model.Gate(config)
     assert gate.e_score_correction_bias is None
+
+
+def test_field_absent_from_the_file_is_written_once_changed():
+    config = ModelConfig.from_hf_dict(V2_LITE)  # no num_nextn_predict_layers, no quantization_config
+    assert "num_nextn_predict_layers" not in config.to_hf_dict()
+    with_mtp = config.replace(num_nextn_predict_layers=1)
+    assert with_mtp.to_hf_dict()["num_nextn_predict_layers"] == 1
+    assert ModelConfig.from_hf_dict(with_mtp.to_hf_dict()).num_nextn_predict_layers == 1

@@ -1,5 +1,6 @@
 """Logits parity with transformers' DeepseekV3ForCausalLM, both directions, on random weights (float32)."""
 
+import json
 import warnings
 
 import pytest
@@ -46,7 +47,8 @@ def test_ours_to_transformers(tmp_path, case):
     config = small_config(**CASES[case])
     ours = dsv3.build_model(config, seed=1)
     randomise_bias(ours)
-    dsv3.save_pretrained(ours, tmp_path)
+    dsv3.save_pretrained(ours, tmp_path, max_shard_size=200_000)  # sharded, with an index
+    assert len(set(json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"].values())) > 1
     theirs = transformers.DeepseekV3ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
     theirs.eval()
     # longer than the original context (16) so YaRN's interpolated frequencies matter; batch > 1
@@ -55,12 +57,21 @@ def test_ours_to_transformers(tmp_path, case):
         a = ours(tokens).logits
         b = theirs(tokens).logits
     assert (a - b).abs().max().item() <= 1e-4
-    # the bias is real: without it the routing (and so the logits) differ
-    assert any(g.e_score_correction_bias.abs().sum() > 0 for g in ours.modules() if isinstance(g, dsv3.model.Gate))
+    # the comparison sees the bias and the group limit: without either, the routing and so the logits differ
+    gates = [g for g in ours.modules() if isinstance(g, dsv3.model.Gate)]
+    with torch.no_grad():
+        for g in gates:
+            g.topk_groups = g.n_groups
+        assert (ours(tokens).logits - b).abs().max().item() > 1e-3
+        for g in gates:
+            g.topk_groups = config.topk_group
+            g.e_score_correction_bias.zero_()
+        assert (ours(tokens).logits - b).abs().max().item() > 1e-3
 
 
-def test_transformers_to_ours(tmp_path):
-    config = small_config()
+@pytest.mark.parametrize("q_lora_rank", [48, None])
+def test_transformers_to_ours(tmp_path, q_lora_rank):
+    config = small_config(q_lora_rank=q_lora_rank)
     hf_config = transformers.DeepseekV3Config(**config.to_hf_dict())
     torch.manual_seed(3)
     theirs = transformers.DeepseekV3ForCausalLM(hf_config).eval()

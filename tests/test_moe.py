@@ -44,6 +44,23 @@ def test_experts_outside_kept_groups_never_chosen():
     assert max(len(set(g.tolist())) for g in chosen_groups) <= 2
 
 
+def test_group_limited_routing_hand_computed():
+    """Equal affinities (zero router weights), so only the bias decides. Group score = sum of the group's top-2
+    biased affinities: groups 1 (1.2 + 1.0) and 3 (1.08 + 1.07) beat 0 (1.5 + 0.5) and 2 (1.4 + 0.5), so the best
+    single experts 0 and 8 are never chosen; gate values ignore the bias: 0.5 each, normalised, times 2.5."""
+    gate = make_gate()  # 16 experts, 4 groups of 4, keep 2, top-4
+    torch.nn.init.zeros_(gate.weight)
+    gate.e_score_correction_bias.copy_(torch.tensor(
+        [1.0, 0, 0, 0, 0.6, 0.6, 0, 0, 0.9, 0, 0, 0, 0.58, 0.57, 0.56, 0.55]))
+    w, idx, scores = gate(torch.randn(3, gate.weight.shape[1]))
+    assert idx.sort(dim=-1).values.tolist() == [[4, 5, 12, 13]] * 3
+    torch.testing.assert_close(scores, torch.full((3, 16), 0.5))
+    torch.testing.assert_close(w, torch.full((3, 4), 2.5 / 4))
+    # without the group limit the two best experts win
+    gate.topk_groups = 4
+    assert gate(torch.randn(1, gate.weight.shape[1]))[1].sort(dim=-1).values.tolist() == [[0, 4, 5, 8]]
+
+
 def test_softmax_scoring_v2():
     gate = make_gate(scoring_func="softmax", topk_method="group_limited_greedy", norm_topk_prob=False,
                      routed_scaling_factor=1.0)

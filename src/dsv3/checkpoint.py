@@ -182,6 +182,7 @@ def load_pretrained(
     def tensor(name: str) -> torch.Tensor:
         file = weight_map[name]
         if file not in handles:
+            handles.clear()  # one shard mapped at a time: release the previous one first
             handles[file] = safe_open(path / file, framework="pt", device="cpu")
         return handles[file].get_tensor(name)
 
@@ -211,8 +212,7 @@ def load_pretrained(
             if tuple(src.shape) != tuple(view.shape):
                 raise CheckpointError(f"{name}: shape {tuple(src.shape)} in checkpoint, expected {tuple(view.shape)}")
             view.copy_(src)
-            for f in [f for f in handles if f != weight_map[name]]:
-                del handles[f]  # release a finished shard's mapping before reading the next one
+            del src
     handles.clear()
     return model
 

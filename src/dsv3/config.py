@@ -98,8 +98,10 @@ class ModelConfig:
     """Present in FP8 checkpoints: ``{"quant_method": "fp8", "weight_block_size": [128, 128], ...}``."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Other keys of config.json, kept verbatim for an exact round trip."""
-    absent: tuple[str, ...] = field(default=(), repr=False)
-    """Fields the config.json read did not have (written back without them)."""
+    absent: dict[str, Any] = field(default_factory=dict, repr=False)
+    """Fields the config.json read did not have, with the value each was given: written back only if changed."""
+    key_order: tuple[str, ...] = field(default=(), repr=False, compare=False)
+    """The order of the keys of the config.json read, kept when writing it back."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -191,14 +193,36 @@ class ModelConfig:
         need(isinstance(self.rope_theta, (int, float)) and self.rope_theta > 1, "rope_theta", "a number > 1")
         need(isinstance(self.initializer_range, (int, float)) and self.initializer_range > 0,
              "initializer_range", "a number > 0")
+        for name in ("norm_topk_prob", "tie_word_embeddings"):
+            need(isinstance(getattr(self, name), bool), name, "true or false")
+        need(self.quantization_config is None or isinstance(self.quantization_config, dict), "quantization_config",
+             "None or a dict")
+        if self.quantization_config is not None and self.quantization_config.get("quant_method") == "fp8":
+            need(list(self.quantization_config.get("weight_block_size", [128, 128])) == [128, 128],
+                 "quantization_config", "fp8 with weight_block_size [128, 128] (the official block size)")
+        need(self.rope_scaling is None or isinstance(self.rope_scaling, dict), "rope_scaling",
+             "None or a dict with type 'yarn'")
         if self.rope_scaling is not None:
-            kind = self.rope_scaling.get("type", self.rope_scaling.get("rope_type"))
+            rs = self.rope_scaling
+            kind = rs.get("type", rs.get("rope_type"))
             need(kind in ("yarn", "default", None), "rope_scaling", "None or a dict with type 'yarn'")
             if kind == "yarn":
                 for key in ("factor", "original_max_position_embeddings"):
-                    if key not in self.rope_scaling:
-                        raise ConfigError(f"rope_scaling: yarn needs the key {key!r}, got {self.rope_scaling!r}")
-                need(float(self.rope_scaling["factor"]) >= 1, "rope_scaling", "a yarn factor >= 1")
+                    if key not in rs:
+                        raise ConfigError(f"rope_scaling: yarn needs the key {key!r}, got {rs!r}")
+
+                def number(key: str, default: float | None = None) -> float:
+                    v = rs.get(key, default)
+                    v = default if v is None else v
+                    need(isinstance(v, (int, float)) and not isinstance(v, bool), "rope_scaling",
+                         f"a dict whose {key!r} is a number")
+                    return float(v)
+
+                need(number("factor") >= 1, "rope_scaling", "a yarn factor >= 1")
+                need(number("original_max_position_embeddings") >= 1, "rope_scaling",
+                     "a yarn original_max_position_embeddings >= 1")
+                need(number("beta_fast", 32) > number("beta_slow", 1) > 0, "rope_scaling",
+                     "yarn beta_fast > beta_slow > 0")
 
     # ----------------------------------------------------------------------------------------------
     # config.json
@@ -215,14 +239,19 @@ class ModelConfig:
     def from_hf_dict(cls, d: dict[str, Any]) -> "ModelConfig":
         """Build from the dict of a Hugging Face ``config.json`` (official DeepSeek-V3/V2 or transformers 5)."""
         d = copy.deepcopy(d)
+        key_order = tuple(d)
         kwargs: dict[str, Any] = {}
         rope_params = d.get("rope_parameters")
         if rope_params is not None and "rope_scaling" not in d:
-            # transformers 5 folds rope_theta and rope_scaling into one rope_parameters dict
+            # transformers 5 folds rope_theta and rope_scaling into one rope_parameters dict (it stays in
+            # ``extra``, and to_hf_dict writes that form back)
+            if not isinstance(rope_params, dict):
+                raise ConfigError(f"rope_parameters: must be a dict, got {rope_params!r}")
             rp = dict(rope_params)
             if "rope_theta" in rp:
                 kwargs["rope_theta"] = rp.pop("rope_theta")
-            kind = rp.pop("rope_type", rp.pop("type", "default"))
+            kind = rp.pop("rope_type", None)
+            kind = rp.pop("type", None) or kind or "default"  # transformers 5 may write both keys
             kwargs["rope_scaling"] = None if kind == "default" else {"type": kind, **rp}
         for name in cls._HF_FIELDS:
             if name in d and name not in kwargs:
@@ -235,12 +264,14 @@ class ModelConfig:
         if "topk_method" not in kwargs:  # DeepSeek-V2 files without a method: greedy top-k
             kwargs["topk_method"] = "greedy" if kwargs.get("scoring_func", "softmax") == "softmax" else "noaux_tc"
         kwargs.setdefault("scoring_func", "softmax" if kwargs["topk_method"] != "noaux_tc" else "sigmoid")
-        absent = tuple(n for n in cls._HF_FIELDS if n not in kwargs)
         for name in ("rope_scaling", "quantization_config", "q_lora_rank", "bos_token_id", "eos_token_id"):
             kwargs.setdefault(name, None)  # absent in the file means absent, not the 671B default
         kwargs.setdefault("num_nextn_predict_layers", 0)  # DeepSeek-V2 files: no MTP
+        defaults = {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
+                    for f in dataclasses.fields(cls)}
+        kwargs["absent"] = {n: copy.deepcopy(kwargs.get(n, defaults[n])) for n in cls._HF_FIELDS if n not in key_order}
         kwargs["extra"] = d
-        kwargs["absent"] = absent
+        kwargs["key_order"] = key_order
         try:
             return cls(**kwargs)
         except TypeError as e:  # a field of the wrong kind
@@ -260,18 +291,34 @@ class ModelConfig:
             "torch_dtype": "bfloat16",
         } if not self.extra else {}
         d.update(copy.deepcopy(self.extra))
+        # the file used transformers 5's form (rope_parameters, no rope_scaling): write that form back
+        rope_parameters_form = isinstance(self.extra.get("rope_parameters"), dict) and "rope_scaling" in self.absent
         for name in self._HF_FIELDS:
             value = copy.deepcopy(getattr(self, name))
-            if (name == "quantization_config" and value is None) or name in self.absent:
+            if name == "quantization_config" and value is None:
                 continue
+            if name in self.absent and (value == self.absent[name] or (
+                    rope_parameters_form and name in ("rope_scaling", "rope_theta"))):
+                continue  # not in the file read and not changed since (or folded into rope_parameters)
             d[name] = value
-        if "rope_parameters" in self.extra:  # the file used transformers 5's form: write that form back
-            del d["rope_scaling"]
-            rp = {"rope_theta": d.pop("rope_theta")}
+        if rope_parameters_form:
+            original = self.extra["rope_parameters"]
             rs = copy.deepcopy(self.rope_scaling) or {}
-            rp["rope_type"] = rs.pop("type", rs.pop("rope_type", "default"))
-            rp.update(rs)
+            kind = rs.pop("type", None) or rs.pop("rope_type", None) or "default"
+            rs.pop("rope_type", None)
+            new: dict[str, Any] = {}
+            if "rope_theta" in original or "rope_theta" in self.absent:
+                new["rope_theta"] = self.rope_theta
+            if "rope_type" in original or "type" not in original:
+                new["rope_type"] = kind
+            if "type" in original:
+                new["type"] = kind
+            new.update(rs)
+            rp = {k: new[k] for k in original if k in new}  # the file's key order, then any new key
+            rp.update({k: v for k, v in new.items() if k not in rp})
             d["rope_parameters"] = rp
+        if self.key_order:  # keys in the order of the file read
+            d = {**{k: d[k] for k in self.key_order if k in d}, **{k: v for k, v in d.items() if k not in self.key_order}}
         return d
 
     @classmethod

@@ -63,10 +63,10 @@ def model_stats(config: ModelConfig, seq_len: int = 4096, cache_dtype_bytes: int
     )
 
 
-def _human(n: float) -> str:
+def _human(n: float, digits: int = 1) -> str:
     for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if abs(n) >= div:
-            return f"{n / div:.1f}{unit}"
+            return f"{n / div:.{digits}f}{unit}"
     return f"{n:.0f}"
 
 
@@ -84,7 +84,8 @@ def format_stats(config: ModelConfig, s: ModelStats, name: str = "") -> str:
                       f"head {config.qk_nope_head_dim}+{config.qk_rope_head_dim} (v {config.v_head_dim})"),
         ("experts", moe),
         ("parameters (main model)", f"{s.total_params:,} ({_human(s.total_params)})"),
-        ("activated per token", f"{s.activated_params:,} ({_human(s.activated_params)})"),
+        ("activated per token", f"{s.activated_params:,} ({_human(s.activated_params, 2)}; in matmuls "
+                                f"{_human(s.activated_matmul_params, 2)})"),
         ("MTP modules", f"{s.mtp_params:,} ({_human(s.mtp_params)}; + embedding and head copies in the "
                         f"checkpoint: {_human(s.mtp_params + 2 * s.embedding_params * min(1, config.num_nextn_predict_layers))})"),
         (f"forward FLOPs/token @ {s.seq_len}", f"{s.forward_flops_per_token:.4g} ({_human(s.forward_flops_per_token)}; "
