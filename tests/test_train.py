@@ -17,7 +17,8 @@ from dsv3.checkpoint import CheckpointError
 from dsv3.config import ConfigError
 from dsv3.model import ModelOutput
 from dsv3.train import Schedules, TrainConfig, train
-from dsv3.train.balance import max_violation, moe_gates, update_bias
+from dsv3.model import RouterStats
+from dsv3.train.balance import batch_aux_loss, max_violation, moe_gates, sequence_wise_loss, update_bias
 from dsv3.train.trainer import compute_losses
 
 from conftest import SRC, run_cli
@@ -59,6 +60,24 @@ def test_bias_update_rule():
     update_bias(gates, [torch.full((16,), 5.0) for _ in gates], gamma=0.01)  # balanced: no change
     assert torch.allclose(gates[0].e_score_correction_bias[:8], torch.full((8,), 0.01))
     assert max_violation(torch.tensor([1.0, 1.0, 4.0, 2.0])) == pytest.approx((4 - 2) / 2)
+
+
+def test_balance_losses_hand_computed():
+    """4 experts, K=2, T=2, two sequences. Each sequence alone is unbalanced (f = [2,1,1,0] and [0,1,1,2]), the
+    batch as a whole is balanced: the sequence-wise loss sees it, the batch-wise (ablation) loss does not."""
+    st = RouterStats(counts=torch.tensor([2, 2, 2, 2]),
+                     seq_counts=torch.tensor([[2.0, 1.0, 1.0, 0.0], [0.0, 1.0, 1.0, 2.0]]),
+                     seq_probs=torch.tensor([[0.4, 0.3, 0.2, 0.1], [0.1, 0.2, 0.3, 0.4]]))
+    # per sequence f = 4 / (2 * 2) * counts; sum f * P = 0.8 + 0.3 + 0.2 = 1.3 and 0.3 + 0.2 + 0.8 = 1.3
+    torch.testing.assert_close(sequence_wise_loss([st, st], top_k=2, seq_len=2), torch.tensor(2 * 1.3))
+    # batch: f = 4 / (2 * 2 * 2) * [2, 2, 2, 2] = 1, P = mean over sequences = 0.25 each: sum = 1.0
+    torch.testing.assert_close(batch_aux_loss([st], top_k=2, seq_len=2), torch.tensor(1.0))
+    window = torch.zeros(2, 4, dtype=torch.long)
+    out = ModelOutput(logits=torch.zeros(2, 2, 8), hidden=torch.zeros(1), router_stats=[st, st])
+    free = TrainConfig(seq_len=2, batch_size=2, micro_batch_size=2, seq_aux_alpha=1e-4)
+    aux = TrainConfig(seq_len=2, batch_size=2, micro_batch_size=2, balance="aux_loss", aux_loss_alpha=0.01)
+    torch.testing.assert_close(compute_losses(out, window, free, top_k=2)[2], torch.tensor(1e-4 * 2.6))
+    torch.testing.assert_close(compute_losses(out, window, aux, top_k=2)[2], torch.tensor(0.01 * 2.0))
 
 
 def test_mtp_loss_targets_are_shifted_tokens():
@@ -130,6 +149,91 @@ def test_kill_and_resume_equals_uninterrupted_run(corpus, tmp_path):
     assert any(v.abs().sum() > 0 for k, v in fa.items() if k.endswith("e_score_correction_bias"))
 
 
+def test_crash_mid_checkpoint_write_then_resume_equals_uninterrupted_run(corpus, tmp_path, monkeypatch):
+    """A process that dies while writing checkpoint 4 (save_every 2) leaves checkpoint 2 usable; resuming from
+    it drops the metrics of steps 3-4 and recomputes them bitwise."""
+    import dsv3.train.state as state
+    from dsv3.train.state import latest_checkpoint, read_checkpoint
+
+    full = train(small_config(corpus, tmp_path / "full"), log=lambda *a: None)
+    real_save = state.save_file
+
+    def dying_save(tensors, path):
+        if "step_0000004" in path and path.endswith("optimizer.safetensors"):
+            raise OSError("simulated crash while writing the checkpoint")
+        real_save(tensors, path)
+
+    monkeypatch.setattr(state, "save_file", dying_save)
+    out = tmp_path / "crash"
+    with pytest.raises(OSError, match="simulated crash"):
+        train(small_config(corpus, out), log=lambda *a: None)
+    monkeypatch.setattr(state, "save_file", real_save)
+    assert len(losses(out)) == 4  # steps 3 and 4 were logged after the last complete checkpoint
+    assert latest_checkpoint(out).name == "step_0000002"
+    read_checkpoint(latest_checkpoint(out))  # complete and checksums intact
+    [half_written] = (out / "checkpoints").glob(".tmp-step_0000004-*")
+    half_written.rename(half_written.with_name(".tmp-step_0000004-999999"))  # as if left by another process
+    # continuing with another sequence length cannot reproduce the data stream: a clear error, not a crash
+    with pytest.raises(CheckpointError, match="data stream"):
+        train(small_config(corpus, out, seq_len=16), resume=True, log=lambda *a: None)
+    resumed = train(small_config(corpus, out), resume=True, log=lambda *a: None)
+    assert resumed.step == full.step and not list((out / "checkpoints").glob(".tmp-*"))
+    a, b = losses(tmp_path / "full"), losses(out)
+    assert [r["step"] for r in b] == list(range(1, full.step + 1))
+    for ra, rb in zip(a, b):
+        for key in ("loss", "mtp_loss", "balance_loss", "grad_norm", "lr", "expert_load", "val_loss"):
+            assert ra.get(key) == rb.get(key), (ra["step"], key)
+    fa = dsv3.load_pretrained(tmp_path / "full" / "export", dtype=torch.float32).state_dict()
+    fb = dsv3.load_pretrained(out / "export", dtype=torch.float32).state_dict()
+    assert all(torch.equal(fa[k], fb[k]) for k in fa)
+
+
+def test_run_follows_schedules_and_balances_over_the_global_batch(corpus, tmp_path):
+    """Each step's lr / batch / gamma / MTP weight are the schedules at the tokens seen before it; expert loads
+    count every micro-batch of the step; the routing biases are exactly the sum of the +-gamma moves."""
+    cfg = small_config(corpus, tmp_path / "run", steps=40, seq_len=16, batch_size=2, micro_batch_size=1,
+                       eval_every=0, save_every=0, sample_tokens=0)
+    r = train(cfg, log=lambda *a: None)
+    total = cfg.steps * cfg.batch_size * cfg.seq_len
+    sched = Schedules.paper(total, peak_lr=cfg.lr, warmup_tokens=cfg.warmup * total, batch_size=cfg.batch_size)
+    model = dsv3.load_pretrained(r.run_dir / "export", dtype=torch.float32)
+    gates, top_k = moe_gates(model), model.config.num_experts_per_tok
+    recs = losses(r.run_dir)
+    bias = [torch.zeros(g.n_experts) for g in gates]
+    for rec in recs:
+        before = rec["tokens"] - rec["batch_size"] * cfg.seq_len
+        assert rec["batch_size"] == sched.batch_size(before, cfg.micro_batch_size)
+        assert rec["lr"] == sched.lr(before) and rec["gamma"] == sched.bias_update_speed(before)
+        assert rec["mtp_weight"] == sched.mtp_weight(before)
+        assert len(rec["expert_load"]) == len(gates)
+        for layer, load in enumerate(rec["expert_load"]):
+            assert sum(load) == rec["batch_size"] * cfg.seq_len * top_k  # all micro-batches, not the last one
+            load = torch.tensor(load, dtype=torch.float32)
+            bias[layer] += rec["gamma"] * torch.sign(load.mean() - load)
+            assert rec["maxvio"][layer] == round(max_violation(load), 4)
+    assert recs[0]["batch_size"] == 1 and recs[-1]["batch_size"] == 2  # the batch ramp ran
+    assert recs[0]["gamma"] == cfg.gamma and recs[-1]["gamma"] == 0  # gamma is 0 for the last stretch
+    assert recs[0]["mtp_weight"] == 0.3 and recs[-1]["mtp_weight"] == 0.1
+    assert recs[-1]["lr"] == pytest.approx(cfg.lr * 0.1)  # the first final constant stage
+    for gate, expected in zip(gates, bias):
+        torch.testing.assert_close(gate.e_score_correction_bias, expected, atol=1e-6, rtol=0)
+    assert any(b.abs().sum() > 0 for b in bias)
+
+
+def test_validation_split_too_small_is_a_clear_error(tmp_path):
+    from dsv3.data import DataError
+    from dsv3.data.corpus import validation_keys
+
+    root = tmp_path / "corpus"
+    root.mkdir()
+    names = [f"doc{i:02d}.txt" for i in range(30)]
+    held_out = validation_keys(names)
+    for name in names:
+        (root / name).write_text("x\n" if name in held_out else "alpha beta gamma delta " * 100)
+    with pytest.raises(DataError, match="validation split .* too few"):
+        train(small_config(root, tmp_path / "run"), log=lambda *a: None)
+
+
 def test_checkpoint_keep_last_and_errors(corpus, tmp_path):
     out = tmp_path / "run"
     r = train(small_config(corpus, out, keep_last=2, save_every=1), log=lambda *a: None)
@@ -160,6 +264,16 @@ def test_checkpoint_keep_last_and_errors(corpus, tmp_path):
     ({"model": {"n_group": 3}}, "model.n_group"),
     ({"model": {"nonsense": 1}}, "model.nonsense"),
     ({"device": "tpu"}, "device"),
+    ({"device": 3}, "device"),
+    ({"warmup": "soon"}, "warmup"),
+    ({"warmup": 0.9}, "warmup"),  # would end after the constant stage
+    ({"gamma": -0.001}, "gamma"),
+    ({"mtp": "no"}, "mtp"),
+    ({"eval_every": True}, "eval_every"),
+    ({"steps": 2.5}, "steps"),
+    ({"vocab_size": 100}, "vocab_size"),  # below 256 bytes + special tokens for the trained BPE
+    ({"sample_tokens": -1}, "sample_tokens"),
+    ({"lr": float("nan")}, "lr"),
 ])
 def test_bad_train_config(changes, field):
     with pytest.raises(ConfigError, match=rf"^{field}"):
@@ -175,6 +289,30 @@ def test_config_files(tmp_path):
     assert TrainConfig.from_file(tmp_path / "b.toml", steps=3).steps == 3
     with pytest.raises(ConfigError, match="stepz"):
         TrainConfig.from_file(tmp_path / "c.yaml")
+    # YAML 1.1 reads 3e-3 as a string: numbers in text are taken as numbers, other text is refused
+    (tmp_path / "d.yaml").write_text("lr: 3e-3\ngamma: '1e-3'\nmodel:\n  num_hidden_layers: 3\n")
+    d = TrainConfig.from_file(tmp_path / "d.yaml", model={"hidden_size": 64})
+    assert d.lr == 0.003 and d.gamma == 0.001
+    assert d.model == {"num_hidden_layers": 3, "hidden_size": 64}  # --set model.X adds to the file's model
+
+
+def test_cli_reports_bad_settings_and_data_without_traceback(tmp_path, capsys):
+    from dsv3.cli import main
+
+    (tmp_path / "bad.jsonl").write_text('{"txt": "no text field"}\n')
+    cases = [
+        (["--set", "warmup=soon"], "warmup: must be a number"),
+        (["--set", "gamma=1e-3", "--set", "beta2=1.5"], "beta2: must be in [0, 1)"),  # 1e-3 parses as a number
+        (["--data", str(tmp_path / "bad.jsonl")], '"text" field'),
+        (["--tokenizer", str(tmp_path / "bad.jsonl")], "not a valid Hugging Face tokenizer.json"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "CUDA is not available"))
+    for args, message in cases:
+        code = main(["train", *args, "--out", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache")])
+        err = capsys.readouterr().err
+        assert code == 2 and "dsv3 train: error: " in err and message in err, (args, err[-500:])
+        assert "Traceback" not in err
 
 
 def test_aux_loss_ablation_and_no_mtp(corpus, tmp_path):
@@ -184,6 +322,15 @@ def test_aux_loss_ablation_and_no_mtp(corpus, tmp_path):
     assert all(x["mtp_loss"] == 0 and x["gamma"] == 0 and x["balance_loss"] > 0 for x in rec)
     model = dsv3.load_pretrained(r.run_dir / "export")
     assert len(model.mtp) == 0
+    # the export carries the run's tokenizer in the Hugging Face layout
+    from transformers import AutoTokenizer
+
+    from dsv3.data import Tokenizer
+
+    hf = AutoTokenizer.from_pretrained(r.run_dir / "export")
+    text = "alpha beta gamma"
+    assert hf(text, add_special_tokens=False).input_ids == Tokenizer.load(r.run_dir / "tokenizer").encode(text)
+    assert hf.eos_token_id == Tokenizer.load(r.run_dir / "tokenizer").eos_id
 
 
 def test_default_cli_path_end_to_end(tmp_path):

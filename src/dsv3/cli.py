@@ -65,11 +65,20 @@ def _train_config(args: argparse.Namespace):
     return TrainConfig.from_dict({**base, **overrides, "model": model})
 
 
+def _data_error(command: str, e: Exception) -> int:
+    print(f"dsv3 {command}: error: {e}", file=sys.stderr)
+    return 2
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    from .data import DataError
     from .train import train
 
     cfg = _train_config(args)
-    result = train(cfg, resume=args.resume)
+    try:
+        result = train(cfg, resume=args.resume)
+    except DataError as e:
+        return _data_error("train", e)
     if result.interrupted:
         return 130
     print(f"\nrun directory: {result.run_dir}")
@@ -226,9 +235,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> int:
-    from .data import train_tokenizer
+    from .data import DataError, train_tokenizer
 
-    tok = train_tokenizer(args.data, args.out, vocab_size=args.vocab_size, max_docs=args.max_docs)
+    try:
+        tok = train_tokenizer(args.data, args.out, vocab_size=args.vocab_size, max_docs=args.max_docs)
+    except DataError as e:
+        return _data_error("tokenizer train", e)
     print(f"trained {tok.vocab_size} tokens -> {args.out}/tokenizer.json")
     return 0
 

@@ -11,7 +11,7 @@ Typical use::
     for vb in iter_eval_batches(val, seq_len=256, batch_size=8): ...
 """
 
-from .corpus import VAL_FRACTION, Split, corpus_fingerprint, iter_documents, list_source_files, stdlib_root
+from .corpus import VAL_FRACTION, DataError, Split, corpus_fingerprint, iter_documents, list_source_files, stdlib_root
 from .fim import DEFAULT_FIM_RATE, FimPlan, FimTokens, apply_fim, fim_rearrange, invert_fim, plan_fim
 from .loader import Batch, PackedLoader, PackedStream, iter_eval_batches
 from .tokenizer import (
@@ -31,7 +31,7 @@ from .tokens import TokenFile, load_or_build, open_token_file, token_dtype
 __all__ = [
     "BOS", "EOS", "PAD", "FIM_BEGIN", "FIM_HOLE", "FIM_END", "SPECIAL_TOKENS",
     "DEFAULT_VOCAB_SIZE", "DEFAULT_FIM_RATE", "VAL_FRACTION",
-    "Split", "iter_documents", "list_source_files", "stdlib_root", "corpus_fingerprint",
+    "DataError", "Split", "iter_documents", "list_source_files", "stdlib_root", "corpus_fingerprint",
     "Tokenizer", "train_tokenizer",
     "TokenFile", "load_or_build", "open_token_file", "token_dtype",
     "FimTokens", "FimPlan", "apply_fim", "fim_rearrange", "invert_fim", "plan_fim",

@@ -32,6 +32,11 @@ from typing import Literal
 
 Split = Literal["train", "val"]
 
+
+class DataError(ValueError):
+    """Unusable training data or tokenizer (bad JSONL record, non-text file, split too small ...): the
+    command line reports it as a one-line error rather than a traceback."""
+
 VAL_FRACTION = 0.02
 """Share of documents (by key hash) held out for validation."""
 
@@ -70,7 +75,7 @@ def list_source_files(source: str | Path | None) -> list[SourceFile]:
     if path.is_file():
         files = _readable(path.parent, [path])
         if not files:
-            raise ValueError(f"corpus file is not UTF-8 text: {path}")
+            raise DataError(f"corpus file is not UTF-8 text: {path}")
         return files
     return _readable(path, list(_walk(path)))
 
@@ -171,11 +176,11 @@ def _jsonl_text(path: Path, number: int, line: str) -> str:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as err:
-        raise ValueError(f"{where}: invalid JSON ({err.msg})") from None
+        raise DataError(f"{where}: invalid JSON ({err.msg})") from None
     if not isinstance(record, dict) or "text" not in record:
-        raise ValueError(f'{where}: JSONL record has no "text" field')
+        raise DataError(f'{where}: JSONL record has no "text" field')
     if not isinstance(record["text"], str):
-        raise ValueError(f'{where}: "text" field is not a string')
+        raise DataError(f'{where}: "text" field is not a string')
     return record["text"]
 
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .corpus import DataError
 from .fim import FimPlan, fim_rearrange, plan_fim
 from .tokens import TokenFile
 
@@ -129,8 +130,9 @@ class PackedLoader:
         self.epoch, self.position = 0, 0
         self._epochs: dict[int, _Epoch] = {}
         if self.windows_in_epoch(0) == 0:
-            raise ValueError(
-                f"split has {data.n_tokens} tokens, too few for one window of {seq_len + n_future}"
+            raise DataError(
+                f"split has {data.n_tokens} tokens, too few for one window of {seq_len + n_future}: "
+                f"use a shorter sequence length or more data"
             )
 
     # --- epochs and windows -------------------------------------------------

@@ -21,7 +21,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 from tqdm.auto import tqdm
 
-from .corpus import iter_documents
+from .corpus import DataError, iter_documents
 
 # DeepSeek-V3 special tokens (note the full-width bars and the "▁" U+2581).
 BOS = "<｜begin▁of▁sentence｜>"
@@ -60,7 +60,7 @@ class Tokenizer:
         config = config or {}
         self.eos_id = self._find("eos", config, _EOS_NAMES)
         if self.eos_id is None:
-            raise ValueError(f"tokenizer has no end-of-sequence token (tried {_EOS_NAMES})")
+            raise DataError(f"tokenizer has no end-of-sequence token (tried {_EOS_NAMES})")
         bos_id = self._find("bos", config, _BOS_NAMES)
         self.bos_id: int = self.eos_id if bos_id is None else bos_id
         self.pad_id = self._find("pad", config, _PAD_NAMES)
@@ -92,7 +92,11 @@ class Tokenizer:
             raise FileNotFoundError(f"no tokenizer file at {file}")
         config_file = file.parent / CONFIG_FILE
         config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
-        return cls(HFTokenizer.from_file(str(file)), config)
+        try:
+            hf = HFTokenizer.from_file(str(file))
+        except Exception as e:  # tokenizers raises a bare Exception for malformed files
+            raise DataError(f"{file}: not a valid Hugging Face tokenizer.json ({e})") from None
+        return cls(hf, config)
 
     def save(self, out_dir: str | Path) -> Path:
         """Write ``tokenizer.json`` and ``tokenizer_config.json`` into ``out_dir``."""
@@ -168,7 +172,7 @@ def train_tokenizer(
     """
     minimum = 256 + len(SPECIAL_TOKENS)
     if vocab_size < minimum:
-        raise ValueError(f"vocab_size must be at least {minimum} (bytes + special tokens)")
+        raise DataError(f"vocab_size must be at least {minimum} (bytes + special tokens)")
     hf = new_byte_level_bpe()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,

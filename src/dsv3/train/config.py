@@ -14,12 +14,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError, ModelConfig, preset
+from ..data.tokenizer import SPECIAL_TOKENS
+from .schedules import PAPER_CONSTANT_UNTIL, PAPER_TOTAL
+
+MIN_BPE_VOCAB = 256 + len(SPECIAL_TOKENS)
+"""Smallest vocabulary of a BPE trained here: every byte and the special tokens."""
+MAX_WARMUP = PAPER_CONSTANT_UNTIL / PAPER_TOTAL
+"""Warm-up must end before the constant stage does (10T of 14.8T tokens in the report)."""
 
 
 def default_cache_dir() -> str:
@@ -92,21 +100,53 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
+        """Check every field (types first, then ranges); raise :class:`ConfigError` naming the field.
+
+        Numbers written as strings (YAML 1.1 reads ``1e-3`` as a string, so ``--set gamma=1e-3`` and
+        ``lr: 3e-3`` in a YAML file arrive as text) are converted when they parse as numbers.
+        """
+
         def need(ok: bool, name: str, allowed: str) -> None:
             if not ok:
                 raise ConfigError(f"{name}: must be {allowed}, got {getattr(self, name)!r}")
 
+        for name in _FLOAT_FIELDS:
+            v = getattr(self, name)
+            if isinstance(v, str):
+                try:
+                    setattr(self, name, float(v))
+                except ValueError:
+                    pass
+            v = getattr(self, name)
+            need(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v), name, "a number")
+        for name in _INT_FIELDS:
+            v = getattr(self, name)
+            optional = name == "stop_after"
+            need((optional and v is None) or (isinstance(v, int) and not isinstance(v, bool)), name,
+                 "an integer" + (" or None" if optional else ""))
+        for name in _BOOL_FIELDS:
+            need(isinstance(getattr(self, name), bool), name, "true or false")
+        for name in _PATH_FIELDS:
+            v = getattr(self, name)
+            if isinstance(v, os.PathLike):
+                setattr(self, name, os.fspath(v))
+            need(getattr(self, name) is None or isinstance(getattr(self, name), str), name, "a path (string)")
+        for name in ("preset", "balance", "device", "sample_prompt", "cache_dir"):
+            need(isinstance(getattr(self, name), str), name, "a string")
+
         for name in ("steps", "seq_len", "batch_size", "micro_batch_size", "vocab_size", "eval_batches",
                      "keep_last"):
-            v = getattr(self, name)
-            need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, name, "an integer >= 1")
+            need(getattr(self, name) >= 1, name, "an integer >= 1")
         for name in ("eval_every", "save_every"):
-            v = getattr(self, name)
-            need(isinstance(v, int) and v >= 0, name, "an integer >= 0 (0 = only at the end)")
+            need(getattr(self, name) >= 0, name, "an integer >= 0 (0 = only at the end)")
+        need(self.sample_tokens >= 0, "sample_tokens", "an integer >= 0")
         need(self.batch_size % self.micro_batch_size == 0, "batch_size",
              f"a multiple of micro_batch_size ({self.micro_batch_size})")
-        need(isinstance(self.lr, (int, float)) and 0 < self.lr < 1, "lr", "a number in (0, 1)")
-        need(0 <= self.warmup < 1, "warmup", "a fraction in [0, 1)")
+        need(self.tokenizer is not None or self.vocab_size >= MIN_BPE_VOCAB, "vocab_size",
+             f">= {MIN_BPE_VOCAB} (256 bytes + {MIN_BPE_VOCAB - 256} special tokens) for the trained BPE")
+        need(0 < self.lr < 1, "lr", "a number in (0, 1)")
+        need(0 <= self.warmup <= MAX_WARMUP, "warmup",
+             f"a fraction in [0, {MAX_WARMUP:.3f}] (the constant stage ends at 10T/14.8T of the run)")
         need(0 <= self.weight_decay < 1, "weight_decay", "in [0, 1)")
         need(0 <= self.beta1 < 1, "beta1", "in [0, 1)")
         need(0 <= self.beta2 < 1, "beta2", "in [0, 1)")
@@ -152,7 +192,10 @@ class TrainConfig:
             raise ConfigError(f"config: {path} must end in .yaml, .yml, .toml or .json")
         if not isinstance(data, dict):
             raise ConfigError(f"config: {path} must hold a mapping of fields")
-        return cls.from_dict({**data, **overrides})
+        merged = {**data, **overrides}
+        if isinstance(data.get("model"), dict) and isinstance(overrides.get("model"), dict):
+            merged["model"] = {**data["model"], **overrides["model"]}  # --set model.X adds to the file's
+        return cls.from_dict(merged)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
@@ -167,3 +210,11 @@ class TrainConfig:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
+
+
+_FLOAT_FIELDS = ("lr", "warmup", "weight_decay", "beta1", "beta2", "grad_clip", "gamma", "seq_aux_alpha",
+                 "aux_loss_alpha", "fim_rate")
+_INT_FIELDS = ("steps", "seq_len", "batch_size", "micro_batch_size", "vocab_size", "eval_every", "eval_batches",
+               "save_every", "keep_last", "seed", "sample_tokens", "stop_after")
+_BOOL_FIELDS = ("batch_ramp", "bf16_moments", "mtp", "doc_mask", "fp8", "compile")
+_PATH_FIELDS = ("data", "tokenizer", "out", "cache_dir")

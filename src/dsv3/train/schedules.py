@@ -17,6 +17,8 @@ import math
 from dataclasses import dataclass
 
 PAPER_TOTAL = 14.8e12
+PAPER_CONSTANT_UNTIL = 10e12
+"""End of the report's constant learning-rate stage (tokens)."""
 
 
 @dataclass
@@ -49,7 +51,7 @@ class Schedules:
         return cls(
             total_tokens=total_tokens, peak_lr=peak_lr,
             warmup_tokens=0.01 * total_tokens if warmup_tokens is None else warmup_tokens,
-            constant_until=10e12 * f, decay_until=14.3e12 * f, final_until=(14.3e12 + 333e9) * f,
+            constant_until=PAPER_CONSTANT_UNTIL * f, decay_until=14.3e12 * f, final_until=(14.3e12 + 333e9) * f,
             batch_start=max(1, round(batch_size * 3072 / 15360)) if batch_start is None else batch_start,
             batch_end=batch_size, batch_ramp_tokens=469e9 * f,
             gamma=gamma, gamma_until=14.3e12 * f, mtp_switch=10e12 * f,

@@ -97,6 +97,8 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, opti
     done = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
     for old in done[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".tmp-step_*"):  # left by a process that died mid-write
+        shutil.rmtree(stale, ignore_errors=True)
     return final
 
 

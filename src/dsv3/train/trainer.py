@@ -18,8 +18,8 @@ import torch.nn.functional as F
 
 from .. import build_model
 from ..checkpoint import CheckpointError, save_pretrained
-from ..config import ModelConfig
-from ..data import PackedLoader, Tokenizer, iter_eval_batches, load_or_build, train_tokenizer
+from ..config import ConfigError, ModelConfig
+from ..data import DataError, PackedLoader, Tokenizer, iter_eval_batches, load_or_build, train_tokenizer
 from ..data.corpus import corpus_fingerprint
 from ..info import model_stats
 from ..model import DeepSeekV3
@@ -39,7 +39,7 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device: {name} requested but CUDA is not available")
+        raise ConfigError(f"device: {name} requested but CUDA is not available (use --device cpu)")
     return device
 
 
@@ -163,6 +163,9 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> RunResult:
     cache = token_cache_dir(cfg, tokenizer)
     train_data = load_or_build(tokenizer, cfg.data, "train", cache)
     val_data = load_or_build(tokenizer, cfg.data, "val", cache)
+    if val_data.n_tokens < cfg.seq_len + 1:  # else validation would average over no window at all
+        raise DataError(f"the validation split of {cfg.data or 'the stdlib corpus'} has {val_data.n_tokens} tokens, "
+                        f"too few for one window of {cfg.seq_len + 1}: use a shorter --seq-len or more data")
     tokenizer.save(run_dir / "tokenizer")
 
     # ---- model and optimiser
@@ -197,7 +200,10 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> RunResult:
                           if meta["model_config"].get(k) != mcfg.to_hf_dict().get(k))
             raise CheckpointError(f"{ckpt}: model config differs from this run's in {diff}")
         restore(model, optimizer, model_t, opt_t, meta)
-        loader.load_state_dict(meta["loader"])
+        try:
+            loader.load_state_dict(meta["loader"])
+        except ValueError as e:  # e.g. --seq-len or --micro-batch-size changed, or other data
+            raise CheckpointError(f"{ckpt}: cannot continue this run's data stream: {e}") from None
         step, tokens_seen = meta["step"], meta["tokens"]
         _truncate_metrics(metrics_file, step)
         log(f"resumed {run_dir} at step {step} ({tokens_seen:,} tokens)")
