@@ -58,7 +58,8 @@ class TrainConfig:
     micro_batch_size: int = 16
     """Sequences per forward/backward; the batch is reached by gradient accumulation."""
     batch_ramp: bool = True
-    """Ramp the batch from 0.2x (report: 3072 -> 15360) over the report's share of the run."""
+    """Ramp the batch from 0.2x (report: 3072 -> 15360) over the report's share of the run, in whole
+    micro-batches: it only acts when ``micro_batch_size`` is below ``batch_size``."""
     lr: float = 3e-3
     """Peak learning rate (report: 2.2e-4 for 671B; small models take larger ones)."""
     warmup: float = 0.05
