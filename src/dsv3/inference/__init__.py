@@ -6,7 +6,8 @@ and continuous batching. No I/O: the CLI and the HTTP server build on :class:`En
 """
 
 from .cache import CacheFullError, PagedLatentCache
-from .engine import Engine, Sequence, run_block
+from .engine import Engine, Sequence
+from .layers import run_block
 from .sampling import (
     GenerationRequest, GenerationResult, SamplingParams, TokenEvent, sample_token, token_probs,
 )

@@ -142,7 +142,7 @@ class PagedLatentCache:
         self.lengths[slot] = length
 
     # ------------------------------------------------------------------------------------------------
-    # device side: scatter new latents, gather a batch's latents
+    # device side: where each new token's latents go
     def flat_index(
         self, slots: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -154,18 +154,15 @@ class PagedLatentCache:
             page = torch.where(valid, page, self.null_page)
         return page * self.page_size + positions % self.page_size
 
-    def write(self, layer: int, index: torch.Tensor, kv: torch.Tensor, k_pe: torch.Tensor) -> None:
-        """Store c^KV (..., d_c) and k^R (..., d_r) at the rows ``index`` (...) from :meth:`flat_index`."""
-        flat = self.latent[layer].view(-1, self.latent.shape[-1])
-        flat[index.reshape(-1)] = torch.cat([kv, k_pe], dim=-1).reshape(-1, flat.shape[-1]).to(flat.dtype)
 
-    def gather(self, layer: int, slots: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first ``max_len`` positions of each slot: c^KV (B, T, d_c) and k^R (B, T, d_r) with
-        T = max_len rounded up to whole pages. Positions beyond a sequence's length hold garbage (the
-        caller masks them)."""
-        return self.gather_latent(layer, slots, max_len).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+def write_latent(latent: torch.Tensor, index: torch.Tensor, kv: torch.Tensor, k_pe: torch.Tensor) -> None:
+    """Store c^KV (..., d_c) and k^R (..., d_r) in one layer's cache ``latent`` (pages + 1, page_size, width)
+    at the flat rows ``index`` (...) from :meth:`PagedLatentCache.flat_index`."""
+    flat = latent.view(-1, latent.shape[-1])
+    flat[index.reshape(-1)] = torch.cat([kv, k_pe], dim=-1).reshape(-1, flat.shape[-1]).to(flat.dtype)
 
-    def gather_latent(self, layer: int, slots: torch.Tensor, max_len: int) -> torch.Tensor:
-        """As :meth:`gather`, unsplit: [c^KV; k^R] (B, T, d_c + d_r), one copy of the pages read."""
-        pages = self.block_table[slots, :self.pages_for(max_len)]  # (B, P)
-        return self.latent[layer][pages].flatten(1, 2)  # (B, P * page_size, width)
+
+def read_latent(latent: torch.Tensor, pages: torch.Tensor) -> torch.Tensor:
+    """The rows [c^KV; k^R] of ``pages`` (B, P) of one layer's cache, in position order:
+    (B, P * page_size, width). Positions beyond a sequence's length hold garbage (the caller masks them)."""
+    return latent[pages].flatten(1, 2)

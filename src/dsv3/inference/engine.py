@@ -1,42 +1,38 @@
 """The inference engine: prefill and absorbed-MLA decode over a paged latent cache, plus generation.
 
-Two attention forms over the same cache (report §2.1.1):
+Two attention forms over the same cache (report §2.1.1; the block-level math is in
+:mod:`dsv3.inference.layers`):
 
-* **prefill** (:meth:`Engine.prefill`, one prompt at a time): the expanded form of training. q, c^KV and k^R
-  come from the model's own :meth:`MLA.query` / :meth:`MLA.latent`; c^KV and k^R are written to the cache;
-  keys and values are expanded with W^UK / W^UV (``kv_b_proj``) and attended with SDPA. A prompt appended
-  to a cached sequence (prefix continuation) attends over the cached latents too.
-* **decode** (:meth:`Engine.decode`, a batch of sequences of different lengths): weight absorption. With
-  W^UK_h and W^UV_h the per-head slices of ``kv_b_proj``,
-
-      q_lat   = q^C_h W^UK_h                                 (the query moved into the latent space, d_c)
-      score_t = (q_lat . c^KV_t + q^R_h . k^R_t) * softmax_scale
-      o_h     = W^UV_h (sum_t softmax(score)_t c^KV_t)        then W^O (``o_proj``)
-
-  so per cached token only the 576 latent values are read; keys and values are never expanded.
+* **prefill** (:meth:`Engine.prefill`, :meth:`Engine.prefill_batch`): the expanded form of training, with
+  c^KV and k^R written to the cache. A prompt appended to a cached sequence (prefix continuation) attends
+  over the cached latents too.
+* **decode** (:meth:`Engine.decode`, a batch of sequences of different lengths): weight absorption, W^UK
+  moved into the query and W^UV after the attention, so per cached token only the 576 latent values are
+  read; keys and values are never expanded.
 
 Everything else in a block (norms, dense FFN, MoE) is the model's own module; the MoE runs through
-:func:`moe_forward`, which counts the tokens per expert without reading anything back to the host. The
-batched decode core, :meth:`Engine.forward_cached`, works on tensors of fixed shape (tokens, slots,
+:func:`~dsv3.inference.layers.moe_forward`, which counts the tokens per expert without reading anything
+back to the host. The batched decode core, :meth:`Engine.forward_cached`, works on tensors of fixed shape (tokens, slots,
 positions, a validity mask, a key length): on a GPU, :mod:`dsv3.inference.cuda_graph` pads a batch to a
-few fixed sizes and replays one captured CUDA graph per decode step (``Engine(cuda_graph=...)``). The plain
-path stays the reference (CPU, tests). Generation (:meth:`Engine.generate`, :meth:`Engine.stream`) runs on
+few fixed sizes and replays one captured CUDA graph per decode step (``Engine(cuda_graph=...)``), and
+``torch.compile`` fuses each block's small operations (``Engine(compile=...)``). The plain path stays the
+reference (CPU, tests). Generation (:meth:`Engine.generate`, :meth:`Engine.stream`) runs on
 the continuous-batching :class:`~dsv3.inference.scheduler.Scheduler`; the engine itself does no I/O.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence as Seq
+from collections.abc import Iterator, Sequence as Seq
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
-from ..model.attention import MLA, _prefer_cudnn
-from ..model.moe import Experts, MoE, _grouped_mm_ok, combine
+from ..model.attention import _prefer_cudnn
+from ..model.moe import Experts
 from ..model.transformer import DeepSeekV3
 from ..model.transformer_block import Block
 from .cache import CacheFullError, PagedLatentCache
+from .layers import decode_block, grouped_experts, prefill_block
 from .sampling import GenerationRequest, GenerationResult, SamplingParams, TokenEvent, sample_token
 
 Prompt = list[int] | str
@@ -80,53 +76,6 @@ class Sequence:
         return self.result.finish_reason is not None
 
 
-def grouped_experts(experts: Experts, x: torch.Tensor) -> bool:
-    """Whether ``experts`` run as a grouped GEMM on x's dtype and device (no host sync)."""
-    impl = experts.implementation
-    return impl == "grouped" or (impl == "auto" and _grouped_mm_ok(x, experts.gate_up_proj))
-
-
-def moe_forward(moe: MoE, x: torch.Tensor, capturable: bool = False) -> torch.Tensor:
-    """:meth:`MoE.forward` for inference (no router statistics), without host syncs.
-
-    The tokens per expert are counted with a scatter-add: ``torch.bincount`` (used by
-    :func:`dsv3.model.moe.dispatch`) reads the input's min and max back to the host on CUDA, which stalls
-    every step and cannot be captured in a CUDA graph. With ``capturable``, experts that cannot run as a
-    grouped GEMM (not bf16 on Hopper) avoid the reference loop (it splits by counts read to the host):
-    each token copy is multiplied by its own expert's gathered weights instead (fixed shapes; meant for
-    small models and tests).
-    """
-    b, s, d = x.shape
-    flat = x.reshape(-1, d)
-    weights, indices, _ = moe.gate(flat)
-    ids = indices.flatten()
-    order = ids.argsort(stable=True)
-    counts = torch.zeros(moe.n_experts, dtype=torch.long, device=x.device).scatter_add_(0, ids, torch.ones_like(ids))
-    x_sorted = flat[order // indices.shape[1]]
-    experts = moe.experts
-    if capturable and not grouped_experts(experts, x_sorted):
-        e = ids[order]
-        gate, up = torch.bmm(experts.gate_up_proj[e], x_sorted[:, :, None]).squeeze(-1).split(experts.inter_dim, -1)
-        y_sorted = torch.bmm(experts.down_proj[e], (F.silu(gate) * up)[:, :, None]).squeeze(-1)
-    else:
-        y_sorted = experts(x_sorted, counts)
-    y = combine(y_sorted, order, weights).to(x.dtype)
-    if moe.shared_experts is not None:
-        y = y + moe.shared_experts(flat)
-    return y.view(b, s, d)
-
-
-def run_block(
-    block: Block, x: torch.Tensor, attend: Callable[[MLA, torch.Tensor], torch.Tensor], capturable: bool = False
-) -> torch.Tensor:
-    """One decoder block (as :meth:`Block.forward`) with the attention replaced by ``attend(mla, h)``; the
-    norms and the FFN / MoE are the block's own modules (the MoE through :func:`moe_forward`)."""
-    x = x + attend(block.self_attn, block.input_layernorm(x))
-    h = block.post_attention_layernorm(x)
-    y = moe_forward(block.mlp, h, capturable) if isinstance(block.mlp, MoE) else block.mlp(h)
-    return x + y
-
-
 class Engine:
     """Generation with a :class:`DeepSeekV3` model and a paged latent cache.
 
@@ -142,6 +91,10 @@ class Engine:
     a CUDA device and its experts run as grouped GEMMs (bf16 on Hopper). ``True`` on the CPU runs the same
     padded fixed-shape step eagerly (for tests). The model's weights and the cache must not be moved or
     reallocated once graphs are captured.
+
+    ``compile``: run each decode and prefill block through ``torch.compile`` (one compiled function serves
+    every layer; the first steps of each new shape compile, which takes a while). ``None`` (default): on with CUDA graphs
+    on a CUDA device. It leaves the numbers as they are up to floating-point rounding.
     """
 
     def __init__(
@@ -158,6 +111,7 @@ class Engine:
         speculative: bool = False,
         cuda_graph: bool | None = None,
         graph_batch_sizes: Seq[int] = (1, 2, 4, 8, 16, 32),
+        compile: bool | None = None,
     ):
         param = next(model.parameters())
         self.device = torch.device(device) if device is not None else param.device
@@ -199,6 +153,13 @@ class Engine:
             from .cuda_graph import DecodeGraphs
 
             self.graphs = DecodeGraphs(self, graph_batch_sizes)
+        if compile is None:
+            compile = self.graphs is not None and self.device.type == "cuda"
+        self._decode_block = torch.compile(decode_block, dynamic=None) if compile else decode_block
+        # Prefill runs the experts through the model's own module: compiled only where that is a grouped GEMM
+        # (the reference loop splits by counts read to the host: a recompilation per split).
+        compile_prefill = compile and self._experts_capturable()
+        self._prefill_block = torch.compile(prefill_block, dynamic=True) if compile_prefill else prefill_block
         self.scheduler = Scheduler(self)
         """The engine's own request queue, used by :meth:`generate` and :meth:`stream`."""
 
@@ -208,58 +169,6 @@ class Engine:
         probe = torch.empty(0, 8, device=self.device, dtype=self.dtype)
         return all(p.dtype == self.dtype for p in self.model.parameters()) and all(
             grouped_experts(m, probe) for m in self.model.modules() if isinstance(m, Experts))
-
-    # ================================================================================================
-    # attention over the cache
-    def _prefill_attention(
-        self, attn: MLA, layer: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-        slots: torch.Tensor, start: int, index: torch.Tensor,
-    ) -> torch.Tensor:
-        """Expanded MLA for the n new tokens x (B, n, d) of ``slots`` (B,) at positions start .. start+n-1
-        (prompts right-padded to n: causal attention keeps the padding out of every real token's view).
-        A prefix continuation (start > 0) is one sequence (B = 1)."""
-        b, n, _ = x.shape
-        q_nope, q_pe = attn.query(x, cos, sin)
-        kv, k_pe = attn.latent(x, cos, sin)
-        self.cache.write(layer, index, kv, k_pe)
-        if start > 0:  # prefix continuation: attend over the cached positions as well
-            kv, k_pe = (t[:, :start + n] for t in self.cache.gather(layer, slots, start + n))
-        k, v = attn.expand_kv(kv.to(x.dtype), k_pe.to(x.dtype))
-        q = torch.cat([q_nope, q_pe], dim=-1)
-        mask = None
-        if start > 0:
-            mask = torch.arange(start + n, device=x.device) <= torch.arange(start, start + n, device=x.device)[:, None]
-        with _prefer_cudnn(q):
-            o = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                attn_mask=mask, is_causal=start == 0, scale=attn.softmax_scale,
-            )
-        return attn.o_proj(o.transpose(1, 2).reshape(b, n, attn.n_heads * attn.v_head_dim))
-
-    def _absorbed_attention(
-        self, attn: MLA, layer: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-        slots: torch.Tensor, index: torch.Tensor, hidden: torch.Tensor,
-    ) -> torch.Tensor:
-        """MLA with W^UK and W^UV absorbed, for new tokens x (B, S, d) attending over their slots' cached
-        latents. ``hidden`` (B, S, 1, T) bool marks the cached positions a query may not see.
-
-        The cache row [c^KV; k^R] serves as the key of every head against the query [q^C W^UK; q^R], so
-        the score q_lat . c^KV + q^R . k^R is one product; the value is its c^KV part."""
-        b, s, _ = x.shape
-        h, d_nope, d_v, d_c = attn.n_heads, attn.qk_nope_head_dim, attn.v_head_dim, attn.kv_lora_rank
-        q_nope, q_pe = attn.query(x, cos, sin)  # (B, S, H, d_nope), (B, S, H, d_r)
-        kv, k_pe = attn.latent(x, cos, sin)
-        self.cache.write(layer, index, kv, k_pe)  # write first: a token attends to itself
-        lat = self.cache.gather_latent(layer, slots, hidden.shape[-1]).to(x.dtype)  # (B, T, d_c + d_r)
-        w = attn.kv_b_proj.weight.view(h, d_nope + d_v, d_c)
-        w_uk, w_uv = w[:, :d_nope].to(x.dtype), w[:, d_nope:].to(x.dtype)  # (H, d_nope, d_c), (H, d_v, d_c)
-        q = torch.cat([torch.einsum("bshd,hdc->bshc", q_nope, w_uk), q_pe], dim=-1)  # (B, S, H, d_c + d_r)
-        scores = torch.einsum("bshc,btc->bsht", q, lat)
-        scores = (scores.float() * attn.softmax_scale).masked_fill(hidden, float("-inf"))
-        probs = scores.softmax(dim=-1).to(x.dtype)
-        o_lat = torch.einsum("bsht,btc->bshc", probs, lat[..., :d_c])
-        o = torch.einsum("bshc,hvc->bshv", o_lat, w_uv)
-        return attn.o_proj(o.reshape(b, s, h * d_v))
 
     # ================================================================================================
     # forwards through blocks
@@ -276,10 +185,10 @@ class Engine:
         positions = torch.arange(start, start + n, device=x.device)
         cos, sin = self.model.rotary(positions)
         index = self.cache.flat_index(slots[:, None], positions[None], valid)
-        for layer, block in blocks:
-            x = run_block(
-                block, x, lambda attn, h: self._prefill_attention(attn, layer, h, cos, sin, slots, start, index)
-            )
+        pages = self.cache.block_table[slots, :self.cache.pages_for(start + n)] if start > 0 else None
+        with _prefer_cudnn(x):
+            for layer, block in blocks:
+                x = self._prefill_block(block, x, cos, sin, self.cache.latent[layer], index, start, pages)
         return x
 
     def forward_cached(
@@ -302,13 +211,11 @@ class Engine:
         """
         cos, sin = self.model.rotary(positions)
         index = self.cache.flat_index(slots[:, None], positions, valid)
-        n_keys = self.cache.pages_for(max_len) * self.cache.page_size
+        pages = self.cache.block_table[slots, :self.cache.pages_for(max_len)]  # (B, P)
+        n_keys = pages.shape[1] * self.cache.page_size
         hidden = (torch.arange(n_keys, device=x.device) > positions[:, :, None])[:, :, None, :]  # (B, S, 1, T)
         for layer, block in blocks:
-            x = run_block(
-                block, x, lambda attn, h: self._absorbed_attention(attn, layer, h, cos, sin, slots, index, hidden),
-                capturable,
-            )
+            x = self._decode_block(block, x, cos, sin, self.cache.latent[layer], index, pages, hidden, capturable)
         return x
 
     # ================================================================================================

@@ -93,11 +93,14 @@ def dispatch(x: torch.Tensor, indices: torch.Tensor, n_experts: int) -> tuple[to
 
 
 def combine(y_sorted: torch.Tensor, order: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`dispatch`: sum_k g_k * y_k per token. weights (T, K) -> (T, d)."""
+    """Inverse of :func:`dispatch`: sum_k g_k * y_k per token. weights (T, K) -> (T, d).
+
+    The sorted outputs go back to (token, k) order by a scatter through the permutation ``order`` (no two
+    rows collide, so no atomics; its gradient is a gather), then each token's K outputs are weighted by
+    their gates and summed."""
     n_tokens, k = weights.shape
-    y = y_sorted * weights.flatten()[order].unsqueeze(-1).to(y_sorted.dtype)
-    out = y_sorted.new_zeros(n_tokens, y_sorted.shape[-1])
-    return out.index_add_(0, order // k, y)
+    y = y_sorted.new_empty(y_sorted.shape).index_copy_(0, order, y_sorted)  # row order[i] <- y_sorted[i]
+    return (y.view(n_tokens, k, -1) * weights.unsqueeze(-1).to(y.dtype)).sum(dim=1)
 
 
 class Experts(nn.Module):

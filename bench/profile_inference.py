@@ -1,0 +1,133 @@
+"""Where the time of a decode step and of a prefill goes: CUDA kernel time by kernel, on the "16b" preset.
+
+    python bench/profile_inference.py [--decode 1,32] [--prefill 32] [--prompt 512] [--rows 25]
+
+For each decode batch: the step's wall time through the captured CUDA graph (what generation runs), and a
+torch.profiler table of the same step run without a graph (same kernels, launched one by one), so that
+the sum of kernel times can be set against the graph's wall time. For the prefill: the kernel table of
+one ``prefill_batch`` of that many 512-token prompts. Also times ``torch._grouped_mm`` at the decode
+shapes against the bytes of the expert weights it must read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import dsv3
+from dsv3.inference import Engine
+
+
+def kernel_table(fn, rows: int, steps: int = 3) -> str:
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    total = sum(e.self_device_time_total for e in events) / steps
+    n = sum(e.count for e in events) / steps
+    events.sort(key=lambda e: -e.self_device_time_total)
+    lines = [f"kernels per call: {n:.0f}, kernel time per call: {total / 1e3:.2f} ms",
+             "| kernel | calls/step | us/step | share |", "|---|---|---|---|"]
+    for e in events[:rows]:
+        t = e.self_device_time_total / steps
+        lines.append(f"| {e.key[:90]} | {e.count / steps:.0f} | {t:.0f} | {t / total:.0%} |")
+    return "\n".join(lines)
+
+
+def median_ms(fn, reps: int = 20) -> float:
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2] * 1e3
+
+
+def grouped_mm_probe(config: dsv3.ModelConfig) -> None:
+    """_grouped_mm over the 64 stacked experts with the rows of a decode step, vs the weight bytes read."""
+    e, d, i, k = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size, config.num_experts_per_tok
+    w1 = torch.randn(e, 2 * i, d, device="cuda", dtype=torch.bfloat16) * 0.02
+    w2 = torch.randn(e, d, i, device="cuda", dtype=torch.bfloat16) * 0.02
+    print("| tokens | experts hit | gate_up us | down us | weight GB/s (both) |")
+    print("|---|---|---|---|---|")
+    for tokens in (1, 8, 32, 512):
+        ids = torch.stack([torch.randperm(e, device="cuda")[:k] for _ in range(tokens)]).flatten()
+        counts = torch.bincount(ids, minlength=e)
+        offs = counts.cumsum(0).to(torch.int32)
+        x = torch.randn(ids.numel(), d, device="cuda", dtype=torch.bfloat16)
+        hit = int((counts > 0).sum())
+        t1 = median_ms(lambda: torch._grouped_mm(x, w1.transpose(-2, -1), offs=offs), 50)
+        h = torch.randn(ids.numel(), i, device="cuda", dtype=torch.bfloat16)
+        t2 = median_ms(lambda: torch._grouped_mm(h, w2.transpose(-2, -1), offs=offs), 50)
+        gb = hit * 3 * d * i * 2 / 1e9
+        print(f"| {tokens} | {hit} | {t1 * 1e3:.0f} | {t2 * 1e3:.0f} | {gb / ((t1 + t2) / 1e3):.0f} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--decode", default="1,32")
+    ap.add_argument("--prefill", default="1,32")
+    ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--rows", type=int, default=25)
+    ap.add_argument("--no-compile", action="store_true")
+    args = ap.parse_args()
+    config = dsv3.preset("16b")
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    grouped_mm_probe(config)
+    model = dsv3.build_model(config, device="cuda", dtype=torch.bfloat16, seed=0)
+    batches = [int(b) for b in args.decode.split(",") if b]
+    prefills = [int(b) for b in args.prefill.split(",") if b]
+    max_batch = max(batches + prefills)
+    compiled = not args.no_compile
+    graphed = Engine(model, max_batch=max_batch, max_seq_len=args.prompt + 64, page_size=16, compile=compiled)
+    eager = Engine(model, max_batch=max_batch, max_seq_len=args.prompt + 64, page_size=16, cuda_graph=False,
+                   compile=compiled)
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, config.vocab_size, (max_batch, args.prompt), generator=g).tolist()
+    for b in batches:
+        for eng in (graphed, eager):
+            slots = [eng.new_sequence() for _ in range(b)]
+            eng.prefill_batch(slots, [p[:-8] for p in prompts[:b]])  # the step's position is mid-page
+            tokens = [[p[-1]] for p in prompts[:b]]
+            step = lambda: (eng.decode_step(slots, tokens), [eng.cache.truncate(s, args.prompt - 8) for s in slots])
+            t0 = time.perf_counter()
+            step()
+            torch.cuda.synchronize()
+            first = time.perf_counter() - t0
+            ms = median_ms(step)
+            kind = "graph" if eng is graphed else "no graph"
+            print(f"\n## decode batch {b}, {kind}{' + compile' if compiled else ''}: {ms:.2f} ms/step "
+                  f"({b / ms * 1e3:.0f} tok/s; first step {first:.1f} s)", flush=True)
+            if eng is eager:
+                print(kernel_table(step, args.rows))
+            for s in slots:
+                eng.free(s)
+    for b in prefills:
+        def run():
+            got = [eager.new_sequence() for _ in range(b)]
+            eager.prefill_batch(got, prompts[:b])
+            for s in got:
+                eager.free(s)
+
+        t0 = time.perf_counter()
+        run()
+        torch.cuda.synchronize()
+        first = time.perf_counter() - t0
+        ms = median_ms(run, 5)
+        print(f"\n## prefill batch {b} x {args.prompt}: {ms:.1f} ms ({b * args.prompt / ms:.1f}K tok/s; "
+              f"first {first:.1f} s)", flush=True)
+        if b == prefills[-1]:
+            print(kernel_table(run, args.rows, steps=2))
+
+if __name__ == "__main__":
+    main()

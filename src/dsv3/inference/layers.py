@@ -1,0 +1,174 @@
+"""One decoder block over the paged latent cache: the two attention forms, and the MoE without host syncs.
+
+These are plain functions of a block's own modules and of one layer's cache tensor
+``latent`` (pages + 1, page_size, d_c + d_r) (see :mod:`dsv3.inference.cache`), so that one function serves
+every layer: :func:`decode_block` is what the engine compiles with ``torch.compile`` (the same compiled code
+runs all layers of a shape) and captures in CUDA graphs.
+
+* :func:`prefill_attention`: the expanded form of training (report §2.1.1, eq. 1-11). q, c^KV and k^R
+  come from :meth:`MLA.query` / :meth:`MLA.latent`; c^KV and k^R are written to the cache; keys and values
+  are expanded with W^UK / W^UV (``kv_b_proj``) and attended with SDPA.
+* :func:`absorbed_attention`: weight absorption. With W^UK_h and W^UV_h the per-head slices of
+  ``kv_b_proj``::
+
+      q_lat   = q^C_h W^UK_h                                 (the query moved into the latent space, d_c)
+      score_t = (q_lat . c^KV_t + q^R_h . k^R_t) * softmax_scale
+      o_h     = W^UV_h (sum_t softmax(score)_t c^KV_t)        then W^O (``o_proj``)
+
+  so per cached token only the 576 latent values are read; keys and values are never expanded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..model.attention import MLA
+from ..model.moe import Experts, MoE, _grouped_mm_ok
+from ..model.transformer_block import Block
+from .cache import read_latent, write_latent
+
+
+@torch.library.custom_op("dsv3::write_latent", mutates_args=("latent",))
+def _write_latent(latent: torch.Tensor, index: torch.Tensor, kv: torch.Tensor, k_pe: torch.Tensor) -> None:
+    """:func:`~dsv3.inference.cache.write_latent` as an opaque in-place op for ``torch.compile``: traced as
+    plain indexing, the write into the cache (a graph input) became a copy of the layer's whole cache."""
+    write_latent(latent, index, kv, k_pe)
+
+
+def prefill_attention(
+    attn: MLA, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    latent: torch.Tensor, index: torch.Tensor, start: int = 0, pages: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Expanded MLA for n new tokens x (B, n, d) at positions start .. start+n-1, their latents written at
+    ``index`` (B, n). Prompts right-padded to n attend causally (the padding stays out of every real
+    token's view). A prefix continuation (start > 0, B = 1) also attends over the cached positions,
+    read through ``pages`` (1, P)."""
+    b, n, _ = x.shape
+    q_nope, q_pe = attn.query(x, cos, sin)
+    kv, k_pe = attn.latent(x, cos, sin)
+    _write_latent(latent, index, kv, k_pe)
+    mask = None
+    if start > 0:
+        kv, k_pe = read_latent(latent, pages)[:, :start + n].split([attn.kv_lora_rank, attn.qk_rope_head_dim], -1)
+        mask = torch.arange(start + n, device=x.device) <= torch.arange(start, start + n, device=x.device)[:, None]
+    k, v = attn.expand_kv(kv.to(x.dtype), k_pe.to(x.dtype))
+    q = torch.cat([q_nope, q_pe], dim=-1)
+    o = F.scaled_dot_product_attention(  # the engine asks for cuDNN first (model.attention._prefer_cudnn)
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+        attn_mask=mask, is_causal=mask is None, scale=attn.softmax_scale,
+    )
+    return attn.o_proj(o.transpose(1, 2).reshape(b, n, attn.n_heads * attn.v_head_dim))
+
+
+def absorbed_attention(
+    attn: MLA, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    latent: torch.Tensor, index: torch.Tensor, pages: torch.Tensor, hidden: torch.Tensor,
+) -> torch.Tensor:
+    """MLA with W^UK and W^UV absorbed, for new tokens x (B, S, d) written at ``index`` (B, S) and attending
+    over the cached latents of ``pages`` (B, P). ``hidden`` (B, S, 1, P * page_size) bool marks the cached
+    positions a query may not see.
+
+    The cache row [c^KV; k^R] serves as the key of every head against the query [q^C W^UK; q^R], so the
+    score q_lat . c^KV + q^R . k^R is one product; the value is its c^KV part."""
+    b, s, _ = x.shape
+    h, d_nope, d_v, d_c = attn.n_heads, attn.qk_nope_head_dim, attn.v_head_dim, attn.kv_lora_rank
+    q_nope, q_pe = attn.query(x, cos, sin)  # (B, S, H, d_nope), (B, S, H, d_r)
+    kv, k_pe = attn.latent(x, cos, sin)
+    _write_latent(latent, index, kv, k_pe)  # write first: a token attends to itself
+    lat = read_latent(latent, pages).to(x.dtype)  # (B, T, d_c + d_r)
+    w = attn.kv_b_proj.weight.view(h, d_nope + d_v, d_c)
+    w_uk, w_uv = w[:, :d_nope].to(x.dtype), w[:, d_nope:].to(x.dtype)  # (H, d_nope, d_c), (H, d_v, d_c)
+    q = torch.cat([torch.einsum("bshd,hdc->bshc", q_nope, w_uk), q_pe], dim=-1)  # (B, S, H, d_c + d_r)
+    scores = torch.einsum("bshc,btc->bsht", q, lat)
+    scores = (scores.float() * attn.softmax_scale).masked_fill(hidden, float("-inf"))
+    probs = scores.softmax(dim=-1).to(x.dtype)
+    o_lat = torch.einsum("bsht,btc->bshc", probs, lat[..., :d_c])
+    o = torch.einsum("bshc,hvc->bshv", o_lat, w_uv)
+    return attn.o_proj(o.reshape(b, s, h * d_v))
+
+
+def grouped_experts(experts: Experts, x: torch.Tensor) -> bool:
+    """Whether ``experts`` run as a grouped GEMM on x's dtype and device (no host sync)."""
+    impl = experts.implementation
+    return impl == "grouped" or (impl == "auto" and _grouped_mm_ok(x, experts.gate_up_proj))
+
+
+def sort_by_expert(ids: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The stable sort of the token copies ``ids`` (N,) by expert, without host syncs: ``order`` (N,) (as
+    ``ids.argsort(stable=True)``), its inverse ``place`` (the sorted position of each copy) and the tokens
+    per expert ``counts`` (E,).
+
+    ``torch.bincount`` (used by :func:`dsv3.model.moe.dispatch`) reads its input's min and max back to the
+    host on CUDA, which stalls every step and cannot be captured in a CUDA graph. For the few copies of a
+    decode step a counting sort replaces the sort kernel (tens of microseconds even for a few hundred
+    keys): a copy's place is the number of copies of smaller experts plus those of its own expert before
+    it, two comparisons over all pairs that ``torch.compile`` fuses into one reduction."""
+    n = ids.numel()
+    arange = torch.arange(n, device=ids.device)
+    if n > 2048:  # prefill: a real sort
+        counts = torch.zeros(n_experts, dtype=torch.long, device=ids.device).scatter_add_(0, ids, torch.ones_like(ids))
+        order = ids.argsort(stable=True)
+        return order, torch.empty_like(order).scatter_(0, order, arange), counts
+    counts = (ids == torch.arange(n_experts, device=ids.device)[:, None]).sum(dim=1)
+    before = (ids[None, :] < ids[:, None]) | ((ids[None, :] == ids[:, None]) & (arange[None, :] < arange[:, None]))
+    place = before.sum(dim=1)
+    return torch.empty_like(ids).scatter_(0, place, arange), place, counts
+
+
+def moe_forward(moe: MoE, x: torch.Tensor, capturable: bool = False) -> torch.Tensor:
+    """:meth:`MoE.forward` for inference (no router statistics), without host syncs (:func:`sort_by_expert`).
+
+    With ``capturable``, experts that cannot run as a grouped GEMM (not bf16 on Hopper) avoid the reference
+    loop (it splits by counts read to the host): each token copy is multiplied by its own expert's gathered
+    weights instead (fixed shapes; meant for small models and tests).
+    """
+    b, s, d = x.shape
+    flat = x.reshape(-1, d)
+    weights, indices, _ = moe.gate(flat)
+    ids = indices.flatten()
+    order, place, counts = sort_by_expert(ids, moe.n_experts)
+    x_sorted = flat[order // indices.shape[1]]
+    experts = moe.experts
+    if capturable and not grouped_experts(experts, x_sorted):
+        e = ids[order]
+        gate, up = torch.bmm(experts.gate_up_proj[e], x_sorted[:, :, None]).squeeze(-1).split(experts.inter_dim, -1)
+        y_sorted = torch.bmm(experts.down_proj[e], (F.silu(gate) * up)[:, :, None]).squeeze(-1)
+    else:
+        y_sorted = experts(x_sorted, counts)
+    # back to (token, k) order by a gather (fused with the weighted sum when compiled)
+    y = (y_sorted[place].view(b * s, -1, d) * weights.unsqueeze(-1).to(y_sorted.dtype)).sum(dim=1).to(x.dtype)
+    if moe.shared_experts is not None:
+        y = y + moe.shared_experts(flat)
+    return y.view(b, s, d)
+
+
+def run_block(
+    block: Block, x: torch.Tensor, attend: Callable[[MLA, torch.Tensor], torch.Tensor], capturable: bool = False
+) -> torch.Tensor:
+    """One decoder block (as :meth:`Block.forward`) with the attention replaced by ``attend(mla, h)``; the
+    norms and the FFN / MoE are the block's own modules (the MoE through :func:`moe_forward`)."""
+    x = x + attend(block.self_attn, block.input_layernorm(x))
+    h = block.post_attention_layernorm(x)
+    y = moe_forward(block.mlp, h, capturable) if isinstance(block.mlp, MoE) else block.mlp(h)
+    return x + y
+
+
+def prefill_block(
+    block: Block, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, latent: torch.Tensor,
+    index: torch.Tensor, start: int = 0, pages: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """A block over new prompt tokens with expanded attention (:func:`prefill_attention`)."""
+    return run_block(block, x, lambda attn, h: prefill_attention(attn, h, cos, sin, latent, index, start, pages))
+
+
+def decode_block(
+    block: Block, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, latent: torch.Tensor,
+    index: torch.Tensor, pages: torch.Tensor, hidden: torch.Tensor, capturable: bool = False,
+) -> torch.Tensor:
+    """A block over new tokens with absorbed attention (:func:`absorbed_attention`)."""
+    return run_block(
+        block, x, lambda attn, h: absorbed_attention(attn, h, cos, sin, latent, index, pages, hidden), capturable
+    )
