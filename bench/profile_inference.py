@@ -54,23 +54,30 @@ def median_ms(fn, reps: int = 20) -> float:
 
 
 def grouped_mm_probe(config: dsv3.ModelConfig) -> None:
-    """_grouped_mm over the 64 stacked experts with the rows of a decode step, vs the weight bytes read."""
+    """The 64 stacked experts on the rows of a decode step: torch._grouped_mm against the Triton few-rows
+    kernel, and the bandwidth of reading the weights of the experts hit."""
+    from dsv3.inference.triton_moe import grouped_mm_few_rows
+
     e, d, i, k = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size, config.num_experts_per_tok
     w1 = torch.randn(e, 2 * i, d, device="cuda", dtype=torch.bfloat16) * 0.02
     w2 = torch.randn(e, d, i, device="cuda", dtype=torch.bfloat16) * 0.02
-    print("| tokens | experts hit | gate_up us | down us | weight GB/s (both) |")
-    print("|---|---|---|---|---|")
-    for tokens in (1, 8, 32, 512):
-        ids = torch.stack([torch.randperm(e, device="cuda")[:k] for _ in range(tokens)]).flatten()
+    print("| tokens | experts hit | _grouped_mm gate_up + down us | GB/s | few-rows kernel us | GB/s | rel. diff |")
+    print("|---|---|---|---|---|---|---|")
+    for tokens in (1, 4, 8, 16, 32, 64):
+        ids = torch.stack([torch.randperm(e, device="cuda")[:k] for _ in range(tokens)]).flatten().sort().values
         counts = torch.bincount(ids, minlength=e)
         offs = counts.cumsum(0).to(torch.int32)
         x = torch.randn(ids.numel(), d, device="cuda", dtype=torch.bfloat16)
-        hit = int((counts > 0).sum())
-        t1 = median_ms(lambda: torch._grouped_mm(x, w1.transpose(-2, -1), offs=offs), 50)
         h = torch.randn(ids.numel(), i, device="cuda", dtype=torch.bfloat16)
-        t2 = median_ms(lambda: torch._grouped_mm(h, w2.transpose(-2, -1), offs=offs), 50)
+        hit = int((counts > 0).sum())
         gb = hit * 3 * d * i * 2 / 1e9
-        print(f"| {tokens} | {hit} | {t1 * 1e3:.0f} | {t2 * 1e3:.0f} | {gb / ((t1 + t2) / 1e3):.0f} |")
+        t_ref = median_ms(lambda: (torch._grouped_mm(x, w1.transpose(-2, -1), offs=offs),
+                                   torch._grouped_mm(h, w2.transpose(-2, -1), offs=offs)), 50)
+        t_new = median_ms(lambda: (grouped_mm_few_rows(x, w1, offs), grouped_mm_few_rows(h, w2, offs)), 50)
+        ref = torch._grouped_mm(x, w1.transpose(-2, -1), offs=offs).float()
+        diff = (grouped_mm_few_rows(x, w1, offs).float() - ref).norm() / ref.norm()
+        print(f"| {tokens} | {hit} | {t_ref * 1e3:.0f} | {gb / t_ref * 1e3:.0f} | {t_new * 1e3:.0f} | "
+              f"{gb / t_new * 1e3:.0f} | {diff:.1e} |", flush=True)
 
 
 def main() -> None:
@@ -80,6 +87,7 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--rows", type=int, default=25)
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--decode-experts", default="auto", help="Engine(decode_experts=...): auto, few_rows, module")
     args = ap.parse_args()
     config = dsv3.preset("16b")
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
@@ -89,9 +97,11 @@ def main() -> None:
     prefills = [int(b) for b in args.prefill.split(",") if b]
     max_batch = max(batches + prefills)
     compiled = not args.no_compile
-    graphed = Engine(model, max_batch=max_batch, max_seq_len=args.prompt + 64, page_size=16, compile=compiled)
-    eager = Engine(model, max_batch=max_batch, max_seq_len=args.prompt + 64, page_size=16, cuda_graph=False,
-                   compile=compiled)
+    kw = dict(max_batch=max_batch, max_seq_len=args.prompt + 64, page_size=16, compile=compiled,
+              decode_experts=args.decode_experts)
+    graphed = Engine(model, **kw)
+    eager = Engine(model, cuda_graph=False, **kw)
+    print(f"decode experts: {graphed.decode_experts}")
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, config.vocab_size, (max_batch, args.prompt), generator=g).tolist()
     for b in batches:

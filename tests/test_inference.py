@@ -468,10 +468,13 @@ def test_cuda_graph_decode_bf16_logits_close_and_used_by_default():
     plain, graphed = _gpu_engines(model)
     hopper = torch.cuda.get_device_capability() >= (9, 0)
     assert (Engine(model, max_batch=2, max_seq_len=32).graphs is not None) == hopper  # automatic on Hopper
+    assert graphed.decode_experts == ("few_rows" if hopper else "module")
     prompts = [rand_tokens(n, 100 + n) for n in (5, 8)]
-    for eng in (plain, graphed):
-        for p in prompts:
-            eng.prefill(eng.new_sequence(), p)
+    prefilled = [[eng.prefill(eng.new_sequence(), p) for p in prompts] for eng in (plain, graphed)]
+    assert graphed.prefill_graphs.steps[(1, 16)].graph is not None  # both prompts padded to 16 tokens
+    for (h_ref, l_ref), (h, logits) in zip(*prefilled):
+        assert h.shape == h_ref.shape
+        torch.testing.assert_close(logits.float(), l_ref.float(), atol=0.05, rtol=0.02)
     _, ref = plain.decode([0, 1], [3, 4])
     _, got = graphed.decode([0, 1], [3, 4])
     assert graphed.graphs.steps[(2, 1, 16)].graph is not None
@@ -506,3 +509,21 @@ def test_compiled_decode_matches_plain(model):
         torch.testing.assert_close(got, ref, atol=TOL, rtol=0)
     live = slice(0, compiled.cache.null_page)  # the padded row (batch 3 -> 4) wrote to the scratch page
     torch.testing.assert_close(compiled.cache.latent[:, live], plain.cache.latent[:, live], atol=TOL, rtol=0)
+
+
+@pytest.mark.gpu
+def test_few_rows_triton_kernel_matches_float64_reference():
+    """The decode experts' Triton kernel: empty experts, experts with more rows than one row tile, and
+    sizes that are not multiples of its blocks."""
+    from dsv3.inference.triton_moe import grouped_mm_few_rows
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for counts, n, k in [([1, 0, 0, 2, 3, 0], 2816, 2048), ([0, 40, 1, 0, 17], 100, 200), ([5], 64, 128)]:
+        counts_t = torch.tensor(counts, device="cuda")
+        x = torch.randn(sum(counts), k, device="cuda", generator=g).bfloat16()
+        w = (torch.randn(len(counts), n, k, device="cuda", generator=g) / k ** 0.5).bfloat16()
+        y = grouped_mm_few_rows(x, w, counts_t.cumsum(0).to(torch.int32))
+        expert = torch.repeat_interleave(torch.arange(len(counts), device="cuda"), counts_t)
+        ref = torch.einsum("mk,mnk->mn", x.double(), w[expert].double())
+        assert torch.isfinite(y).all()
+        assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-2

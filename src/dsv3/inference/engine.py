@@ -28,11 +28,11 @@ from dataclasses import dataclass, field
 import torch
 
 from ..model.attention import _prefer_cudnn
-from ..model.moe import Experts
+from ..model.moe import Experts, _grouped_mm_ok
 from ..model.transformer import DeepSeekV3
 from ..model.transformer_block import Block
 from .cache import CacheFullError, PagedLatentCache
-from .layers import decode_block, grouped_experts, prefill_block
+from .layers import decode_block, prefill_block
 from .sampling import GenerationRequest, GenerationResult, SamplingParams, TokenEvent, sample_token
 
 Prompt = list[int] | str
@@ -86,15 +86,22 @@ class Engine:
     model's first MTP module (report §2.2) and verifies it with the main model
     (:mod:`dsv3.inference.speculative`).
 
-    ``cuda_graph``: replay captured CUDA graphs for the decode steps (:mod:`dsv3.inference.cuda_graph`),
+    ``cuda_graph``: replay captured CUDA graphs for the decode steps and (where the experts run as grouped
+    GEMMs) for prefills of new prompts of at most ``max_prefill_graph_tokens`` padded tokens (0: prefill
+    eagerly) (:mod:`dsv3.inference.cuda_graph`),
     batches padded up to the nearest of ``graph_batch_sizes``. ``None`` (default): on when the model is on
     a CUDA device and its experts run as grouped GEMMs (bf16 on Hopper). ``True`` on the CPU runs the same
     padded fixed-shape step eagerly (for tests). The model's weights and the cache must not be moved or
     reallocated once graphs are captured.
 
     ``compile``: run each decode and prefill block through ``torch.compile`` (one compiled function serves
-    every layer; the first steps of each new shape compile, which takes a while). ``None`` (default): on with CUDA graphs
-    on a CUDA device. It leaves the numbers as they are up to floating-point rounding.
+    every layer; the first steps of each new shape compile, which takes a while). ``None`` (default): on
+    with CUDA graphs on a CUDA device. It leaves the numbers as they are up to floating-point rounding.
+
+    ``decode_experts``: how the routed experts of a decode step run (:func:`~dsv3.inference.layers.moe_forward`):
+    ``"few_rows"`` (a Triton kernel for a few rows per expert), ``"module"`` (the model's own experts,
+    ``torch._grouped_mm`` on Hopper) or ``"auto"`` (default: ``few_rows`` on a CUDA device with Triton where
+    the experts run as grouped GEMMs, else ``module``).
     """
 
     def __init__(
@@ -112,6 +119,8 @@ class Engine:
         cuda_graph: bool | None = None,
         graph_batch_sizes: Seq[int] = (1, 2, 4, 8, 16, 32),
         compile: bool | None = None,
+        decode_experts: str = "auto",
+        max_prefill_graph_tokens: int = 16384,
     ):
         param = next(model.parameters())
         self.device = torch.device(device) if device is not None else param.device
@@ -146,29 +155,42 @@ class Engine:
         from .speculative import MTPSpeculator
 
         self.speculator = MTPSpeculator(self) if speculative else None
+        grouped = self._experts_grouped()
+        if decode_experts == "auto":
+            decode_experts = "few_rows" if grouped and self.device.type == "cuda" and _has_triton() else "module"
+        if decode_experts not in ("few_rows", "module"):
+            raise ValueError(f"decode_experts must be 'auto', 'few_rows' or 'module', got {decode_experts!r}")
+        self.decode_experts = decode_experts
+        """How the routed experts of a decode step run; a captured step whose experts would need the
+        host-syncing loop runs them ``"gathered"`` instead."""
+        self._capturable_experts = decode_experts if grouped or decode_experts == "few_rows" else "gathered"
         if cuda_graph is None:
-            cuda_graph = self.device.type == "cuda" and self._experts_capturable()
-        self.graphs = None
+            cuda_graph = self.device.type == "cuda" and grouped
+        self.graphs = self.prefill_graphs = None
         if cuda_graph:
-            from .cuda_graph import DecodeGraphs
+            from .cuda_graph import DecodeGraphs, PrefillGraphs
 
             self.graphs = DecodeGraphs(self, graph_batch_sizes)
+            # a prefill runs the model's own experts: capturable as grouped GEMMs only (not the loop)
+            if max_prefill_graph_tokens > 0 and (grouped or self.device.type != "cuda"):
+                self.prefill_graphs = PrefillGraphs(self, graph_batch_sizes, max_prefill_graph_tokens)
         if compile is None:
             compile = self.graphs is not None and self.device.type == "cuda"
         self._decode_block = torch.compile(decode_block, dynamic=None) if compile else decode_block
         # Prefill runs the experts through the model's own module: compiled only where that is a grouped GEMM
         # (the reference loop splits by counts read to the host: a recompilation per split).
-        compile_prefill = compile and self._experts_capturable()
+        compile_prefill = compile and grouped
         self._prefill_block = torch.compile(prefill_block, dynamic=True) if compile_prefill else prefill_block
         self.scheduler = Scheduler(self)
         """The engine's own request queue, used by :meth:`generate` and :meth:`stream`."""
 
-    def _experts_capturable(self) -> bool:
+    def _experts_grouped(self) -> bool:
         """Every weight is in the engine's dtype (FP8-served models keep the plain path) and every MoE
-        layer's experts run as a grouped GEMM (no host sync)."""
+        layer's experts run as a grouped GEMM (bf16 on Hopper: no host sync)."""
         probe = torch.empty(0, 8, device=self.device, dtype=self.dtype)
         return all(p.dtype == self.dtype for p in self.model.parameters()) and all(
-            grouped_experts(m, probe) for m in self.model.modules() if isinstance(m, Experts))
+            m.implementation == "grouped" or (m.implementation == "auto" and _grouped_mm_ok(probe, m.gate_up_proj))
+            for m in self.model.modules() if isinstance(m, Experts))
 
     # ================================================================================================
     # forwards through blocks
@@ -214,8 +236,9 @@ class Engine:
         pages = self.cache.block_table[slots, :self.cache.pages_for(max_len)]  # (B, P)
         n_keys = pages.shape[1] * self.cache.page_size
         hidden = (torch.arange(n_keys, device=x.device) > positions[:, :, None])[:, :, None, :]  # (B, S, 1, T)
+        experts = self._capturable_experts if capturable else self.decode_experts
         for layer, block in blocks:
-            x = self._decode_block(block, x, cos, sin, self.cache.latent[layer], index, pages, hidden, capturable)
+            x = self._decode_block(block, x, cos, sin, self.cache.latent[layer], index, pages, hidden, experts)
         return x
 
     # ================================================================================================
@@ -236,6 +259,8 @@ class Engine:
         n = len(tokens)
         if n == 0:
             raise ValueError("prefill needs at least one token")
+        if not all_logits and self.cache.lengths[slot] == 0:
+            return self.prefill_batch([slot], [tokens])[0]
         start = self.cache.extend(slot, n)
         ids = torch.as_tensor(list(tokens), dtype=torch.long, device=self.device)[None]
         x = self.run_prefill(self.model.embed_tokens(ids), self.main_blocks, slot, start)
@@ -246,14 +271,17 @@ class Engine:
     def prefill_batch(self, slots: Seq[int], prompts: Seq[Seq[int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """:meth:`prefill` of several prompts into empty slots, in one forward: the prompts are right-padded
         to the longest (causal attention keeps the padding out of the real tokens; it writes to the scratch
-        page). Returns (hidden (n_i, d), last-token logits (1, V)) per prompt. Slots holding a prefix are
-        prefilled one at a time."""
+        page), through a captured CUDA graph when the engine has them. Returns (hidden (n_i, d), last-token
+        logits (1, V)) per prompt. Slots holding a prefix are prefilled one at a time."""
         lengths = [len(p) for p in prompts]
         if len(slots) != len(prompts) or min(lengths, default=1) == 0:
             raise ValueError("prefill_batch needs one non-empty prompt per slot")
-        if len(slots) <= 1 or any(self.cache.lengths[slot] for slot in slots):
+        if any(self.cache.lengths[slot] for slot in slots):
             return [self.prefill(slot, tokens) for slot, tokens in zip(slots, prompts)]
         self._extend_all(slots, lengths)
+        if self.prefill_graphs is not None and self.prefill_graphs.covers_prompts(lengths):
+            h, logits = self.prefill_graphs.run(slots, prompts)  # views of the graph's buffers: copy out
+            return [(h[i, :m].clone(), logits[i:i + 1].clone()) for i, m in enumerate(lengths)]
         n = max(lengths)
         ids = torch.tensor([list(p) + [0] * (n - len(p)) for p in prompts], dtype=torch.long, device=self.device)
         n_t = torch.tensor(lengths, device=self.device)
@@ -474,3 +502,11 @@ def _streamable(text: str, stops: Seq[str]) -> int:
                 hold = max(hold, k)
                 break
     return end - hold
+
+
+def _has_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..model.attention import MLA
-from ..model.moe import Experts, MoE, _grouped_mm_ok
+from ..model.moe import MoE
 from ..model.transformer_block import Block
 from .cache import read_latent, write_latent
 
@@ -90,12 +90,6 @@ def absorbed_attention(
     return attn.o_proj(o.reshape(b, s, h * d_v))
 
 
-def grouped_experts(experts: Experts, x: torch.Tensor) -> bool:
-    """Whether ``experts`` run as a grouped GEMM on x's dtype and device (no host sync)."""
-    impl = experts.implementation
-    return impl == "grouped" or (impl == "auto" and _grouped_mm_ok(x, experts.gate_up_proj))
-
-
 def sort_by_expert(ids: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The stable sort of the token copies ``ids`` (N,) by expert, without host syncs: ``order`` (N,) (as
     ``ids.argsort(stable=True)``), its inverse ``place`` (the sorted position of each copy) and the tokens
@@ -118,12 +112,21 @@ def sort_by_expert(ids: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, tor
     return torch.empty_like(ids).scatter_(0, place, arange), place, counts
 
 
-def moe_forward(moe: MoE, x: torch.Tensor, capturable: bool = False) -> torch.Tensor:
+FEW_ROWS_MAX = 512
+"""Token copies up to which ``experts="few_rows"`` runs the Triton kernel (larger batches: the module)."""
+
+
+def moe_forward(moe: MoE, x: torch.Tensor, experts: str = "module") -> torch.Tensor:
     """:meth:`MoE.forward` for inference (no router statistics), without host syncs (:func:`sort_by_expert`).
 
-    With ``capturable``, experts that cannot run as a grouped GEMM (not bf16 on Hopper) avoid the reference
-    loop (it splits by counts read to the host): each token copy is multiplied by its own expert's gathered
-    weights instead (fixed shapes; meant for small models and tests).
+    ``experts`` picks how the routed experts run on the sorted token copies:
+
+    * ``"module"``: the model's own :class:`~dsv3.model.moe.Experts` (``torch._grouped_mm`` in bf16 on Hopper,
+      else the reference loop, which splits by counts read back to the host);
+    * ``"few_rows"``: the Triton kernel of :mod:`dsv3.inference.triton_moe` for decode steps (at most
+      :data:`FEW_ROWS_MAX` copies, else the module);
+    * ``"gathered"``: each copy times its own expert's gathered weights (fixed shapes, no host sync, for any
+      dtype and device: meant for small models and tests).
     """
     b, s, d = x.shape
     flat = x.reshape(-1, d)
@@ -131,13 +134,19 @@ def moe_forward(moe: MoE, x: torch.Tensor, capturable: bool = False) -> torch.Te
     ids = indices.flatten()
     order, place, counts = sort_by_expert(ids, moe.n_experts)
     x_sorted = flat[order // indices.shape[1]]
-    experts = moe.experts
-    if capturable and not grouped_experts(experts, x_sorted):
+    module = moe.experts
+    if experts == "gathered":
         e = ids[order]
-        gate, up = torch.bmm(experts.gate_up_proj[e], x_sorted[:, :, None]).squeeze(-1).split(experts.inter_dim, -1)
-        y_sorted = torch.bmm(experts.down_proj[e], (F.silu(gate) * up)[:, :, None]).squeeze(-1)
+        gate, up = torch.bmm(module.gate_up_proj[e], x_sorted[:, :, None]).squeeze(-1).split(module.inter_dim, -1)
+        y_sorted = torch.bmm(module.down_proj[e], (F.silu(gate) * up)[:, :, None]).squeeze(-1)
+    elif experts == "few_rows" and ids.numel() <= FEW_ROWS_MAX:
+        from .triton_moe import grouped_mm_few_rows
+
+        ends = counts.cumsum(0).to(torch.int32)
+        gate, up = grouped_mm_few_rows(x_sorted, module.gate_up_proj, ends).split(module.inter_dim, -1)
+        y_sorted = grouped_mm_few_rows(F.silu(gate) * up, module.down_proj, ends)
     else:
-        y_sorted = experts(x_sorted, counts)
+        y_sorted = module(x_sorted, counts)
     # back to (token, k) order by a gather (fused with the weighted sum when compiled)
     y = (y_sorted[place].view(b * s, -1, d) * weights.unsqueeze(-1).to(y_sorted.dtype)).sum(dim=1).to(x.dtype)
     if moe.shared_experts is not None:
@@ -146,13 +155,13 @@ def moe_forward(moe: MoE, x: torch.Tensor, capturable: bool = False) -> torch.Te
 
 
 def run_block(
-    block: Block, x: torch.Tensor, attend: Callable[[MLA, torch.Tensor], torch.Tensor], capturable: bool = False
+    block: Block, x: torch.Tensor, attend: Callable[[MLA, torch.Tensor], torch.Tensor], experts: str = "module"
 ) -> torch.Tensor:
     """One decoder block (as :meth:`Block.forward`) with the attention replaced by ``attend(mla, h)``; the
     norms and the FFN / MoE are the block's own modules (the MoE through :func:`moe_forward`)."""
     x = x + attend(block.self_attn, block.input_layernorm(x))
     h = block.post_attention_layernorm(x)
-    y = moe_forward(block.mlp, h, capturable) if isinstance(block.mlp, MoE) else block.mlp(h)
+    y = moe_forward(block.mlp, h, experts) if isinstance(block.mlp, MoE) else block.mlp(h)
     return x + y
 
 
@@ -166,9 +175,9 @@ def prefill_block(
 
 def decode_block(
     block: Block, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, latent: torch.Tensor,
-    index: torch.Tensor, pages: torch.Tensor, hidden: torch.Tensor, capturable: bool = False,
+    index: torch.Tensor, pages: torch.Tensor, hidden: torch.Tensor, experts: str = "module",
 ) -> torch.Tensor:
     """A block over new tokens with absorbed attention (:func:`absorbed_attention`)."""
     return run_block(
-        block, x, lambda attn, h: absorbed_attention(attn, h, cos, sin, latent, index, pages, hidden), capturable
+        block, x, lambda attn, h: absorbed_attention(attn, h, cos, sin, latent, index, pages, hidden), experts
     )

@@ -69,11 +69,11 @@ class Gate(nn.Module):
             if self.e_score_correction_bias is None:
                 group_scores = grouped.amax(dim=-1)
             else:
-                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
-            keep = group_scores.topk(self.topk_groups, dim=-1).indices
+                group_scores = grouped.topk(2, dim=-1, sorted=False).values.sum(dim=-1)
+            keep = group_scores.topk(self.topk_groups, dim=-1, sorted=False).indices
             group_mask = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
             choice = grouped.masked_fill(group_mask.unsqueeze(-1), float("-inf")).flatten(1)
-        indices = choice.topk(self.top_k, dim=-1).indices
+        indices = choice.topk(self.top_k, dim=-1, sorted=False).indices  # order is irrelevant: no sort
         weights = scores.gather(1, indices)
         if self.norm_topk:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
