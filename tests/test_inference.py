@@ -460,6 +460,8 @@ def test_cuda_graph_decode_matches_plain_float32():
     assert [r.tokens for r in got] == [r.tokens for r in ref]
     assert any(step.graph is not None for step in graphed.graphs.steps.values())
     assert graphed.cache.num_free_pages == graphed.cache.num_pages
+    spec = Engine(model, max_batch=4, max_seq_len=64, page_size=8, speculative=True, cuda_graph=True)
+    assert [r.tokens for r in spec.generate(prompts, params)] == [r.tokens for r in ref]
 
 
 @pytest.mark.gpu
