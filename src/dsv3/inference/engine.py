@@ -160,6 +160,8 @@ class Engine:
             decode_experts = "few_rows" if grouped and self.device.type == "cuda" and _has_triton() else "module"
         if decode_experts not in ("few_rows", "module"):
             raise ValueError(f"decode_experts must be 'auto', 'few_rows' or 'module', got {decode_experts!r}")
+        if decode_experts == "few_rows" and not (self.device.type == "cuda" and _has_triton()):
+            raise ValueError("decode_experts='few_rows' is a Triton kernel: it needs a CUDA device and triton")
         self.decode_experts = decode_experts
         """How the routed experts of a decode step run; a captured step whose experts would need the
         host-syncing loop runs them ``"gathered"`` instead."""
