@@ -277,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="text/JSONL file or directory (default: the Python standard library)")
     p.add_argument("--tokenizer", help="Hugging Face tokenizer.json or its directory (default: train a BPE)")
     p.add_argument("--vocab-size", type=int, help="vocabulary of the trained BPE (default 4096)")
-    p.add_argument("--steps", type=int, help="token budget in full batches (default 400)")
+    p.add_argument("--steps", type=int, help="token budget in full batches (default 300)")
     p.add_argument("--seq-len", type=int, help="sequence length (default 256)")
     p.add_argument("--batch-size", type=int, help="global batch in sequences (default 16)")
     p.add_argument("--micro-batch-size", type=int, help="sequences per forward/backward (default 16)")

@@ -50,7 +50,7 @@ class TrainConfig:
     """Where trained tokenizers and token files are kept between runs."""
     out: str | None = None
     """Run directory (checkpoints, metrics.jsonl, plots, export); default runs/<preset>-<time>."""
-    steps: int = 400
+    steps: int = 300
     """Token budget of the run in full-size batches: total tokens = steps * batch_size * seq_len."""
     seq_len: int = 256
     batch_size: int = 16
