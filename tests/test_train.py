@@ -346,7 +346,8 @@ def test_default_cli_path_end_to_end(tmp_path):
     assert all(Path(p).stat().st_size > 1000 for p in plots.stdout.split())
 
 
-def test_sigterm_saves_a_checkpoint_and_resume_finishes(corpus, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_saves_a_checkpoint_and_resume_finishes(corpus, tmp_path, sig):
     out = tmp_path / "run"
     args = ["train", "--data", str(corpus), "--vocab-size", "300", "--cache-dir", str(tmp_path / "cache"),
             "--out", str(out), "--steps", "400", "--seq-len", "32", "--batch-size", "2", "--micro-batch-size", "2",
@@ -359,7 +360,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(corpus, tmp_path):
     deadline = time.time() + 300
     while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, err[-2000:]
     assert "checkpoint saved" in err or "checkpoint saved" in _
