@@ -143,7 +143,8 @@ def _engine_from_args(args: argparse.Namespace):
     model, tokenizer = load_run_or_checkpoint(args.checkpoint, args.device)
     if next(model.parameters()).device.type == "cpu":
         torch.set_num_threads(args.threads or default_cpu_threads(model))
-    engine = Engine(model, tokenizer, max_batch=1, max_seq_len=args.max_seq_len, speculative=args.speculative)
+    engine = Engine(model, tokenizer, max_batch=1, max_seq_len=args.max_seq_len, speculative=args.speculative,
+                    compile=args.compile)
     return engine, tokenizer
 
 
@@ -230,7 +231,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     serve(args.checkpoint, args.host, args.port, model_name=args.model_name, device=args.device,
           max_batch=args.max_batch, max_seq_len=args.max_seq_len, page_size=args.page_size,
           num_pages=args.num_pages, speculative=args.speculative, num_threads=args.threads,
-          max_pending=args.max_pending, log_level=args.log_level)
+          max_pending=args.max_pending, log_level=args.log_level, compile=args.compile)
     return 0
 
 
@@ -314,6 +315,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_sample)
 
+    def compile_arg(p: argparse.ArgumentParser, default: bool | None) -> None:
+        what = "off" if default is False else "on with a CUDA device"
+        p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=default,
+                       help="torch.compile the engine's blocks on a GPU: faster steps after a compilation of "
+                            f"seconds to minutes at the first request of each shape (default {what})")
+
     def engine_args(p: argparse.ArgumentParser, temperature: float, seed: int | None, max_new: int) -> None:
         p.add_argument("checkpoint", help="Hugging Face layout directory (tokenizer.json beside the weights) or "
                                           "`dsv3 train` run directory")
@@ -335,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Complete a prompt with the cached inference engine (dsv3.inference), "
                                    "printing tokens as they come; speed on stderr.")
     engine_args(p, temperature=0.0, seed=0, max_new=128)
+    compile_arg(p, False)  # one request: a compilation would not pay for itself
     p.add_argument("--prompt", required=True)
     p.add_argument("--no-echo", action="store_true", help="print only the completion, not the prompt")
     p.set_defaults(func=cmd_generate)
@@ -345,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "chat template (tokenizer_config.json) or DeepSeek-V3's format. /reset "
                                    "starts over; /exit or end of input quits.")
     engine_args(p, temperature=0.7, seed=None, max_new=512)
+    compile_arg(p, None)
     p.add_argument("--system", default=None, help="system prompt")
     p.set_defaults(func=cmd_chat)
 
@@ -366,6 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pending", type=int, default=None,
                    help="requests queued or running before the server answers 429 (default unbounded)")
     p.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
+    compile_arg(p, None)
     p.add_argument("--threads", type=int, default=None,
                    help="CPU intra-op threads (default 1 for models under 50M parameters, else torch's)")
     p.add_argument("--log-level", default="info", help="uvicorn log level (default info)")

@@ -579,10 +579,12 @@ def serve(
     num_threads: int | None = None,
     max_pending: int | None = None,
     log_level: str = "info",
+    compile: bool | None = None,
 ) -> None:
     """Load ``checkpoint`` (a Hugging Face layout directory or a ``dsv3 train`` run directory) and serve it
     on http://host:port until interrupted. The chat template comes from its tokenizer_config.json when it has
-    one. On a CPU, ``num_threads`` defaults to :func:`dsv3.cli.default_cpu_threads`."""
+    one. On a CPU, ``num_threads`` defaults to :func:`dsv3.cli.default_cpu_threads`. ``compile``: as
+    :class:`~dsv3.inference.Engine`'s (default: on with a CUDA device)."""
     from pathlib import Path
 
     import uvicorn
@@ -591,7 +593,7 @@ def serve(
 
     model, tokenizer = load_run_or_checkpoint(checkpoint, device)
     engine = Engine(model, tokenizer, max_batch=max_batch, max_seq_len=max_seq_len, page_size=page_size,
-                    num_pages=num_pages, speculative=speculative)
+                    num_pages=num_pages, speculative=speculative, compile=compile)
     if num_threads is None and engine.device.type == "cpu":
         num_threads = default_cpu_threads(model)
     name = model_name or Path(checkpoint).resolve().name
