@@ -135,14 +135,9 @@ class DecodeGraphs(_Graphs):
         return hidden[:b], logits[:b], greedy[:b]
 
     def _forward(self, inputs: torch.Tensor, key: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
-        """The step itself: embedding, main blocks, norm, head, argmax, all on the device."""
-        engine, model = self.engine, self.engine.model
+        """The step itself (:meth:`Engine.decode_forward`), all on the device."""
         tokens, slots, positions, valid = inputs[0], inputs[1, :, 0], inputs[2], inputs[3].bool()
-        x = model.embed_tokens(tokens)
-        x = engine.forward_cached(x, engine.main_blocks, slots, positions, valid, key[2], capturable=True)
-        h = model.norm(x)
-        logits = model.lm_head(h)
-        return h, logits, logits.argmax(dim=-1)
+        return self.engine.decode_forward(tokens, slots, positions, valid, key[2], capturable=True)
 
 
 class PrefillGraphs(_Graphs):
@@ -176,8 +171,5 @@ class PrefillGraphs(_Graphs):
         return hidden[:b], logits[:b]
 
     def _forward(self, inputs: torch.Tensor, key: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
-        engine, model = self.engine, self.engine.model
-        tokens, slots, valid = inputs[0], inputs[1, :, 0], inputs[2].bool()
-        h = model.norm(engine.run_prefill(model.embed_tokens(tokens), engine.main_blocks, slots, 0, valid))
-        last = (valid.sum(dim=1) - 1).clamp(min=0)
-        return h, model.lm_head(h[torch.arange(h.shape[0], device=h.device), last])
+        """The prefill itself (:meth:`Engine.prefill_padded`), all on the device."""
+        return self.engine.prefill_padded(inputs[0], inputs[1, :, 0], inputs[2].bool())

@@ -286,12 +286,20 @@ class Engine:
             return [(h[i, :m].clone(), logits[i:i + 1].clone()) for i, m in enumerate(lengths)]
         n = max(lengths)
         ids = torch.tensor([list(p) + [0] * (n - len(p)) for p in prompts], dtype=torch.long, device=self.device)
-        n_t = torch.tensor(lengths, device=self.device)
-        valid = torch.arange(n, device=self.device) < n_t[:, None]
+        valid = torch.arange(n, device=self.device) < torch.tensor(lengths, device=self.device)[:, None]
         slots_t = torch.tensor(list(slots), dtype=torch.long, device=self.device)
-        h = self.model.norm(self.run_prefill(self.model.embed_tokens(ids), self.main_blocks, slots_t, 0, valid))
-        logits = self.model.lm_head(h[torch.arange(len(slots), device=self.device), n_t - 1])
+        h, logits = self.prefill_padded(ids, slots_t, valid)
         return [(h[i, :m], logits[i:i + 1]) for i, m in enumerate(lengths)]
+
+    def prefill_padded(
+        self, tokens: torch.Tensor, slots: torch.Tensor, valid: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """New prompts right-padded to tokens (B, n) (``valid`` marks the real ones) through the main model
+        into the empty ``slots`` (B,), on the device: final hidden states (B, n, d) and the logits of each
+        row's last real token (B, V)."""
+        h = self.model.norm(self.run_prefill(self.model.embed_tokens(tokens), self.main_blocks, slots, 0, valid))
+        last = (valid.sum(dim=1) - 1).clamp(min=0)
+        return h, self.model.lm_head(h[torch.arange(h.shape[0], device=h.device), last])
 
     def _extend_all(self, slots: Seq[int], counts: Seq[int]) -> list[int]:
         """Grow every slot by its count of positions, all or none; returns their first new positions."""
@@ -333,12 +341,19 @@ class Engine:
         starts = self._extend_all(slots, [s] * b)
         if self.graphs is not None and self.graphs.covers(b):
             return self.graphs.run(list(slots), tokens, starts)
-        tokens = tokens.to(self.device)
         start_t = torch.tensor(starts, dtype=torch.long, device=self.device)
         positions = start_t[:, None] + torch.arange(s, device=self.device)
         slots_t = torch.tensor(list(slots), dtype=torch.long, device=self.device)
-        x = self.model.embed_tokens(tokens)
-        x = self.forward_cached(x, self.main_blocks, slots_t, positions, None, max(starts) + s)
+        return self.decode_forward(tokens.to(self.device), slots_t, positions, None, max(starts) + s)
+
+    def decode_forward(
+        self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor | None,
+        max_len: int, capturable: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Embedding, :meth:`forward_cached` through the main blocks, norm, head and greedy argmax, all on the
+        device: hidden (B, S, d), logits (B, S, V), greedy tokens (B, S)."""
+        x = self.forward_cached(self.model.embed_tokens(tokens), self.main_blocks, slots, positions, valid, max_len,
+                                capturable)
         h = self.model.norm(x)
         logits = self.model.lm_head(h)
         return h, logits, logits.argmax(dim=-1)
