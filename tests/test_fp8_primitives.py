@@ -20,6 +20,7 @@ from dsv3.fp8 import (
     dequantize_tiles,
     fp8_linear,
     quantize_blocks,
+    quantize_rows,
     quantize_tiles,
 )
 from dsv3.fp8 import linear as fp8_linear_mod
@@ -165,6 +166,42 @@ def test_block_quantisation_commutes_with_transpose():
     assert torch.equal(qt.view(torch.uint8), q.t().view(torch.uint8)) and torch.equal(
         st, s.t()
     )
+
+
+def test_block_quantisation_with_transpose_and_stacks():
+    w = _spread(3, 130, 300, seed=6)
+    q, s, qt, st = quantize_blocks(w, with_transpose=True)
+    assert q.shape == (3, 130, 300) and s.shape == (3, 2, 3) and qt.shape == (3, 300, 130) and st.shape == (3, 3, 2)
+    for b in range(3):  # each matrix of the stack on its own, and W^T's quantisation = the transpose
+        qb, sb = quantize_blocks(w[b])
+        qtb, stb = quantize_blocks(w[b].t())
+        assert torch.equal(q[b].view(torch.uint8), qb.view(torch.uint8)) and torch.equal(s[b], sb)
+        assert torch.equal(qt[b].view(torch.uint8), qtb.view(torch.uint8)) and torch.equal(st[b], stb)
+
+
+def test_quantize_rows_gathers_pads_and_transposes():
+    x = _spread(300, 200, seed=9)
+    src_row = torch.tensor([5, 3, -1, 0] + [-1] * 124 + list(range(100, 228)))  # 256 layout rows
+    q, s, qt, st = quantize_rows(x, 256, src_row=src_row, colwise=True)
+    rows = torch.zeros(256, 200)
+    rows[src_row >= 0] = x[src_row[src_row >= 0]]
+    q_ref, s_ref = quantize_tiles(rows)
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(s, s_ref.t())
+    assert s.shape == (2, 256)  # scale-major
+    qt_ref, st_ref = quantize_tiles(rows.t())
+    assert torch.equal(qt.view(torch.uint8), qt_ref.view(torch.uint8)) and torch.equal(st, st_ref.t())
+    assert st.shape == (2, 200) and float(q[2].float().abs().max()) == 0
+    # An FP8 input with scale-major scales is dequantised first; without src_row rows are x's, zero-padded.
+    xq, xs = quantize_tiles(x)
+    _, _, qt2, st2 = quantize_rows(xq, 384, x_scale=xs.t().contiguous(), rowwise=False, colwise=True)
+    rows2 = torch.zeros(384, 200)
+    rows2[:300] = dequantize_tiles(xq, xs)
+    qt2_ref, st2_ref = quantize_tiles(rows2.t())
+    assert torch.equal(qt2.view(torch.uint8), qt2_ref.view(torch.uint8)) and torch.equal(st2, st2_ref.t())
+    with pytest.raises(ValueError, match="n_rows % 128"):
+        quantize_rows(x, 300, colwise=True)
+    with pytest.raises(ValueError, match="n_rows 256 < 300"):
+        quantize_rows(x, 256)
 
 
 def test_dequantize_blocks_is_the_checkpoint_loader():
@@ -416,6 +453,34 @@ def test_gpu_quantisers_match_cpu_reference(pow2, dtype, transpose):
     qb_ref, sb_ref = quantize_blocks(x, pow2_scales=pow2)
     torch.testing.assert_close(sb.cpu(), sb_ref, rtol=2**-23, atol=0)
     _assert_fp8_within_one_ulp(qb.cpu(), qb_ref)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_rows_and_stacked_block_quantisers_match_cpu_reference():
+    x = _spread(700, 330, seed=10).bfloat16()
+    src_row = torch.randperm(896, generator=_gen(1))
+    src_row = torch.where(src_row < 700, src_row, -1)
+    out = quantize_rows(x.cuda(), 896, src_row=src_row.cuda(), colwise=True)
+    ref = quantize_rows(x, 896, src_row=src_row, colwise=True)
+    for got, want in zip(out, ref):
+        if got.dtype == FP8_DTYPE:
+            _assert_fp8_within_one_ulp(got.cpu(), want)
+        else:
+            torch.testing.assert_close(got.cpu(), want, rtol=2**-23, atol=0)
+    xq, xs = quantize_tiles(x.float())
+    out = quantize_rows(xq.cuda(), 768, x_scale=xs.t().contiguous().cuda(), rowwise=False, colwise=True)
+    ref = quantize_rows(xq, 768, x_scale=xs.t().contiguous(), rowwise=False, colwise=True)
+    _assert_fp8_within_one_ulp(out[2].cpu(), ref[2])
+    torch.testing.assert_close(out[3].cpu(), ref[3], rtol=2**-23, atol=0)
+    for w in (_spread(3, 200, 330, seed=11).bfloat16(), _spread(512, 1024, seed=12), _spread(2, 256, 384, seed=13)):
+        out = quantize_blocks(w.cuda(), with_transpose=True)
+        ref = quantize_blocks(w, with_transpose=True)
+        for got, want in zip(out, ref):
+            if got.dtype == FP8_DTYPE:
+                _assert_fp8_within_one_ulp(got.cpu(), want)
+            else:
+                torch.testing.assert_close(got.cpu(), want, rtol=2**-23, atol=0)
 
 
 def _sm90_scaled_mm() -> bool:

@@ -15,6 +15,7 @@ from dsv3.fp8.quant import (
     dequantize_blocks,
     dequantize_tiles,
     quantize_blocks,
+    quantize_rows,
     quantize_tiles,
 )
 
@@ -31,5 +32,6 @@ __all__ = [
     "fp8_linear",
     "fp8_matmul_nt",
     "quantize_blocks",
+    "quantize_rows",
     "quantize_tiles",
 ]

@@ -31,6 +31,7 @@ from dsv3.fp8.quant import (
     dequantize_blocks,
     dequantize_tiles,
     quantize_blocks,
+    quantize_rows,
     quantize_tiles,
 )
 
@@ -161,6 +162,23 @@ def fp8_matmul_nt(
     return (a @ b.t()).to(out_dtype)
 
 
+def _wgrad_operands(gy: Tensor, xq: Tensor, xs: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """dY^T (N, M) and X^T (K, M) in 1x128 tiles along the tokens, with (rows, M/128) scales.
+
+    On a GPU one pass each (:func:`quantize_rows`: X dequantised from its FP8 cache and requantised
+    along tokens in registers, the token count zero-padded to a multiple of 128, which adds nothing to
+    the product); elsewhere the same numbers from the plain reference functions.
+    """
+    if gy.is_cuda:
+        mp = _round_up(gy.shape[0], TILE)
+        _, _, gtq, gts = quantize_rows(gy, mp, rowwise=False, colwise=True)
+        _, _, xtq, xts = quantize_rows(xq, mp, x_scale=xs.t(), rowwise=False, colwise=True)
+        return gtq, gts.t(), xtq, xts.t()
+    gtq, gts = quantize_tiles(gy.t())
+    xtq, xts = quantize_tiles(dequantize_tiles(xq, xs).t())
+    return gtq, gts, xtq, xts
+
+
 class _FP8LinearFn(torch.autograd.Function):
     """Autograd for ``y = x @ w.T + b`` with every GEMM in FP8 (report §3.3)."""
 
@@ -171,34 +189,34 @@ class _FP8LinearFn(torch.autograd.Function):
         out_f, in_f = weight.shape
         x2 = x.reshape(-1, in_f)
         xq, xs = quantize_tiles(x2)  # 1x128 along in_features
-        wq, ws = quantize_blocks(weight)  # 128x128
+        # 128x128 blocks, and W^T's blocks for the input gradient from the same read of W: block
+        # quantisation commutes with transposition. W^T is kept in FP8 (half of a BF16 copy).
+        wq, ws, wqt, wst = quantize_blocks(weight, with_transpose=True)
         y = fp8_matmul_nt(
             xq, xs, wq, ws, b_blocks=True, out_dtype=x.dtype, backend=backend
         )
         if bias is not None:
             y = y + bias.to(y.dtype)
-        # X is cached in FP8 only; the weight is the (already resident) master parameter.
-        ctx.save_for_backward(xq, xs, weight)
+        # X is cached in FP8 only; the master weight is not needed again.
+        ctx.save_for_backward(xq, xs, wqt, wst)
         ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.w_dtype = weight.dtype
         ctx.x_shape, ctx.x_dtype, ctx.backend = x.shape, x.dtype, backend
         return y.reshape(*x.shape[:-1], out_f)
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
-        xq, xs, weight = ctx.saved_tensors
-        out_f = weight.shape[0]
+        xq, xs, wqt, wst = ctx.saved_tensors
+        out_f = wqt.shape[1]
         gy = grad_y.reshape(-1, out_f)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             gq, gs = quantize_tiles(gy)  # 1x128 along out_features
-            # Block quantisation commutes with transposition, so W^T's blocks are W's blocks
-            # transposed: reuse them and only move the FP8 bytes.
-            wq, ws = quantize_blocks(weight)
             grad_x = fp8_matmul_nt(
                 gq,
                 gs,
-                wq.t().contiguous(),
-                ws.t().contiguous(),
+                wqt,
+                wst,
                 b_blocks=True,
                 out_dtype=ctx.x_dtype,
                 backend=ctx.backend,
@@ -206,8 +224,7 @@ class _FP8LinearFn(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             # dW = dY^T X, both operands in 1x128 tiles along the token dim (never 128x128 for
             # gradients, §3.3). X comes back from its FP8 cache and is requantised along tokens.
-            gtq, gts = quantize_tiles(gy.t())
-            xtq, xts = quantize_tiles(dequantize_tiles(xq, xs).t())
+            gtq, gts, xtq, xts = _wgrad_operands(gy, xq, xs)
             grad_w = fp8_matmul_nt(
                 gtq,
                 gts,
@@ -216,7 +233,7 @@ class _FP8LinearFn(torch.autograd.Function):
                 b_blocks=False,
                 out_dtype=torch.float32,
                 backend=ctx.backend,
-            ).to(weight.dtype)
+            ).to(ctx.w_dtype)
         if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
             grad_b = gy.float().sum(0).to(ctx.bias_dtype)
         return grad_x, grad_w, grad_b, None

@@ -35,6 +35,7 @@ __all__ = [
     "dequantize_tiles",
     "pow2_ceil",
     "quantize_blocks",
+    "quantize_rows",
     "quantize_tiles",
 ]
 
@@ -150,20 +151,84 @@ def quantize_tiles(
 
 
 def quantize_blocks(
-    w: Tensor, block: int = TILE, pow2_scales: bool = False
-) -> tuple[Tensor, Tensor]:
+    w: Tensor, block: int = TILE, pow2_scales: bool = False, with_transpose: bool = False
+) -> tuple[Tensor, ...]:
     """Quantise a 2-D weight to E4M3 per ``block`` x ``block`` block (report §3.3).
 
     Returns ``(q, scale)`` with ``scale`` FP32 of shape ``(ceil(N / block), ceil(K / block))``,
     the layout of the official checkpoint's ``weight_scale_inv``. Ragged edge blocks are fine.
+    ``with_transpose`` returns ``(q, scale, qt, scale_t)`` with W^T's quantisation as well: block
+    quantisation commutes with transposition, so these are q and scale transposed (contiguous),
+    which the input gradient ``dY W`` needs; the GPU kernel writes both from one read of W.
+    A 3-D ``w`` (B, N, K) is a stack of matrices quantised each on its own (scales (B, nb, kb)).
     """
-    if w.dim() != 2:
+    if w.dim() not in (2, 3):
         raise ValueError(
-            f"quantize_blocks expects a 2-D weight, got shape {tuple(w.shape)}"
+            f"quantize_blocks expects a 2-D weight (or a 3-D stack), got shape {tuple(w.shape)}"
         )
     if _use_triton(w, block):
-        return _triton_module().quantize_blocks(w, block, pow2_scales)
-    return _quantize_blocks_torch(w, block, pow2_scales)
+        return _triton_module().quantize_blocks(w, block, pow2_scales, with_transpose)
+    if w.dim() == 3:
+        parts = [quantize_blocks(m, block, pow2_scales, with_transpose) for m in w.unbind(0)]
+        return tuple(torch.stack(t) for t in zip(*parts))
+    q, s = _quantize_blocks_torch(w, block, pow2_scales)
+    if with_transpose:
+        return q, s, q.t().contiguous(), s.t().contiguous()
+    return q, s
+
+
+def quantize_rows(
+    x: Tensor,
+    n_rows: int,
+    *,
+    src_row: Tensor | None = None,
+    x_scale: Tensor | None = None,
+    rowwise: bool = True,
+    colwise: bool = False,
+    pow2_scales: bool = False,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """Build the FP8 operands of a GEMM over the rows of a (n_rows, C) layout in one pass (report §3.3).
+
+    Row p of the layout is ``x[src_row[p]]``, a zero row where ``src_row[p] < 0`` (without ``src_row``:
+    x's own rows, then zero rows up to ``n_rows``). ``x`` may itself be FP8 with 1x128 scales ``x_scale``
+    stored scale-major, shape (ceil(C/128), len(x)); it is then dequantised (FP32) first. Returns
+    ``(q, s, qt, st)``, None where not asked for:
+
+    * ``rowwise``: q (n_rows, C) in 1x128 tiles along C, scales s (ceil(C/128), n_rows) (scale-major:
+      a GEMM's K loop reads one contiguous scale row per step);
+    * ``colwise``: qt (C, n_rows), the layout transposed, in 1x128 tiles along the rows (the tokens, for
+      a weight gradient), scales st (n_rows/128, C); needs ``n_rows % 128 == 0``.
+
+    Used by the grouped expert GEMMs (rows sorted by expert and padded so no 128-row tile mixes two
+    experts) and by the weight gradient of :class:`~dsv3.fp8.FP8Linear`.
+    """
+    if x.dim() != 2:
+        raise ValueError(f"quantize_rows expects a 2-D tensor, got shape {tuple(x.shape)}")
+    if colwise and n_rows % TILE:
+        raise ValueError(f"quantize_rows: colwise needs n_rows % {TILE} == 0, got {n_rows}")
+    if src_row is None and n_rows < x.shape[0]:
+        raise ValueError(f"quantize_rows: n_rows {n_rows} < {x.shape[0]} rows of x")
+    if (x.is_cuda and x.numel() and os.environ.get("DSV3_FP8_NO_TRITON") != "1"
+            and torch.cuda.get_device_capability(x.device) >= (8, 9) and _triton_module() is not None):
+        return _triton_module().quantize_rows(
+            x.contiguous(), n_rows, src_row=src_row, x_scale=None if x_scale is None else x_scale.contiguous(),
+            rowwise=rowwise, colwise=colwise, pow2_scales=pow2_scales,
+        )
+    xf = x.float() if x_scale is None else dequantize_tiles(x, x_scale.t())
+    rows = xf.new_zeros(n_rows, x.shape[1])
+    if src_row is None:
+        rows[: x.shape[0]] = xf
+    else:
+        ok = src_row >= 0
+        rows[ok] = xf[src_row[ok]]
+    q = s = qt = st = None
+    if rowwise:
+        q, s = _quantize_tiles_torch(rows, TILE, pow2_scales)
+        s = s.t().contiguous()
+    if colwise:
+        qt, st = _quantize_tiles_torch(rows.t(), TILE, pow2_scales)
+        st = st.t().contiguous()
+    return q, s, qt, st
 
 
 def _pad_fp8(q: Tensor, pad: tuple[int, ...]) -> Tensor:

@@ -90,10 +90,10 @@ class FP8InferenceExperts(Experts):
         if _fp8_gemm_ok(x) and self.inter_dim % TILE == 0:
             ops = _BACKENDS[_resolve("auto", x)]
             layout = ops.layout(counts, x.shape[0])
-            h = ops.mm(*quantize_tiles(x), self.gate_up_proj, self.gate_up_proj_scale_inv, layout, x.dtype)
+            h = ops.mm(*ops.quant_rows(x, layout), self.gate_up_proj, self.gate_up_proj_scale_inv, layout, x.dtype)
             gate, up = h.split(self.inter_dim, dim=-1)
             a = F.silu(gate) * up
-            return ops.mm(*quantize_tiles(a), self.down_proj, self.down_proj_scale_inv, layout, x.dtype)
+            return ops.mm(*ops.quant_rows(a, layout), self.down_proj, self.down_proj_scale_inv, layout, x.dtype)
         w13, w2 = self.dequantized(x.dtype)
         out = []
         for e, chunk in enumerate(x.split(counts.tolist())):

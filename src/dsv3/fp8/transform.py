@@ -39,7 +39,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dsv3.fp8.linear import Backend, FP8Linear, _hopper_scaled_mm_ok, fp8_matmul_nt
-from dsv3.fp8.quant import TILE, dequantize_blocks, dequantize_tiles, quantize_blocks, quantize_tiles
+from dsv3.fp8.quant import (
+    TILE,
+    dequantize_blocks,
+    dequantize_tiles,
+    quantize_blocks,
+    quantize_rows,
+    quantize_tiles,
+)
 from dsv3.model.moe import Experts
 
 try:  # Triton is optional (GPU extra); the kernels below exist only where it is installed.
@@ -119,18 +126,14 @@ class FP8Experts(Experts):
         return f"n_experts={self.n_experts}, fp8=e4m3 1x128/128x128, backend={self.backend}"
 
 
-def quantize_expert_blocks(w: Tensor) -> tuple[Tensor, Tensor]:
+def quantize_expert_blocks(w: Tensor, with_transpose: bool = False) -> tuple[Tensor, ...]:
     """128x128 block quantisation of each expert's (N, K) matrix of a stacked (E, N, K) weight.
 
-    Returns ``q`` (E, N, K) float8 and ``scale`` (E, ceil(N/128), ceil(K/128)). One call for all experts:
-    with N padded to a multiple of 128 (zeros never change a block's amax) the stack is one tall matrix.
+    Returns ``q`` (E, N, K) float8 and ``scale`` (E, ceil(N/128), ceil(K/128)); ``with_transpose`` adds
+    each expert's W^T bytes (E, K, N) and scales (E, ceil(K/128), ceil(N/128)) for the input gradient.
+    One kernel launch for the whole stack on a GPU.
     """
-    e, n, k = w.shape
-    n_pad = -(-n // TILE) * TILE
-    wp = F.pad(w, (0, 0, 0, n_pad - n)) if n_pad != n else w
-    q, s = quantize_blocks(wp.reshape(e * n_pad, k))
-    q = q.view(e, n_pad, k)
-    return (q[:, :n].contiguous() if n_pad != n else q), s.view(e, n_pad // TILE, -1)
+    return quantize_blocks(w, with_transpose=with_transpose)
 
 
 # Set once a GPU path fails in "auto" mode; later calls then go straight to emulation.
@@ -152,26 +155,26 @@ class _FP8GroupedLinearFn(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor, counts: Tensor, backend: str) -> Tensor:
         ops = _BACKENDS[backend]
         layout = ops.layout(counts, x.shape[0])
-        xq, xs = quantize_tiles(x)  # 1x128 along K: per token, so independent of the grouping
-        wq, ws = quantize_expert_blocks(weight)
+        xq, xs = ops.quant_rows(x, layout)  # 1x128 along K: per token, so independent of the grouping
+        # W's blocks, and W^T's for the input gradient, from one read of the master weight.
+        wq, ws, wqt, wst = quantize_expert_blocks(weight, with_transpose=True)
         y = ops.mm(xq, xs, wq, ws, layout, x.dtype)
-        ctx.save_for_backward(xq, xs, weight)
-        ctx.layout, ctx.ops, ctx.x_dtype = layout, ops, x.dtype
+        ctx.save_for_backward(xq, xs, wqt, wst)  # X and W^T kept in FP8 only
+        ctx.layout, ctx.ops, ctx.x_dtype, ctx.w_dtype = layout, ops, x.dtype, weight.dtype
         return y
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
-        xq, xs, weight = ctx.saved_tensors
+        xq, xs, wqt, wst = ctx.saved_tensors
         ops, layout = ctx.ops, ctx.layout
+        need_x, need_w = ctx.needs_input_grad[:2]
         grad_x = grad_w = None
-        gy = grad_y.contiguous()
-        if ctx.needs_input_grad[0]:
-            gq, gs = quantize_tiles(gy)  # 1x128 along N
-            wq, ws = quantize_expert_blocks(weight)  # W^T's blocks are W's blocks transposed
-            grad_x = ops.mm(gq, gs, wq.transpose(1, 2).contiguous(), ws.transpose(1, 2).contiguous(),
-                            layout, ctx.x_dtype)
-        if ctx.needs_input_grad[1]:
-            grad_w = ops.wgrad(gy, dequantize_tiles(xq, xs), layout).to(weight.dtype)
+        # dY in 1x128 tiles along N (input gradient) and along each expert's tokens (weight gradient).
+        gq, gs, gt = ops.quant_grad(grad_y.contiguous(), layout, need_x, need_w)
+        if need_x:
+            grad_x = ops.mm(gq, gs, wqt, wst, layout, ctx.x_dtype)
+        if need_w:
+            grad_w = ops.wgrad(gt, xq, xs, layout, ctx.w_dtype)
         return grad_x, grad_w, None, None
 
 
@@ -195,8 +198,9 @@ def _disable_fast_path(impl: str, err: Exception) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------
-# backends: each has layout(counts, n_rows), mm(aq, a_s, bq, b_s, layout, out_dtype) and
-# wgrad(gy, x, layout) -> fp32 (E, N, K)
+# backends: each has layout(counts, n_rows); quant_rows(x, layout) -> (xq, xs) in the backend's row layout;
+# mm(aq, a_s, bq, b_s, layout, out_dtype) -> (M, N) in the caller's row order; quant_grad(gy, layout,
+# need_x, need_w) -> (gq, gs, gt); wgrad(gt, xq, xs, layout, out_dtype) -> (E, N, K)
 
 
 class _Emulate:
@@ -205,6 +209,10 @@ class _Emulate:
     @staticmethod
     def layout(counts: Tensor, n_rows: int) -> list[int]:
         return counts.tolist()
+
+    @staticmethod
+    def quant_rows(x: Tensor, sizes) -> tuple[Tensor, Tensor]:
+        return quantize_tiles(x)
 
     @staticmethod
     def mm(aq, a_s, bq, b_s, sizes, out_dtype):
@@ -220,14 +228,24 @@ class _Emulate:
         return torch.cat(out).to(out_dtype)
 
     @staticmethod
-    def wgrad(gy, x, sizes):
+    def quant_grad(gy, sizes, need_x, need_w):
+        gq, gs = quantize_tiles(gy) if need_x else (None, None)
+        return gq, gs, gy  # the weight gradient quantises per expert itself
+
+    @staticmethod
+    def wgrad(gy, xq, xs, sizes, out_dtype):
+        x = dequantize_tiles(xq, xs)  # FP32, as the GPU kernels dequantise
         cd = torch.float64 if gy.dtype == torch.float64 else torch.float32
         out = gy.new_zeros(len(sizes), gy.shape[1], x.shape[1], dtype=cd)
         for e, (g_e, x_e) in enumerate(zip(gy.split(sizes), x.split(sizes))):
             if g_e.shape[0]:  # 1x128 tiles along this expert's tokens
-                out[e] = dequantize_tiles(*quantize_tiles(g_e.t()), dtype=cd) @ dequantize_tiles(
-                    *quantize_tiles(x_e.t()), dtype=cd).t()
-        return out.float() if cd == torch.float32 else out
+                out[e] = _wgrad_one_expert(g_e, x_e, cd)
+        return out.to(out_dtype)
+
+
+def _wgrad_one_expert(g_e: Tensor, x_e: Tensor, cd: torch.dtype) -> Tensor:
+    return dequantize_tiles(*quantize_tiles(g_e.t()), dtype=cd) @ dequantize_tiles(
+        *quantize_tiles(x_e.t()), dtype=cd).t()
 
 
 class _ScaledMMLoop(_Emulate):
@@ -244,22 +262,25 @@ class _ScaledMMLoop(_Emulate):
         return torch.cat(out) if out else aq.new_zeros(0, bq.shape[1], dtype=out_dtype)
 
     @staticmethod
-    def wgrad(gy, x, sizes):
+    def wgrad(gy, xq, xs, sizes, out_dtype):
+        x = dequantize_tiles(xq, xs)
         out = gy.new_zeros(len(sizes), gy.shape[1], x.shape[1], dtype=torch.float32)
         for e, (g_e, x_e) in enumerate(zip(gy.split(sizes), x.split(sizes))):
             if g_e.shape[0]:
                 gq, gs = quantize_tiles(g_e.t())
-                xq, xs = quantize_tiles(x_e.t())
-                out[e] = fp8_matmul_nt(gq, gs, xq, xs, b_blocks=False, out_dtype=torch.float32, backend="scaled_mm")
-        return out
+                xq_e, xs_e = quantize_tiles(x_e.t())
+                out[e] = fp8_matmul_nt(gq, gs, xq_e, xs_e, b_blocks=False, out_dtype=torch.float32,
+                                       backend="scaled_mm")
+        return out.to(out_dtype)
 
 
 class _PaddedLayout:
     """Rows sorted by expert, each expert's segment padded to a multiple of 128 rows (no host sync).
 
-    ``dest`` (M,) the padded row of each real row; ``tile_expert`` (T,) the expert of each 128-row tile, -1
-    for tiles past the last segment; ``pad_start``/``pad_count`` (E,) each segment's first row and length.
-    T = M // 128 + E + 1 bounds sum_e ceil(count_e / 128) without reading the counts on the host.
+    ``dest`` (M,) the padded row of each real row; ``src_row`` (Mp,) the real row of each padded row, -1 in
+    the padding; ``tile_expert`` (T,) the expert of each 128-row tile, -1 for tiles past the last segment;
+    ``pad_start``/``pad_count`` (E,) each segment's first row and length. T = M // 128 + E + 1 bounds
+    sum_e ceil(count_e / 128) without reading the counts on the host; Mp = 128 T.
     """
 
     def __init__(self, counts: Tensor, n_rows: int):
@@ -273,72 +294,87 @@ class _PaddedLayout:
         expert = torch.repeat_interleave(torch.arange(e, device=dev), counts, output_size=n_rows)
         self.dest = self.pad_start[expert].long() + torch.arange(n_rows, device=dev) - start[expert]
         self.n_tiles = n_rows // TILE + e + 1
+        self.n_padded = self.n_tiles * TILE
+        self.src_row = torch.full((self.n_padded,), -1, dtype=torch.int64, device=dev)
+        self.src_row.index_copy_(0, self.dest, torch.arange(n_rows, device=dev))
         tile_rows = torch.arange(self.n_tiles, device=dev) * TILE
         idx = torch.searchsorted(pad_end, tile_rows, right=True)
         self.tile_expert = torch.where(idx < e, idx, -1).to(torch.int32)
         self.n_experts, self.n_rows = e, n_rows
 
-    def pad(self, t: Tensor) -> Tensor:
-        """(M, C) -> (T * 128, C) with zero rows in the padding (FP8 moved as bytes)."""
-        out = t.new_zeros(self.n_tiles * TILE, t.shape[1], dtype=torch.uint8 if t.element_size() == 1 else t.dtype)
-        if t.element_size() == 1 and t.dtype != torch.uint8:
-            return out.index_copy_(0, self.dest, t.view(torch.uint8)).view(t.dtype)
-        return out.index_copy_(0, self.dest, t)
-
 
 class _TritonGrouped:
-    """Grouped block-scaled FP8 GEMMs in Triton over the padded layout (see :class:`_PaddedLayout`)."""
+    """Grouped block-scaled FP8 GEMMs in Triton over the padded layout (see :class:`_PaddedLayout`).
+
+    Operands are quantised straight into the padded layout (:func:`quantize_rows`, one pass that gathers,
+    quantises and, for the weight gradient, transposes); activation scales are stored scale-major so the
+    GEMMs' K loops read contiguous scales; the forward and input-gradient GEMMs write their rows back in
+    the caller's order (a scatter in the epilogue, no gather afterwards).
+    """
 
     layout = _PaddedLayout
 
     @staticmethod
-    def mm(aq, a_s, bq, b_s, layout: _PaddedLayout, out_dtype):
-        if out_dtype not in (torch.bfloat16, torch.float16, torch.float32):
-            raise ValueError(f"triton grouped FP8 GEMM: unsupported output dtype {out_dtype}")
-        ap, sp = layout.pad(aq), layout.pad(a_s.float())
-        e, n, k = bq.shape
-        c = torch.empty(ap.shape[0], n, device=aq.device, dtype=out_dtype)
-        launch = dict(TRITON_LAUNCH)
-        block_m = launch.pop("BLOCK_M")  # divides 128, so a row tile still belongs to one expert
-        grid = (layout.n_tiles * (TILE // block_m), triton.cdiv(n, _BN))
-        _grouped_fp8_mm_kernel[grid](
-            ap, sp, bq, b_s.float().contiguous(), c, layout.tile_expert, n, k, triton.cdiv(k, TILE),
-            b_s.shape[1], BLOCK_M=block_m, BLOCK_N=_BN, BLOCK_K=TILE, **launch,
-        )
-        return c[layout.dest]
+    def quant_rows(x: Tensor, layout: _PaddedLayout) -> tuple[Tensor, Tensor]:
+        q, s, _, _ = quantize_rows(x, layout.n_padded, src_row=layout.src_row)
+        return q, s
 
     @staticmethod
-    def wgrad(gy, x, layout: _PaddedLayout):
+    def mm(aq, a_s, bq, b_s, layout: _PaddedLayout, out_dtype):
+        """aq (Mp, K) padded rows with scale-major scales (K/128, Mp); bq (E, N, K) with (E, N/128, K/128)."""
+        if out_dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            raise ValueError(f"triton grouped FP8 GEMM: unsupported output dtype {out_dtype}")
+        e, n, k = bq.shape
+        c = torch.empty(layout.n_rows, n, device=aq.device, dtype=out_dtype)
+        launch = dict(TRITON_LAUNCH)
+        block_m = launch.pop("BLOCK_M")  # divides 128, so a row tile still belongs to one expert
+        block_n = launch.pop("BLOCK_N")
+        grid = (layout.n_tiles * (TILE // block_m), triton.cdiv(n, block_n))
+        _grouped_fp8_mm_kernel[grid](
+            aq, a_s, bq, b_s.float().contiguous(), c, layout.tile_expert, layout.src_row, n, k, layout.n_padded,
+            triton.cdiv(k, TILE), b_s.shape[1], BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=TILE, **launch,
+        )
+        return c
+
+    @staticmethod
+    def quant_grad(gy, layout: _PaddedLayout, need_x, need_w):
+        gq, gs, gtq, gts = quantize_rows(gy, layout.n_padded, src_row=layout.src_row, rowwise=need_x,
+                                         colwise=need_w)
+        return gq, gs, (gtq, gts)
+
+    @staticmethod
+    def wgrad(gt, xq, xs, layout: _PaddedLayout, out_dtype):
         # 1x128 tiles along the padded token axis: tiles never straddle two experts' segments.
-        gq, gs = quantize_tiles(layout.pad(gy).t())  # (N, Mp), (N, Mp/128)
-        xq, xs = quantize_tiles(layout.pad(x).t())  # (K, Mp), (K, Mp/128)
-        n, k, mp = gq.shape[0], xq.shape[0], gq.shape[1]
-        out = torch.empty(layout.n_experts, n, k, device=gy.device, dtype=torch.float32)
-        grid = (triton.cdiv(n, _BN), triton.cdiv(k, _BN), layout.n_experts)
+        gq, gs = gt  # (N, Mp), (Mp/128, N)
+        _, _, xtq, xts = quantize_rows(xq, layout.n_padded, x_scale=xs, rowwise=False, colwise=True)
+        n, k, mp = gq.shape[0], xtq.shape[0], gq.shape[1]
+        out = torch.empty(layout.n_experts, n, k, device=gq.device, dtype=out_dtype)
+        launch = dict(WGRAD_LAUNCH)
+        grid = (triton.cdiv(n, launch["BLOCK_N"]), triton.cdiv(k, launch["BLOCK_K"]), layout.n_experts)
         _grouped_fp8_wgrad_kernel[grid](
-            gq, gs, xq, xs, out, layout.pad_start, layout.pad_count, n, k, mp, mp // TILE,
-            BLOCK_N=_BN, BLOCK_K=_BN, BLOCK_T=TILE, num_warps=TRITON_LAUNCH["num_warps"],
-            num_stages=TRITON_LAUNCH["num_stages"],
+            gq, gs, xtq, xts, out, layout.pad_start, layout.pad_count, n, k, mp, BLOCK_T=TILE, **launch,
         )
         return out
 
 
 _BACKENDS = {"emulate": _Emulate, "scaled_mm": _ScaledMMLoop, "triton": _TritonGrouped}
-_BN = 128  # output tile width: one 128x128 weight block per tile, so one weight scale per K step
-# Launch settings of the grouped kernels (128x128x128 FP8 tiles: 32 KB of shared memory per stage)
-# (bench/fp8_gemm.py --sweep on an H200: 128/8/4 best of six, 353-451 TF/s kernel-only)
-TRITON_LAUNCH = {"BLOCK_M": 128, "num_warps": 8, "num_stages": 4}
+# Launch settings of the grouped kernels; K steps are 128 wide (one activation/weight scale per step).
+# Forward/input-gradient GEMM: bench/fp8_gemm.py --sweep and bench/profile_fp8.py --sweep.
+TRITON_LAUNCH = {"BLOCK_M": 64, "BLOCK_N": 256, "num_warps": 8, "num_stages": 3}
+# Weight-gradient GEMM (bench/profile_fp8.py --sweep).
+WGRAD_LAUNCH = {"BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 8, "num_stages": 3}
 
 if triton is not None:
 
     @triton.jit
     def _grouped_fp8_mm_kernel(
-        a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, tile_expert_ptr, N, K, n_kb, n_nb,
+        a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, tile_expert_ptr, dst_row_ptr, N, K, Mp, n_kb, n_nb,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
-        """C[tile] = A[tile] @ B[e]^T for the expert e owning the 128-row tile. A (Mp, K) fp8 with 1x128 scales
-        (Mp, n_kb); B (E, N, K) fp8 with 128x128 scales (E, n_nb, n_kb). Partial sums are scaled into an FP32
-        accumulator after every 128-wide K step (the §3.3 promotion)."""
+        """C[dst_row[tile]] = A[tile] @ B[e]^T for the expert e owning the 128-row tile. A (Mp, K) fp8 with
+        1x128 scales stored scale-major (n_kb, Mp); B (E, N, K) fp8 with 128x128 scales (E, n_nb, n_kb);
+        padding rows (dst_row -1) are not written. Partial sums are scaled into an FP32 accumulator after
+        every 128-wide K step (the §3.3 promotion)."""
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         e = tl.load(tile_expert_ptr + pid_m // (128 // BLOCK_M))
@@ -349,31 +385,37 @@ if triton is not None:
         ks = tl.arange(0, BLOCK_K)
         a_ptrs = a_ptr + rows[:, None] * K + ks[None, :]
         b_ptrs = b_ptr + e * N * K + cols[None, :] * K + ks[:, None]
-        bs_ptrs = bs_ptr + e * n_nb * n_kb + (pid_n * BLOCK_N // 128) * n_kb
+        # one weight-block scale per column (BLOCK_N may span several 128-wide blocks)
+        bs_ptrs = bs_ptr + e * n_nb * n_kb + tl.minimum(cols // 128, n_nb - 1) * n_kb
+        as_ptrs = as_ptr + rows
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for kb in range(n_steps):
             k_ok = ks + kb * BLOCK_K < K
             a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=k_ok[:, None] & (cols[None, :] < N), other=0.0)
-            sa = tl.load(as_ptr + rows * n_kb + kb)
+            sa = tl.load(as_ptrs)
             sb = tl.load(bs_ptrs + kb)
-            acc += tl.dot(a, b) * (sa[:, None] * sb)
+            acc += tl.dot(a, b) * (sa[:, None] * sb[None, :])
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K
-        c_ptrs = c_ptr + rows[:, None] * N + cols[None, :]
-        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(cols[None, :] < N) & (n_steps > 0))
+            as_ptrs += Mp
+        dst = tl.load(dst_row_ptr + rows)
+        c_ptrs = c_ptr + tl.maximum(dst, 0)[:, None] * N + cols[None, :]
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(dst[:, None] >= 0) & (cols[None, :] < N))
 
     @triton.jit
     def _grouped_fp8_wgrad_kernel(
-        g_ptr, gs_ptr, x_ptr, xs_ptr, c_ptr, pad_start_ptr, pad_count_ptr, N, K, Mp, n_tb,
+        g_ptr, gs_ptr, x_ptr, xs_ptr, c_ptr, pad_start_ptr, pad_count_ptr, N, K, Mp,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr,
     ):
         """dW[e] = G[:, seg e] @ X[:, seg e]^T with G (N, Mp), X (K, Mp) fp8 in 1x128 tiles along tokens
-        (scales (N, n_tb), (K, n_tb)); seg e = [pad_start[e], pad_start[e] + pad_count[e]), 128-aligned."""
+        (scales (Mp/128, N), (Mp/128, K): one contiguous row per step); seg e = [pad_start[e],
+        pad_start[e] + pad_count[e]), 128-aligned. Written in c's dtype."""
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         e = tl.program_id(2)
-        t0 = tl.load(pad_start_ptr + e).to(tl.int64)
+        # Segments start on 128-row boundaries: saying so lets Triton vectorise the loads along tokens.
+        t0 = tl.multiple_of(tl.load(pad_start_ptr + e), BLOCK_T).to(tl.int64)
         n_steps = tl.load(pad_count_ptr + e) // BLOCK_T
         rn = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -381,15 +423,18 @@ if triton is not None:
         g_ptrs = g_ptr + rn[:, None] * Mp + ts[None, :]
         x_ptrs = x_ptr + rk[None, :] * Mp + ts[:, None]
         n_ok, k_ok = rn < N, rk < K
+        gs_ptrs = gs_ptr + (t0 // BLOCK_T) * N + rn
+        xs_ptrs = xs_ptr + (t0 // BLOCK_T) * K + rk
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for i in range(n_steps):
-            tb = t0 // BLOCK_T + i
             g = tl.load(g_ptrs, mask=n_ok[:, None], other=0.0)
             x = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
-            sg = tl.load(gs_ptr + rn * n_tb + tb, mask=n_ok, other=0.0)
-            sx = tl.load(xs_ptr + rk * n_tb + tb, mask=k_ok, other=0.0)
+            sg = tl.load(gs_ptrs, mask=n_ok, other=0.0)
+            sx = tl.load(xs_ptrs, mask=k_ok, other=0.0)
             acc += tl.dot(g, x) * (sg[:, None] * sx[None, :])
             g_ptrs += BLOCK_T
             x_ptrs += BLOCK_T
+            gs_ptrs += N
+            xs_ptrs += K
         c_ptrs = c_ptr + e.to(tl.int64) * N * K + rn[:, None] * K + rk[None, :]
-        tl.store(c_ptrs, acc, mask=n_ok[:, None] & k_ok[None, :])
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=n_ok[:, None] & k_ok[None, :])

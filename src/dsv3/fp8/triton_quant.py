@@ -17,6 +17,8 @@ from dsv3.fp8.quant import FP8_DTYPE  # kernels hard-code FP8_MAX = 448 (E4M3)
 
 # 32 rows x one 128-wide tile per program: enough work per CTA, few registers.
 _ROWS_PER_PROGRAM = 32
+# Warps per 128x128 tile of the block and row-layout quantisers (bench/profile_fp8.py --sweep).
+LAUNCH = {"block_warps": 8, "rows_warps": 8}
 
 
 @triton.jit
@@ -65,21 +67,29 @@ def _block_quant_kernel(
     w_ptr,
     q_ptr,
     s_ptr,
+    qt_ptr,
+    st_ptr,
     N,
     K,
+    stride_b,
     stride_n,
     stride_k,
-    n_kb,
+    nb,
+    kb,
     BLOCK: tl.constexpr,
     POW2: tl.constexpr,
+    TRANSPOSED: tl.constexpr,
 ):
+    """One 128x128 block of matrix b of a (B, N, K) stack; with TRANSPOSED also writes W^T's (K, N) bytes
+    and (kb, nb) scales: a block's scale does not change under transposition."""
     bn = tl.program_id(0)
     bk = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
     rows = (bn * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
     cols = (bk * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
     mask = (rows[:, None] < N) & (cols[None, :] < K)
     w = tl.load(
-        w_ptr + rows[:, None] * stride_n + cols[None, :] * stride_k,
+        w_ptr + b * stride_b + rows[:, None] * stride_n + cols[None, :] * stride_k,
         mask=mask,
         other=0.0,
     )
@@ -89,8 +99,82 @@ def _block_quant_kernel(
     s = _scale(tl.full((1,), 0.0, tl.float32) + amax, POW2)
     q = tl.math.div_rn(w, tl.broadcast_to(s[:, None], w.shape))
     q = tl.minimum(tl.maximum(q, -448.0), 448.0)
-    tl.store(q_ptr + rows[:, None] * K + cols[None, :], q.to(tl.float8e4nv), mask=mask)
-    tl.store(s_ptr + bn * n_kb + bk + tl.arange(0, 1), s)
+    base = b * N * K
+    tl.store(q_ptr + base + rows[:, None] * K + cols[None, :], q.to(tl.float8e4nv), mask=mask)
+    tl.store(s_ptr + b * nb * kb + bn * kb + bk + tl.arange(0, 1), s)
+    if TRANSPOSED:
+        # The block again in transposed orientation (an L1/L2 hit), quantised with the same scale: the
+        # bytes of W^T without an in-register transpose.
+        mask_t = (cols[:, None] < K) & (rows[None, :] < N)
+        wt = tl.load(
+            w_ptr + b * stride_b + rows[None, :] * stride_n + cols[:, None] * stride_k,
+            mask=mask_t,
+            other=0.0,
+        )
+        qt = tl.math.div_rn(wt.to(tl.float32), tl.broadcast_to(s[:, None], wt.shape))
+        qt = tl.minimum(tl.maximum(qt, -448.0), 448.0)
+        tl.store(qt_ptr + base + cols[:, None] * N + rows[None, :], qt.to(tl.float8e4nv), mask=mask_t)
+        tl.store(st_ptr + b * nb * kb + bk * nb + bn + tl.arange(0, 1), s)
+
+
+@triton.jit
+def _rows_quant_kernel(
+    x_ptr,
+    xs_ptr,
+    src_row_ptr,
+    q_ptr,
+    s_ptr,
+    qt_ptr,
+    st_ptr,
+    M_src,
+    C,
+    Mp,
+    stride_x,
+    GATHER: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    ROWWISE: tl.constexpr,
+    COLWISE: tl.constexpr,
+    POW2: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """One 128-row x 128-channel tile of a (Mp, C) row layout, read from x (gathered by src_row, -1 = zero
+    row; or rows 0..M_src-1 as they are), optionally dequantised first (x FP8 with 1x128 scales stored
+    scale-major (C/128, M_src)). ROWWISE: 1x128 tiles along the channels -> q (Mp, C), scales (C/128, Mp).
+    COLWISE: 1x128 tiles along the rows, written transposed -> qt (C, Mp), scales (Mp/128, C)."""
+    pt = tl.program_id(0)
+    cb = tl.program_id(1)
+    p = pt.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    p_ok = p < Mp
+    if GATHER:
+        r = tl.load(src_row_ptr + p, mask=p_ok, other=-1).to(tl.int64)
+    else:
+        r = tl.where(p < M_src, p, -1)
+    valid = r >= 0
+    r0 = tl.where(valid, r, 0)
+    c = cb.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    c_ok = c < C
+    if ROWWISE:
+        x = tl.load(x_ptr + r0[:, None] * stride_x + c[None, :], mask=valid[:, None] & c_ok[None, :], other=0.0)
+        x = x.to(tl.float32)
+        if HAS_SCALE:
+            x = x * tl.load(xs_ptr + cb * M_src + r0, mask=valid, other=0.0)[:, None]
+        s = _scale(tl.max(tl.abs(x), axis=1), POW2)
+        q = tl.math.div_rn(x, tl.broadcast_to(s[:, None], x.shape))
+        q = tl.minimum(tl.maximum(q, -448.0), 448.0)
+        tl.store(q_ptr + p[:, None] * C + c[None, :], q.to(tl.float8e4nv), mask=p_ok[:, None] & c_ok[None, :])
+        tl.store(s_ptr + cb * Mp + p, s, mask=p_ok)
+    if COLWISE:
+        # The tile loaded in transposed orientation (channels x rows; an L2 hit after the rowwise pass), so
+        # the transposed bytes are stored without an in-register transpose.
+        xt = tl.load(x_ptr + r0[None, :] * stride_x + c[:, None], mask=c_ok[:, None] & valid[None, :], other=0.0)
+        xt = xt.to(tl.float32)
+        if HAS_SCALE:
+            xt = xt * tl.load(xs_ptr + cb * M_src + r0, mask=valid, other=0.0)[None, :]
+        s = _scale(tl.max(tl.abs(xt), axis=1), POW2)
+        q = tl.math.div_rn(xt, tl.broadcast_to(s[:, None], xt.shape))
+        q = tl.minimum(tl.maximum(q, -448.0), 448.0)
+        tl.store(qt_ptr + c[:, None] * Mp + p[None, :], q.to(tl.float8e4nv), mask=c_ok[:, None] & p_ok[None, :])
+        tl.store(st_ptr + pt * C + c, s, mask=c_ok)
 
 
 def quantize_tiles(x: Tensor, tile: int, pow2_scales: bool) -> tuple[Tensor, Tensor]:
@@ -120,23 +204,91 @@ def quantize_tiles(x: Tensor, tile: int, pow2_scales: bool) -> tuple[Tensor, Ten
     return q.view(x.shape), s.view(*x.shape[:-1], n_tiles)
 
 
-def quantize_blocks(w: Tensor, block: int, pow2_scales: bool) -> tuple[Tensor, Tensor]:
-    """Triton version of :func:`dsv3.fp8.quant.quantize_blocks`."""
-    n, k = w.shape
+def quantize_blocks(
+    w: Tensor, block: int, pow2_scales: bool, with_transpose: bool = False
+) -> tuple[Tensor, ...]:
+    """Triton version of :func:`dsv3.fp8.quant.quantize_blocks` for a (N, K) matrix or a (B, N, K) stack
+    (one launch; scales (B, nb, kb)); ``with_transpose`` also returns each matrix's W^T quantised
+    (same bytes transposed, scales transposed)."""
+    squeeze = w.dim() == 2
+    w3 = w.unsqueeze(0) if squeeze else w
+    bsz, n, k = w3.shape
     nb, kb = triton.cdiv(n, block), triton.cdiv(k, block)
-    q = torch.empty((n, k), dtype=FP8_DTYPE, device=w.device)
-    s = torch.empty((nb, kb), dtype=torch.float32, device=w.device)
-    _block_quant_kernel[(nb, kb)](
-        w,
+    q = torch.empty((bsz, n, k), dtype=FP8_DTYPE, device=w.device)
+    s = torch.empty((bsz, nb, kb), dtype=torch.float32, device=w.device)
+    qt = torch.empty((bsz, k, n), dtype=FP8_DTYPE, device=w.device) if with_transpose else q
+    st = torch.empty((bsz, kb, nb), dtype=torch.float32, device=w.device) if with_transpose else s
+    _block_quant_kernel[(nb, kb, bsz)](
+        w3,
         q,
         s,
+        qt,
+        st,
         n,
         k,
-        w.stride(0),
-        w.stride(1),
+        w3.stride(0),
+        w3.stride(1),
+        w3.stride(2),
+        nb,
         kb,
         BLOCK=block,
         POW2=pow2_scales,
-        num_warps=8,
+        TRANSPOSED=with_transpose,
+        num_warps=LAUNCH["block_warps"],
     )
-    return q, s
+    out = (q, s, qt, st) if with_transpose else (q, s)
+    return tuple(t[0] for t in out) if squeeze else out
+
+
+def quantize_rows(
+    x: Tensor,
+    n_rows: int,
+    *,
+    src_row: Tensor | None = None,
+    x_scale: Tensor | None = None,
+    rowwise: bool = True,
+    colwise: bool = False,
+    pow2_scales: bool = False,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """Quantise the rows of a (n_rows, C) layout in one pass, the FP8 grouped GEMMs' operand builder.
+
+    Row p of the layout is ``x[src_row[p]]`` (zeros where ``src_row[p] < 0``; ``x``'s own rows, zero
+    beyond its end, without ``src_row``). ``x`` may be FP8 with 1x128 scales ``x_scale`` stored
+    scale-major (C/128, len(x)): it is dequantised first, in FP32. Returns ``(q, s, qt, st)``:
+    ``rowwise`` -> q (n_rows, C) in 1x128 tiles along C with scales s (C/128, n_rows) (scale-major);
+    ``colwise`` -> qt (C, n_rows) = the layout transposed, in 1x128 tiles along the rows, scales st
+    (n_rows/128, C). n_rows must be a multiple of 128 when ``colwise``.
+    """
+    m_src, c = x.shape
+    if x.stride(1) != 1:
+        raise ValueError("quantize_rows wants rows with unit stride")
+    n_cb, n_pt = triton.cdiv(c, 128), triton.cdiv(n_rows, 128)
+    if colwise and n_rows % 128:
+        raise ValueError(f"quantize_rows: colwise needs n_rows % 128 == 0, got {n_rows}")
+    dev = x.device
+    q = torch.empty((n_rows, c), dtype=FP8_DTYPE, device=dev) if rowwise else None
+    s = torch.empty((n_cb, n_rows), dtype=torch.float32, device=dev) if rowwise else None
+    qt = torch.empty((c, n_rows), dtype=FP8_DTYPE, device=dev) if colwise else None
+    st = torch.empty((n_pt, c), dtype=torch.float32, device=dev) if colwise else None
+    dummy = x
+    _rows_quant_kernel[(n_pt, n_cb)](
+        x,
+        dummy if x_scale is None else x_scale,
+        dummy if src_row is None else src_row,
+        dummy if q is None else q,
+        dummy if s is None else s,
+        dummy if qt is None else qt,
+        dummy if st is None else st,
+        m_src,
+        c,
+        n_rows,
+        x.stride(0),
+        GATHER=src_row is not None,
+        HAS_SCALE=x_scale is not None,
+        ROWWISE=rowwise,
+        COLWISE=colwise,
+        POW2=pow2_scales,
+        BLOCK=128,
+        num_warps=LAUNCH["rows_warps"],
+    )
+    return q, s, qt, st
