@@ -120,17 +120,20 @@ def _triton_module():
     return triton_quant
 
 
-def _use_triton(x: Tensor, group: int) -> bool:
+def _use_triton(x: Tensor, group: int, fp8_input: bool = False) -> bool:
     if not x.is_cuda or x.numel() == 0 or os.environ.get("DSV3_FP8_NO_TRITON") == "1":
         return False
-    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16) + ((FP8_DTYPE,) if fp8_input else ()):
         return False
     if group < 16 or group & (group - 1):  # Triton block sizes must be powers of two
         return False
-    # E4M3 conversion instructions exist from sm89 (Ada) on.
-    if torch.cuda.get_device_capability(x.device) < (8, 9):
-        return False
-    return _triton_module() is not None
+    return _triton_on_device(x.device.index if x.device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _triton_on_device(index: int) -> bool:
+    # E4M3 conversion instructions exist from sm89 (Ada) on. Cached: this runs for every FP8 GEMM operand.
+    return torch.cuda.get_device_capability(index) >= (8, 9) and _triton_module() is not None
 
 
 def quantize_tiles(
@@ -208,8 +211,7 @@ def quantize_rows(
         raise ValueError(f"quantize_rows: colwise needs n_rows % {TILE} == 0, got {n_rows}")
     if src_row is None and n_rows < x.shape[0]:
         raise ValueError(f"quantize_rows: n_rows {n_rows} < {x.shape[0]} rows of x")
-    if (x.is_cuda and x.numel() and os.environ.get("DSV3_FP8_NO_TRITON") != "1"
-            and torch.cuda.get_device_capability(x.device) >= (8, 9) and _triton_module() is not None):
+    if _use_triton(x, TILE, fp8_input=x_scale is not None):
         return _triton_module().quantize_rows(
             x.contiguous(), n_rows, src_row=src_row, x_scale=None if x_scale is None else x_scale.contiguous(),
             rowwise=rowwise, colwise=colwise, pow2_scales=pow2_scales,

@@ -106,9 +106,12 @@ class FP8Experts(Experts):
 
     def forward(self, x: Tensor, counts: Tensor) -> Tensor:
         """x (N, d) sorted by expert with ``counts`` (E,) rows each -> (N, d)."""
-        h = fp8_grouped_linear(x, self.gate_up_proj, counts, backend=self.backend)
+        impl = _resolve(self.backend, x)
+        # Both GEMMs share the token grouping: build the (GPU) row layout once.
+        layout = _TritonGrouped.layout(counts, x.shape[0]) if impl == "triton" else None
+        h = fp8_grouped_linear(x, self.gate_up_proj, counts, backend=self.backend, layout=layout)
         gate, up = h.split(self.inter_dim, dim=-1)
-        return fp8_grouped_linear(F.silu(gate) * up, self.down_proj, counts, backend=self.backend)
+        return fp8_grouped_linear(F.silu(gate) * up, self.down_proj, counts, backend=self.backend, layout=layout)
 
     @classmethod
     def from_experts(cls, experts: nn.Module, backend: ExpertsBackend = "auto") -> FP8Experts:
@@ -152,9 +155,10 @@ class _FP8GroupedLinearFn(torch.autograd.Function):
     """``y[rows of e] = x[rows of e] @ w[e].T`` for every expert e, all three GEMMs in FP8."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, counts: Tensor, backend: str) -> Tensor:
+    def forward(ctx, x: Tensor, weight: Tensor, counts: Tensor, backend: str, layout=None) -> Tensor:
         ops = _BACKENDS[backend]
-        layout = ops.layout(counts, x.shape[0])
+        if layout is None:
+            layout = ops.layout(counts, x.shape[0])
         xq, xs = ops.quant_rows(x, layout)  # 1x128 along K: per token, so independent of the grouping
         # W's blocks, and W^T's for the input gradient, from one read of the master weight.
         wq, ws, wqt, wst = quantize_expert_blocks(weight, with_transpose=True)
@@ -175,20 +179,24 @@ class _FP8GroupedLinearFn(torch.autograd.Function):
             grad_x = ops.mm(gq, gs, wqt, wst, layout, ctx.x_dtype)
         if need_w:
             grad_w = ops.wgrad(gt, xq, xs, layout, ctx.w_dtype)
-        return grad_x, grad_w, None, None
+        return grad_x, grad_w, None, None, None
 
 
-def fp8_grouped_linear(x: Tensor, weight: Tensor, counts: Tensor, *, backend: ExpertsBackend = "auto") -> Tensor:
+def fp8_grouped_linear(x: Tensor, weight: Tensor, counts: Tensor, *, backend: ExpertsBackend = "auto",
+                       layout: _PaddedLayout | None = None) -> Tensor:
     """Per-expert ``x_e @ weight[e].T`` with FP8 GEMMs; x (M, K) sorted by expert, ``counts`` (E,) rows each,
-    weight (E, N, K) -> (M, N) in x's dtype."""
+    weight (E, N, K) -> (M, N) in x's dtype. ``layout``: the triton backend's row layout of ``counts``, when
+    the caller already built it (several GEMMs over the same grouping)."""
     impl = _resolve(backend, x)
+    if impl != "triton":
+        layout = None
     if impl != "emulate" and backend == "auto":
         try:
-            return _FP8GroupedLinearFn.apply(x, weight, counts, impl)
+            return _FP8GroupedLinearFn.apply(x, weight, counts, impl, layout)
         except Exception as err:  # noqa: BLE001 - a broken GPU path falls back to the reference once
             _disable_fast_path(impl, err)
-            return _FP8GroupedLinearFn.apply(x, weight, counts, "emulate")
-    return _FP8GroupedLinearFn.apply(x, weight, counts, impl)
+            return _FP8GroupedLinearFn.apply(x, weight, counts, "emulate", None)
+    return _FP8GroupedLinearFn.apply(x, weight, counts, impl, layout)
 
 
 def _disable_fast_path(impl: str, err: Exception) -> None:
