@@ -529,3 +529,36 @@ def test_few_rows_triton_kernel_matches_float64_reference():
         ref = torch.einsum("mk,mnk->mn", x.double(), w[expert].double())
         assert torch.isfinite(y).all()
         assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-2
+
+
+@pytest.mark.parametrize("q_lora_rank", [96, None])
+def test_fused_projections_keep_the_model_its_state_dict_and_the_numbers(q_lora_rank):
+    from dsv3.inference.fusion import fuse_projections, mla_query_latent, swiglu
+    from dsv3.model.attention import MLA
+    from dsv3.model.ffn import MLP
+
+    model = dsv3.build_model(dsv3.preset("tiny").replace(q_lora_rank=q_lora_rank), seed=1)
+    tokens = torch.tensor([rand_tokens(12, 3)])
+    with torch.no_grad():
+        before = model(tokens).logits
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    n_groups = sum(isinstance(m, (MLA, MLP)) for m in model.modules())
+    assert fuse_projections(model) == n_groups and fuse_projections(model) == 0
+    with torch.no_grad():
+        assert torch.equal(model(tokens).logits, before)
+    after = model.state_dict()
+    assert after.keys() == state.keys()
+    assert all(torch.equal(after[k].float(), v.float()) for k, v in state.items())
+    attn = model.layers[0].self_attn
+    first = attn.q_proj if q_lora_rank is None else attn.q_a_proj
+    # the Linear weights are rows of the stack: no second copy of the weights
+    assert first.weight.untyped_storage().data_ptr() == attn.fused_in_proj.untyped_storage().data_ptr()
+    assert attn.kv_a_proj_with_mqa.weight.data_ptr() == attn.fused_in_proj[first.out_features:].data_ptr()
+    x = torch.randn(2, 5, model.config.hidden_size)
+    cos, sin = model.rotary(torch.arange(5))
+    (q_nope, q_pe), (kv, k_pe) = mla_query_latent(attn, x, cos, sin)
+    for got, want in zip((q_nope, q_pe, kv, k_pe), (*attn.query(x, cos, sin), *attn.latent(x, cos, sin))):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    mlp = model.layers[0].mlp
+    torch.testing.assert_close(swiglu(mlp, x), mlp(x), rtol=1e-5, atol=1e-6)
+    assert all(m.weight.dtype == torch.float32 for m in model.modules() if type(m).__name__ == "Gate")

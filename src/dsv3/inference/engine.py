@@ -28,10 +28,11 @@ from dataclasses import dataclass, field
 import torch
 
 from ..model.attention import _prefer_cudnn
-from ..model.moe import Experts, _grouped_mm_ok
+from ..model.moe import Experts, Gate, _grouped_mm_ok
 from ..model.transformer import DeepSeekV3
 from ..model.transformer_block import Block
 from .cache import CacheFullError, PagedLatentCache
+from .fusion import fuse_projections
 from .layers import decode_block, prefill_block
 from .sampling import GenerationRequest, GenerationResult, SamplingParams, TokenEvent, sample_token
 
@@ -102,6 +103,10 @@ class Engine:
     ``"few_rows"`` (a Triton kernel for a few rows per expert), ``"module"`` (the model's own experts,
     ``torch._grouped_mm`` on Hopper) or ``"auto"`` (default: ``few_rows`` on a CUDA device with Triton where
     the experts run as grouped GEMMs, else ``module``).
+
+    ``fuse``: stack the projections that read the same input into one GEMM each (MLA's first query and latent
+    projections, the SwiGLU gate and up; :func:`~dsv3.inference.fusion.fuse_projections`). The model's Linear
+    weights become views of the stacks (no extra memory, same plain forward) and its routers' weights FP32.
     """
 
     def __init__(
@@ -121,6 +126,7 @@ class Engine:
         compile: bool | None = None,
         decode_experts: str = "auto",
         max_prefill_graph_tokens: int = 16384,
+        fuse: bool = True,
     ):
         param = next(model.parameters())
         self.device = torch.device(device) if device is not None else param.device
@@ -156,6 +162,8 @@ class Engine:
 
         self.speculator = MTPSpeculator(self) if speculative else None
         grouped = self._experts_grouped()
+        if fuse:
+            fuse_projections(model)
         if decode_experts == "auto":
             decode_experts = "few_rows" if grouped and self.device.type == "cuda" and _has_triton() else "module"
         if decode_experts not in ("few_rows", "module"):
@@ -190,7 +198,8 @@ class Engine:
         """Every weight is in the engine's dtype (FP8-served models keep the plain path) and every MoE
         layer's experts run as a grouped GEMM (bf16 on Hopper: no host sync)."""
         probe = torch.empty(0, 8, device=self.device, dtype=self.dtype)
-        return all(p.dtype == self.dtype for p in self.model.parameters()) and all(
+        routers = {id(m.weight) for m in self.model.modules() if isinstance(m, Gate)}  # may be FP32 (fusion.py)
+        return all(p.dtype == self.dtype for p in self.model.parameters() if id(p) not in routers) and all(
             m.implementation == "grouped" or (m.implementation == "auto" and _grouped_mm_ok(probe, m.gate_up_proj))
             for m in self.model.modules() if isinstance(m, Experts))
 

@@ -29,6 +29,7 @@ from ..model.attention import MLA
 from ..model.moe import MoE
 from ..model.transformer_block import Block
 from .cache import read_latent, write_latent
+from .fusion import mla_query_latent, swiglu
 
 
 @torch.library.custom_op("dsv3::write_latent", mutates_args=("latent",))
@@ -47,8 +48,7 @@ def prefill_attention(
     token's view). A prefix continuation (start > 0, B = 1) also attends over the cached positions,
     read through ``pages`` (1, P)."""
     b, n, _ = x.shape
-    q_nope, q_pe = attn.query(x, cos, sin)
-    kv, k_pe = attn.latent(x, cos, sin)
+    (q_nope, q_pe), (kv, k_pe) = mla_query_latent(attn, x, cos, sin)
     _write_latent(latent, index, kv, k_pe)
     mask = None
     if start > 0:
@@ -75,8 +75,7 @@ def absorbed_attention(
     score q_lat . c^KV + q^R . k^R is one product; the value is its c^KV part."""
     b, s, _ = x.shape
     h, d_nope, d_v, d_c = attn.n_heads, attn.qk_nope_head_dim, attn.v_head_dim, attn.kv_lora_rank
-    q_nope, q_pe = attn.query(x, cos, sin)  # (B, S, H, d_nope), (B, S, H, d_r)
-    kv, k_pe = attn.latent(x, cos, sin)
+    (q_nope, q_pe), (kv, k_pe) = mla_query_latent(attn, x, cos, sin)  # (B, S, H, d_nope), (B, S, H, d_r)
     _write_latent(latent, index, kv, k_pe)  # write first: a token attends to itself
     lat = read_latent(latent, pages).to(x.dtype)  # (B, T, d_c + d_r)
     w = attn.kv_b_proj.weight.view(h, d_nope + d_v, d_c)
@@ -150,7 +149,7 @@ def moe_forward(moe: MoE, x: torch.Tensor, experts: str = "module") -> torch.Ten
     # back to (token, k) order by a gather (fused with the weighted sum when compiled)
     y = (y_sorted[place].view(b * s, -1, d) * weights.unsqueeze(-1).to(y_sorted.dtype)).sum(dim=1).to(x.dtype)
     if moe.shared_experts is not None:
-        y = y + moe.shared_experts(flat)
+        y = y + swiglu(moe.shared_experts, flat)
     return y.view(b, s, d)
 
 
@@ -161,7 +160,7 @@ def run_block(
     norms and the FFN / MoE are the block's own modules (the MoE through :func:`moe_forward`)."""
     x = x + attend(block.self_attn, block.input_layernorm(x))
     h = block.post_attention_layernorm(x)
-    y = moe_forward(block.mlp, h, experts) if isinstance(block.mlp, MoE) else block.mlp(h)
+    y = moe_forward(block.mlp, h, experts) if isinstance(block.mlp, MoE) else swiglu(block.mlp, h)
     return x + y
 
 

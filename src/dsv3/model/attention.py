@@ -55,18 +55,24 @@ class MLA(nn.Module):
 
     def query(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Eq. 6-9: x (b, s, d) -> q^C (b, s, h, d_h) and RoPE'd q^R (b, s, h, d_h^R)."""
-        b, s, _ = x.shape
-        if self.q_lora_rank is None:
-            q = self.q_proj(x)
-        else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        return self.query_from(self.q_proj(x) if self.q_lora_rank is None else self.q_a_proj(x), cos, sin)
+
+    def query_from(self, q0: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`query` from the first query projection of x (``q_proj``, or ``q_a_proj`` = c^Q before its
+        norm), for callers that compute it fused with other projections of x."""
+        b, s, _ = q0.shape
+        q = q0 if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(q0))
         q = q.view(b, s, self.n_heads, self.qk_head_dim)
         q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         return q_nope, apply_rope(q_pe, cos, sin)
 
     def latent(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Eq. 1 and 3: x (b, s, d) -> normalised c^KV (b, s, d_c) and RoPE'd shared key k^R (b, s, d_h^R)."""
-        kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        return self.latent_from(self.kv_a_proj_with_mqa(x), cos, sin)
+
+    def latent_from(self, kv_a: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`latent` from ``kv_a_proj_with_mqa(x)`` = [c^KV before its norm; k^R before RoPE]."""
+        kv, k_pe = kv_a.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin).squeeze(2)
         return self.kv_a_layernorm(kv), k_pe
 
