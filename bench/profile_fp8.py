@@ -12,7 +12,6 @@ in a torch.profiler trace of the same call, so wall >> kernel means the CPU (lau
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 import torch.nn.functional as F
@@ -21,19 +20,7 @@ from torch.profiler import ProfilerActivity, profile
 import dsv3
 from dsv3.fp8 import FP8Linear, apply_fp8_training
 from dsv3.fp8.transform import fp8_grouped_linear
-
-
-def median_ms(fn, reps: int = 10) -> float:
-    for _ in range(2):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[reps // 2] * 1e3
+from profile_inference import median_ms  # bench/ is the script's directory, on sys.path
 
 
 def report(name: str, fn, rows: int) -> None:

@@ -250,15 +250,7 @@ def quantize_rows(
     colwise: bool = False,
     pow2_scales: bool = False,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
-    """Quantise the rows of a (n_rows, C) layout in one pass, the FP8 grouped GEMMs' operand builder.
-
-    Row p of the layout is ``x[src_row[p]]`` (zeros where ``src_row[p] < 0``; ``x``'s own rows, zero
-    beyond its end, without ``src_row``). ``x`` may be FP8 with 1x128 scales ``x_scale`` stored
-    scale-major (C/128, len(x)): it is dequantised first, in FP32. Returns ``(q, s, qt, st)``:
-    ``rowwise`` -> q (n_rows, C) in 1x128 tiles along C with scales s (C/128, n_rows) (scale-major);
-    ``colwise`` -> qt (C, n_rows) = the layout transposed, in 1x128 tiles along the rows, scales st
-    (n_rows/128, C). n_rows must be a multiple of 128 when ``colwise``.
-    """
+    """Triton version of :func:`dsv3.fp8.quant.quantize_rows` (x with unit stride along its rows)."""
     m_src, c = x.shape
     if x.stride(1) != 1:
         raise ValueError("quantize_rows wants rows with unit stride")
