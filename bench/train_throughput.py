@@ -2,7 +2,9 @@
 (1 dense + 3 MoE), sequence 4096, forward + backward + AdamW step, against transformers'
 DeepseekV3ForCausalLM with the same weights layout, measured in one run.
 
-    python bench/train_throughput.py [--batch 2] [--steps 10] [--skip-peer]
+    python bench/train_throughput.py [--batch 2] [--steps 10] [--skip-peer] [--shape 16b-4l|v3-slice]
+
+``--shape v3-slice`` runs V3's layer sizes instead (see SHAPES), where GEMMs are a larger share of a step.
 
 Prints a markdown table: tokens/s, MFU (FLOPs/token = 3 x (2 x activated matmul params + causal attention),
 of the 989 TFLOP/s dense bf16 peak), peak memory.
@@ -23,7 +25,17 @@ from dsv3.info import model_stats
 PEAK = 989e12
 
 
-def bench_config() -> dsv3.ModelConfig:
+SHAPES = {
+    "16b-4l": "the benchmark shape of shared/benchmarks.md: 16b cut to 4 layers (1 dense + 3 MoE)",
+    "v3-slice": "V3's layer sizes (hidden 7168, 128 heads, experts 7168 -> 2048, top-8, dense FFN 18432) in 3 "
+                "layers (1 dense + 2 MoE) with 32 routed experts (one EP8 rank's share of 256), vocab 32768",
+}
+
+
+def bench_config(shape: str = "16b-4l") -> dsv3.ModelConfig:
+    if shape == "v3-slice":
+        return dsv3.preset("v3-671b").replace(num_hidden_layers=3, first_k_dense_replace=1, num_nextn_predict_layers=0,
+                                              n_routed_experts=32, n_group=1, topk_group=1, vocab_size=32768)
     return dsv3.preset("16b").replace(num_hidden_layers=4, num_nextn_predict_layers=0)
 
 
@@ -38,8 +50,8 @@ def timed_steps(step, steps: int, warmup: int = 3) -> float:
     return (time.perf_counter() - t0) / steps
 
 
-def run_dsv3(mode: str, batch: int, seq: int, steps: int) -> dict:
-    config = bench_config()
+def run_dsv3(mode: str, batch: int, seq: int, steps: int, shape: str = "16b-4l") -> dict:
+    config = bench_config(shape)
     master = torch.float32 if mode.startswith("amp") else torch.bfloat16
     model = dsv3.build_model(config, device="cuda", dtype=master, seed=0)
     if mode.endswith("fp8"):
@@ -60,10 +72,10 @@ def run_dsv3(mode: str, batch: int, seq: int, steps: int) -> dict:
     return {"step_s": timed_steps(step, steps)}
 
 
-def run_transformers(batch: int, seq: int, steps: int) -> dict:
+def run_transformers(batch: int, seq: int, steps: int, shape: str = "16b-4l") -> dict:
     import transformers
 
-    hf_cfg = transformers.DeepseekV3Config(**bench_config().to_hf_dict())
+    hf_cfg = transformers.DeepseekV3Config(**bench_config(shape).to_hf_dict())
     hf_cfg._attn_implementation = "sdpa"
     try:
         hf_cfg._experts_implementation = "grouped_mm"
@@ -94,15 +106,17 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--skip-peer", action="store_true")
     ap.add_argument("--modes", default="bf16,bf16+fp8,amp,amp+fp8")
+    ap.add_argument("--shape", default="16b-4l", choices=sorted(SHAPES), help="; ".join(f"{k}: {v}" for k, v in SHAPES.items()))
     args = ap.parse_args()
-    stats = model_stats(bench_config(), seq_len=args.seq)
+    stats = model_stats(bench_config(args.shape), seq_len=args.seq)
     flops_tok = 3 * stats.forward_flops_per_token
-    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}; 16b cut to 4 layers "
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}; {args.shape} "
           f"({stats.total_params / 1e9:.2f}B params, {stats.activated_matmul_params / 1e9:.2f}B activated matmul), "
           f"batch {args.batch} x seq {args.seq}, {flops_tok / 1e9:.1f} GFLOP/token (training)\n")
-    runs = [(m, lambda m=m: run_dsv3(m, args.batch, args.seq, args.steps)) for m in args.modes.split(",")]
+    runs = [(m, lambda m=m: run_dsv3(m, args.batch, args.seq, args.steps, args.shape)) for m in args.modes.split(",")]
     if not args.skip_peer:
-        runs.append(("transformers (grouped_mm, sdpa)", lambda: run_transformers(args.batch, args.seq, args.steps)))
+        runs.append(("transformers (grouped_mm, sdpa)",
+                     lambda: run_transformers(args.batch, args.seq, args.steps, args.shape)))
     labels = {"bf16": "dsv3, bf16 weights", "bf16+fp8": "dsv3, bf16 weights, FP8 GEMMs (--fp8)",
               "amp": "dsv3, fp32 master + bf16 autocast (trainer default)",
               "amp+fp8": "dsv3, fp32 master + autocast, FP8 GEMMs (--fp8)"}
