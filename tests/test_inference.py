@@ -562,3 +562,20 @@ def test_fused_projections_keep_the_model_its_state_dict_and_the_numbers(q_lora_
     mlp = model.layers[0].mlp
     torch.testing.assert_close(swiglu(mlp, x), mlp(x), rtol=1e-5, atol=1e-6)
     assert all(m.weight.dtype == torch.float32 for m in model.modules() if type(m).__name__ == "Gate")
+
+
+def test_decode_routing_matches_the_gate():
+    from dsv3.inference.layers import ROUTE_FEW_MAX, route
+    from dsv3.model.moe import Gate
+
+    gate = Gate(dsv3.preset("tiny").replace(n_routed_experts=64, num_experts_per_tok=6, n_group=1, topk_group=1))
+    torch.nn.init.normal_(gate.weight, std=0.05)
+    gate.e_score_correction_bias.normal_(std=0.01)
+    x = torch.randn(ROUTE_FEW_MAX, gate.weight.shape[1])
+    w_ref, i_ref, _ = gate(x)
+    w, i = route(gate, x)
+    order, order_ref = i.argsort(dim=1), i_ref.argsort(dim=1)
+    assert torch.equal(i.gather(1, order), i_ref.gather(1, order_ref))  # the same experts for every token
+    torch.testing.assert_close(w.gather(1, order), w_ref.gather(1, order_ref), rtol=1e-5, atol=1e-6)
+    s = (x @ gate.weight.t()).sigmoid() + gate.e_score_correction_bias  # chosen in rank order
+    assert (s.gather(1, i)[:, :-1] >= s.gather(1, i)[:, 1:]).all()

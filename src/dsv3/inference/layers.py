@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..model.attention import MLA
-from ..model.moe import MoE
+from ..model.moe import Gate, MoE
 from ..model.transformer_block import Block
 from .cache import read_latent, write_latent
 from .fusion import mla_query_latent, swiglu
@@ -111,6 +111,38 @@ def sort_by_expert(ids: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, tor
     return torch.empty_like(ids).scatter_(0, place, arange), place, counts
 
 
+ROUTE_FEW_MAX = 64
+"""Tokens up to which :func:`route` computes the routing as fusible element-wise work and reductions."""
+
+
+def route(gate: Gate, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gate values (T, K) and expert indices (T, K) of :meth:`Gate.forward` (eq. 13-16) for x (T, d).
+
+    For the few tokens of a decode step (at most :data:`ROUTE_FEW_MAX`) with plain top-k routing (one expert
+    group, sigmoid affinities, as in the ``16b`` preset) the same math is written as element-wise work and
+    reductions that ``torch.compile`` fuses into a few kernels, where the gate costs a cuBLAS dot and reduce
+    for its tiny FP32 product plus a top-k kernel: the product as a broadcast sum, and the top-k by ranks (an
+    expert's rank = how many experts beat its biased affinity, ties to the lower index), the k chosen
+    coming out in rank order. Otherwise (group-limited V3 routing, softmax scoring, prefill) the gate itself.
+    """
+    if gate.n_groups > 1 or gate.score_func != "sigmoid" or x.shape[0] > ROUTE_FEW_MAX:
+        weights, indices, _ = gate(x)
+        return weights, indices
+    scores = (x.float()[:, None, :] * gate.weight.float()).sum(dim=-1).sigmoid()  # (T, E), eq. 15
+    bias = gate.e_score_correction_bias
+    choice = scores if bias is None else scores + bias
+    experts = torch.arange(choice.shape[-1], device=x.device)
+    ahead = (choice[:, None, :] > choice[:, :, None]) | (
+        (choice[:, None, :] == choice[:, :, None]) & (experts[None, :] < experts[:, None]))
+    rank = ahead.sum(dim=-1)  # (T, E)
+    wanted = torch.arange(gate.top_k, device=x.device)
+    indices = (rank[:, None, :] == wanted[None, :, None]).long().argmax(dim=-1)  # (T, K): expert of rank r
+    weights = scores.gather(1, indices)
+    if gate.norm_topk:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * gate.route_scale, indices
+
+
 FEW_ROWS_MAX = 512
 """Token copies up to which ``experts="few_rows"`` runs the Triton kernel (larger batches: the module)."""
 
@@ -129,7 +161,7 @@ def moe_forward(moe: MoE, x: torch.Tensor, experts: str = "module") -> torch.Ten
     """
     b, s, d = x.shape
     flat = x.reshape(-1, d)
-    weights, indices, _ = moe.gate(flat)
+    weights, indices = route(moe.gate, flat)
     ids = indices.flatten()
     order, place, counts = sort_by_expert(ids, moe.n_experts)
     x_sorted = flat[order // indices.shape[1]]
