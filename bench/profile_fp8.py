@@ -120,7 +120,7 @@ def main() -> None:
     report(f"FP8Linear f+b ({args.tokens} x 2048 -> 3072)", lambda: lin(xl).backward(gl), args.rows)
     ref = torch.nn.Linear(2048, 3072, bias=False, device=dev, dtype=bf)
     report("nn.Linear f+b, BF16", lambda: ref(xl).backward(gl), args.rows)
-    del x, w, gy, xl, gl
+    x = w = gy = xl = gl = None  # free the GEMM operands before the model steps
     if args.skip_step:
         return
     config = dsv3.preset("16b").replace(num_hidden_layers=4, num_nextn_predict_layers=0)
@@ -138,7 +138,7 @@ def main() -> None:
             opt.zero_grad(set_to_none=True)
 
         report(f"training step, 16b cut to 4 layers, {'FP8' if fp8 else 'BF16'}", step, args.rows)
-        del model, opt
+        model = opt = None
         torch.cuda.empty_cache()
 
 
