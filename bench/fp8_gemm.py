@@ -149,7 +149,7 @@ def sweep_triton(reps: int) -> list[str]:
     rows = ["| case | BLOCK_M, warps, stages | grouped FP8 GEMM (kernel only) |", "|---|---|---|"]
     for label, e, m, k, n in (("16b gate_up", 64, 24576, 2048, 2816), ("v3 gate_up", 32, 8192, 7168, 4096)):
         counts = torch.bincount(torch.randint(0, e, (m,), device="cuda"), minlength=e)
-        wq, ws = T.quantize_expert_blocks(torch.randn(e, n, k, device="cuda", dtype=torch.bfloat16))
+        wq, ws = quantize_blocks(torch.randn(e, n, k, device="cuda", dtype=torch.bfloat16))
         layout = T._PaddedLayout(counts, m)
         xq, xs = T._TritonGrouped.quant_rows(torch.randn(m, k, device="cuda", dtype=torch.bfloat16), layout)
         default = dict(T.TRITON_LAUNCH)

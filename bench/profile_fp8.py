@@ -46,7 +46,7 @@ def sweep(x, w, gy, counts) -> None:
 
     layout = T._PaddedLayout(counts, x.shape[0])
     xq, xs = T._TritonGrouped.quant_rows(x, layout)
-    wq, ws = T.quantize_expert_blocks(w)
+    wq, ws = T.quantize_blocks(w)
     _, _, gt = T._TritonGrouped.quant_grad(gy, layout, False, True)
     m, n, k = x.shape[0], w.shape[1], w.shape[2]
     flops = 2 * m * n * k
@@ -81,7 +81,7 @@ def sweep(x, w, gy, counts) -> None:
           TQ.LAUNCH, lambda: T._TritonGrouped.quant_grad(gy, layout, True, True), work=bytes_rows, unit="GB/s")
     table("quantise the expert weights with W^T (block_warps)", [dict(block_warps=8), dict(block_warps=4),
                                                                   dict(block_warps=16)],
-          TQ.LAUNCH, lambda: T.quantize_expert_blocks(w, with_transpose=True), work=w.numel() * 4, unit="GB/s")
+          TQ.LAUNCH, lambda: T.quantize_blocks(w, with_transpose=True), work=w.numel() * 4, unit="GB/s")
 
 
 def main() -> None:

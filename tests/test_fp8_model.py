@@ -12,7 +12,8 @@ from torch import nn
 
 import dsv3
 from dsv3.fp8 import FP8Experts, FP8Linear, apply_fp8_training, dequantize_tiles, quantize_tiles
-from dsv3.fp8.transform import fp8_grouped_linear, quantize_expert_blocks
+from dsv3.fp8 import quantize_blocks
+from dsv3.fp8.transform import fp8_grouped_linear
 from dsv3.model.moe import Experts, Gate
 from dsv3.model.norm import RMSNorm
 
@@ -110,7 +111,7 @@ def test_fp8_model_matches_unquantised_and_trains():
 def _reference_experts(x, w1, w2, counts, inter):
     """float64 reference of the §3.3 expert math: the same quantisation, exact products."""
     def _deq_experts(w):
-        q, s = quantize_expert_blocks(w.float())
+        q, s = quantize_blocks(w.float())
         s = s.double().repeat_interleave(128, 1).repeat_interleave(128, 2)[:, :w.shape[1], :w.shape[2]]
         return q.double() * s
 

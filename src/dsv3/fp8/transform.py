@@ -129,16 +129,6 @@ class FP8Experts(Experts):
         return f"n_experts={self.n_experts}, fp8=e4m3 1x128/128x128, backend={self.backend}"
 
 
-def quantize_expert_blocks(w: Tensor, with_transpose: bool = False) -> tuple[Tensor, ...]:
-    """128x128 block quantisation of each expert's (N, K) matrix of a stacked (E, N, K) weight.
-
-    Returns ``q`` (E, N, K) float8 and ``scale`` (E, ceil(N/128), ceil(K/128)); ``with_transpose`` adds
-    each expert's W^T bytes (E, K, N) and scales (E, ceil(K/128), ceil(N/128)) for the input gradient.
-    One kernel launch for the whole stack on a GPU.
-    """
-    return quantize_blocks(w, with_transpose=with_transpose)
-
-
 # Set once a GPU path fails in "auto" mode; later calls then go straight to emulation.
 _fast_path_broken = False
 
@@ -161,7 +151,7 @@ class _FP8GroupedLinearFn(torch.autograd.Function):
             layout = ops.layout(counts, x.shape[0])
         xq, xs = ops.quant_rows(x, layout)  # 1x128 along K: per token, so independent of the grouping
         # W's blocks, and W^T's for the input gradient, from one read of the master weight.
-        wq, ws, wqt, wst = quantize_expert_blocks(weight, with_transpose=True)
+        wq, ws, wqt, wst = quantize_blocks(weight, with_transpose=True)  # each expert on its own
         y = ops.mm(xq, xs, wq, ws, layout, x.dtype)
         ctx.save_for_backward(xq, xs, wqt, wst)  # X and W^T kept in FP8 only
         ctx.layout, ctx.ops, ctx.x_dtype, ctx.w_dtype = layout, ops, x.dtype, weight.dtype
