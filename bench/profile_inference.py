@@ -40,6 +40,23 @@ def kernel_table(fn, rows: int, steps: int = 3) -> str:
     return "\n".join(lines)
 
 
+def kernel_sequence(fn, first: int, count: int) -> str:
+    """The kernels of one call of ``fn`` in launch order, from the ``first``-th on: where a step's time goes
+    layer by layer (a decode step repeats the same kernels per layer)."""
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    events = sorted((e for e in prof.events() if e.device_type.name == "CUDA"), key=lambda e: e.time_range.start)
+    lines = ["| # | kernel | us | gap before us |", "|---|---|---|---|"]
+    for i in range(first, min(first + count, len(events))):
+        e = events[i]
+        gap = e.time_range.start - events[i - 1].time_range.end if i else 0.0
+        lines.append(f"| {i} | {e.name[:100]} | {e.time_range.elapsed_us():.1f} | {gap:.1f} |")
+    return "\n".join(lines)
+
+
 def median_ms(fn, reps: int = 20) -> float:
     fn()
     torch.cuda.synchronize()
@@ -80,18 +97,56 @@ def grouped_mm_probe(config: dsv3.ModelConfig) -> None:
               f"{gb / t_new * 1e3:.0f} | {diff:.1e} |", flush=True)
 
 
+def attention_sweep(config: dsv3.ModelConfig, prompt: int) -> None:
+    """Times dsv3.inference.triton_mla.latent_attention at the 16b preset's sizes for launch settings
+    (LAUNCH) at batch 1 and 32, and the per-head products against cuBLAS (torch.einsum)."""
+    from triton.testing import do_bench_cudagraph
+
+    from dsv3.inference import triton_mla
+
+    h, d_c, d_r, page = config.num_attention_heads, config.kv_lora_rank, config.qk_rope_head_dim, 16
+    n_pages = (prompt + 64) // page
+    base = dict(triton_mla.LAUNCH)
+    variants = [{}, {"keys_per_split": 64, "num_warps": 8}, {"keys_per_split": 16}, {"num_warps": 2}]
+    print("| batch | LAUNCH change | us |\n|---|---|---|")
+    for b in (1, 32):
+        latent = torch.randn(b * n_pages + 1, page, d_c + d_r, device="cuda", dtype=torch.bfloat16)
+        pages = torch.randperm(b * n_pages, device="cuda").view(b, n_pages)
+        positions = torch.full((b, 1), prompt, device="cuda")
+        q_lat = torch.randn(b, 1, h, d_c, device="cuda", dtype=torch.bfloat16)
+        q_pe = torch.randn(b, 1, h, d_r, device="cuda", dtype=torch.bfloat16)
+        cos, sin = torch.randn(2, b, 1, d_r // 2, device="cuda").unbind(0)
+        for change in variants:
+            triton_mla.LAUNCH.update(base, **change)
+            fn = lambda: triton_mla.latent_attention(q_lat, q_pe, latent, pages, positions, cos, sin, 0.1)  # noqa: E731
+            us = do_bench_cudagraph(fn) * 1e3
+            print(f"| {b} | {change or 'default'} | {us:.1f} |", flush=True)
+        triton_mla.LAUNCH.update(base)
+        x = torch.randn(b, h, config.qk_nope_head_dim, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(h, config.qk_nope_head_dim, d_c, device="cuda", dtype=torch.bfloat16)
+        for name, fn in [("head_matmul W^UK", lambda: triton_mla.head_matmul(x, w)),
+                         ("einsum W^UK", lambda: torch.einsum("thk,hkn->thn", x, w))]:
+            print(f"| {b} | {name} | {do_bench_cudagraph(fn) * 1e3:.1f} |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--decode", default="1,32")
     ap.add_argument("--prefill", default="1,32")
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--rows", type=int, default=25)
+    ap.add_argument("--sequence", default="", help="FIRST,COUNT: list a decode step's kernels in order")
+    ap.add_argument("--attention-sweep", action="store_true", help="time the latent attention kernel's settings")
+    ap.add_argument("--no-probe", action="store_true", help="skip the grouped GEMM probe")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--decode-experts", default="auto", help="Engine(decode_experts=...): auto, few_rows, module")
     args = ap.parse_args()
     config = dsv3.preset("16b")
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
-    grouped_mm_probe(config)
+    if args.attention_sweep:
+        attention_sweep(config, args.prompt)
+    if not args.no_probe:
+        grouped_mm_probe(config)
     model = dsv3.build_model(config, device="cuda", dtype=torch.bfloat16, seed=0)
     batches = [int(b) for b in args.decode.split(",") if b]
     prefills = [int(b) for b in args.prefill.split(",") if b]
@@ -120,6 +175,9 @@ def main() -> None:
                   f"({b / ms * 1e3:.0f} tok/s; first step {first:.1f} s)", flush=True)
             if eng is eager:
                 print(kernel_table(step, args.rows))
+                if args.sequence:
+                    first, count = (int(v) for v in args.sequence.split(","))
+                    print(kernel_sequence(step, first, count))
             for s in slots:
                 eng.free(s)
     for b in prefills:

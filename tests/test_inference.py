@@ -531,6 +531,83 @@ def test_few_rows_triton_kernel_matches_float64_reference():
         assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-2
 
 
+@pytest.mark.gpu
+def test_decode_experts_kernels_match_float64_reference():
+    """Routed + shared experts of a few tokens without a sort: one token (the batch-1 step), several
+    tokens sharing experts, the most tokens it takes, no shared experts, sizes not multiples of its blocks."""
+    from dsv3.inference.triton_moe import moe_decode_experts
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    kw = dict(device="cuda", generator=g)
+
+    def mlp(x, w13, w2):
+        gate, up = (x @ w13.T).chunk(2, dim=-1)
+        return (torch.nn.functional.silu(gate) * up) @ w2.T
+
+    for t, e, k, d, inter, pieces in [(1, 64, 6, 2048, 1408, 2), (5, 6, 3, 200, 72, 1), (16, 8, 2, 128, 64, 0)]:
+        x = torch.randn(t, d, **kw).bfloat16()
+        ids = torch.stack([torch.randperm(e, **kw)[:k] for _ in range(t)])
+        w13 = (torch.randn(e, 2 * inter, d, **kw) / d ** 0.5).bfloat16()
+        w2 = (torch.randn(e, d, inter, **kw) / inter ** 0.5).bfloat16()
+        ws13 = (torch.randn(2 * inter * pieces, d, **kw) / d ** 0.5).bfloat16() if pieces else None
+        ws2 = (torch.randn(d, inter * pieces, **kw) / inter ** 0.5).bfloat16() if pieces else None
+        y = moe_decode_experts(x, ids, w13, w2, ws13, ws2).double()
+        assert y.shape == (t * k + t * pieces, d)
+        ref = torch.stack([mlp(x[i].double(), w13[j].double(), w2[j].double()) for i, j in
+                           zip(torch.arange(t).repeat_interleave(k).tolist(), ids.flatten().tolist())])
+        assert ((y[:t * k] - ref).norm() / ref.norm()).item() < 1e-2
+        if pieces:
+            ref = mlp(x.double(), ws13.double(), ws2.double())
+            assert ((y[t * k:].view(pieces, t, d).sum(0) - ref).norm() / ref.norm()).item() < 1e-2
+
+
+@pytest.mark.gpu
+def test_absorbed_attention_kernels_match_reference():
+    """The Triton kernels of dsv3.inference.triton_mla against the model's and einsum's math: the latent
+    write (RMSNorm and RoPE of kv_a_proj_with_mqa's output), the per-head products in both weight layouts,
+    and the paged latent attention (query RoPE inside; pages out of order, tokens at different positions, a
+    split past a token's last key, two tokens per sequence, the 16b preset's sizes and small ones)."""
+    from dsv3.inference.cache import write_latent as write_reference
+    from dsv3.inference.triton_mla import head_matmul, latent_attention, write_latent
+    from dsv3.model.norm import RMSNorm
+    from dsv3.model.rope import apply_rope
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    kw = dict(device="cuda", generator=g)
+    for d_c, d_r in [(512, 64), (64, 16)]:
+        cache = torch.randn(9, 16, d_c + d_r, **kw).bfloat16()
+        index, kv_a = torch.tensor([[5, 130]], device="cuda"), torch.randn(1, 2, d_c + d_r, **kw).bfloat16()
+        cos, sin = torch.randn(1, 2, d_r // 2, **kw), torch.randn(1, 2, d_r // 2, **kw)
+        norm = RMSNorm(d_c).cuda().bfloat16()
+        norm.weight.data.uniform_(0.5, 1.5, generator=g)
+        ref = cache.clone()
+        kv, k_pe = kv_a.split([d_c, d_r], dim=-1)
+        write_reference(ref, index, norm(kv), apply_rope(k_pe.unsqueeze(2), cos, sin).squeeze(2))
+        write_latent(cache, index, kv_a, norm.weight, norm.eps, cos, sin)
+        torch.testing.assert_close(cache.float(), ref.float(), atol=0.05, rtol=0.02)
+    for t, h, k, n in [(1, 16, 128, 512), (1, 16, 512, 128), (40, 3, 72, 40)]:
+        x = torch.randn(t, h, k, **kw).bfloat16()
+        w = torch.randn(h, n, k, **kw).bfloat16()
+        ref = torch.einsum("thk,hnk->thn", x.double(), w.double())
+        for w_kn in (w.transpose(1, 2), w.transpose(1, 2).contiguous()):  # W^UV's and W^UK's layouts
+            got = head_matmul(x, w_kn).double()
+            assert ((got - ref).norm() / ref.norm()).item() < 1e-2
+    for b, s, h, d_c, d_r, page, n_pages in [(1, 1, 16, 512, 64, 16, 36), (3, 2, 4, 64, 16, 8, 5)]:
+        latent = torch.randn(3 * n_pages + 1, page, d_c + d_r, **kw).bfloat16()
+        pages = torch.stack([torch.randperm(3 * n_pages, **kw)[:n_pages] for _ in range(b)])
+        last = torch.randint(s, n_pages * page, (b, 1), **kw)
+        positions = last - s + 1 + torch.arange(s, device="cuda")
+        q_lat, q_pe = torch.randn(b, s, h, d_c, **kw).bfloat16(), torch.randn(b, s, h, d_r, **kw).bfloat16()
+        cos, sin = torch.randn(b, s, d_r // 2, **kw), torch.randn(b, s, d_r // 2, **kw)
+        got = latent_attention(q_lat, q_pe, latent, pages, positions, cos, sin, 0.1).double()
+        lat = latent[pages].flatten(1, 2).double()
+        q = torch.cat([q_lat, apply_rope(q_pe, cos, sin)], -1).double()
+        scores = torch.einsum("bshc,btc->bsht", q, lat) * 0.1
+        hidden = torch.arange(lat.shape[1], device="cuda") > positions[:, :, None, None]
+        ref = torch.einsum("bsht,btc->bshc", scores.masked_fill(hidden, float("-inf")).softmax(-1), lat[..., :d_c])
+        assert ((got - ref).norm() / ref.norm()).item() < 1e-2
+
+
 @pytest.mark.parametrize("q_lora_rank", [96, None])
 def test_fused_projections_keep_the_model_its_state_dict_and_the_numbers(q_lora_rank):
     from dsv3.inference.fusion import fuse_projections, mla_query_latent, swiglu
@@ -579,3 +656,7 @@ def test_decode_routing_matches_the_gate():
     torch.testing.assert_close(w.gather(1, order), w_ref.gather(1, order_ref), rtol=1e-5, atol=1e-6)
     s = (x @ gate.weight.t()).sigmoid() + gate.e_score_correction_bias  # chosen in rank order
     assert (s.gather(1, i)[:, :-1] >= s.gather(1, i)[:, 1:]).all()
+    if torch.cuda.is_available():  # the Triton top-k kernel (route(..., kernel=True)) chooses the same
+        w_k, i_k = route(gate.cuda(), x.cuda(), kernel=True)
+        assert torch.equal(i_k.cpu(), i)
+        torch.testing.assert_close(w_k.cpu(), w, rtol=1e-5, atol=1e-6)

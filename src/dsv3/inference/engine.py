@@ -100,7 +100,8 @@ class Engine:
     with CUDA graphs on a CUDA device. It leaves the numbers as they are up to floating-point rounding.
 
     ``decode_experts``: how the routed experts of a decode step run (:func:`~dsv3.inference.layers.moe_forward`):
-    ``"few_rows"`` (a Triton kernel for a few rows per expert), ``"module"`` (the model's own experts,
+    ``"few_rows"`` (Triton kernels for a few rows per expert; the absorbed attention then also runs through
+    the Triton kernels of :mod:`~dsv3.inference.triton_mla`), ``"module"`` (the model's own experts,
     ``torch._grouped_mm`` on Hopper) or ``"auto"`` (default: ``few_rows`` on a CUDA device with Triton where
     the experts run as grouped GEMMs, else ``module``).
 
@@ -174,6 +175,12 @@ class Engine:
         """How the routed experts of a decode step run; a captured step whose experts would need the
         host-syncing loop runs them ``"gathered"`` instead."""
         self._capturable_experts = decode_experts if grouped or decode_experts == "few_rows" else "gathered"
+        c = self.config
+        pow2 = all(v & (v - 1) == 0 for v in (c.kv_lora_rank, c.qk_rope_head_dim, c.qk_nope_head_dim))
+        self.decode_kernels = decode_experts == "few_rows" and pow2 and c.num_attention_heads <= 32
+        """Absorbed attention of a decode step through the Triton kernels of :mod:`dsv3.inference.triton_mla`
+        (with the ``few_rows`` experts, for latent and head sizes that are powers of two and up to 32 heads
+        on one program's tile); else einsums and softmax."""
         if cuda_graph is None:
             cuda_graph = self.device.type == "cuda" and grouped
         self.graphs = self.prefill_graphs = None
@@ -245,11 +252,11 @@ class Engine:
         cos, sin = self.model.rotary(positions)
         index = self.cache.flat_index(slots[:, None], positions, valid)
         pages = self.cache.block_table[slots, :self.cache.pages_for(max_len)]  # (B, P)
-        n_keys = pages.shape[1] * self.cache.page_size
-        hidden = (torch.arange(n_keys, device=x.device) > positions[:, :, None])[:, :, None, :]  # (B, S, 1, T)
         experts = self._capturable_experts if capturable else self.decode_experts
+        kernels = self.decode_kernels and x.dtype == torch.bfloat16
         for layer, block in blocks:
-            x = self._decode_block(block, x, cos, sin, self.cache.latent[layer], index, pages, hidden, experts)
+            x = self._decode_block(block, x, cos, sin, self.cache.latent[layer], index, pages, positions, experts,
+                                   kernels)
         return x
 
     # ================================================================================================

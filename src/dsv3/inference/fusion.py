@@ -26,7 +26,7 @@ from dsv3.model.attention import MLA
 from dsv3.model.ffn import MLP
 from dsv3.model.moe import Gate
 
-__all__ = ["fuse_projections", "mla_query_latent", "swiglu"]
+__all__ = ["fuse_projections", "mla_first_projections", "mla_query_latent", "swiglu"]
 
 
 def _stack(linears: list[nn.Module]) -> torch.Tensor | None:
@@ -66,13 +66,20 @@ def fuse_projections(model: nn.Module) -> int:
     return n
 
 
-def mla_query_latent(attn: MLA, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """``(attn.query(x), attn.latent(x))``, with one GEMM for both first projections where fused."""
+def mla_first_projections(attn: MLA, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """MLA's two projections of x: the first query projection (``q_proj`` or ``q_a_proj``) and
+    ``kv_a_proj_with_mqa``, as one GEMM where fused."""
     fused = getattr(attn, "fused_in_proj", None)
     if fused is None:
-        return attn.query(x, cos, sin), attn.latent(x, cos, sin)
+        return (attn.q_proj if attn.q_lora_rank is None else attn.q_a_proj)(x), attn.kv_a_proj_with_mqa(x)
     n_kv = attn.kv_a_proj_with_mqa.out_features
     q0, kv_a = F.linear(x, fused).split([fused.shape[0] - n_kv, n_kv], dim=-1)
+    return q0, kv_a
+
+
+def mla_query_latent(attn: MLA, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """``(attn.query(x), attn.latent(x))``, with one GEMM for both first projections where fused."""
+    q0, kv_a = mla_first_projections(attn, x)
     return attn.query_from(q0, cos, sin), attn.latent_from(kv_a, cos, sin)
 
 

@@ -29,7 +29,7 @@ from ..model.attention import MLA
 from ..model.moe import Gate, MoE
 from ..model.transformer_block import Block
 from .cache import read_latent, write_latent
-from .fusion import mla_query_latent, swiglu
+from .fusion import mla_first_projections, mla_query_latent, swiglu
 
 
 @torch.library.custom_op("dsv3::write_latent", mutates_args=("latent",))
@@ -65,21 +65,35 @@ def prefill_attention(
 
 def absorbed_attention(
     attn: MLA, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-    latent: torch.Tensor, index: torch.Tensor, pages: torch.Tensor, hidden: torch.Tensor,
+    latent: torch.Tensor, index: torch.Tensor, pages: torch.Tensor, positions: torch.Tensor, kernels: bool = False,
 ) -> torch.Tensor:
     """MLA with W^UK and W^UV absorbed, for new tokens x (B, S, d) written at ``index`` (B, S) and attending
-    over the cached latents of ``pages`` (B, P). ``hidden`` (B, S, 1, P * page_size) bool marks the cached
-    positions a query may not see.
+    over the cached latents of ``pages`` (B, P): token (b, s) sees the cached positions 0 ..
+    ``positions[b, s]``.
 
     The cache row [c^KV; k^R] serves as the key of every head against the query [q^C W^UK; q^R], so the
-    score q_lat . c^KV + q^R . k^R is one product; the value is its c^KV part."""
+    score q_lat . c^KV + q^R . k^R is one product; the value is its c^KV part. ``kernels``: the Triton
+    kernels of :mod:`dsv3.inference.triton_mla` (CUDA) in place of the einsums, softmax and page gather;
+    the latent's norm and RoPE happen in the kernel that writes it to the cache, the query's RoPE in the
+    attention kernel."""
     b, s, _ = x.shape
     h, d_nope, d_v, d_c = attn.n_heads, attn.qk_nope_head_dim, attn.v_head_dim, attn.kv_lora_rank
+    w = attn.kv_b_proj.weight.view(h, d_nope + d_v, d_c)
+    w_uk, w_uv = w[:, :d_nope].to(x.dtype), w[:, d_nope:].to(x.dtype)  # (H, d_nope, d_c), (H, d_v, d_c)
+    if kernels:
+        from .triton_mla import head_matmul, latent_attention, write_latent
+
+        q0, kv_a = mla_first_projections(attn, x)
+        q_nope, q_pe = attn.query_from(q0, cos, sin, rotate=False)
+        write_latent(latent, index, kv_a, attn.kv_a_layernorm.weight, attn.kv_a_layernorm.eps, cos, sin)
+        q_lat = head_matmul(q_nope.reshape(b * s, h, d_nope), w_uk).view(b, s, h, d_c)
+        o_lat = latent_attention(q_lat, q_pe, latent, pages, positions, cos, sin, attn.softmax_scale)
+        o = head_matmul(o_lat.view(b * s, h, d_c), w_uv.transpose(1, 2))
+        return attn.o_proj(o.reshape(b, s, h * d_v))
     (q_nope, q_pe), (kv, k_pe) = mla_query_latent(attn, x, cos, sin)  # (B, S, H, d_nope), (B, S, H, d_r)
     _write_latent(latent, index, kv, k_pe)  # write first: a token attends to itself
     lat = read_latent(latent, pages).to(x.dtype)  # (B, T, d_c + d_r)
-    w = attn.kv_b_proj.weight.view(h, d_nope + d_v, d_c)
-    w_uk, w_uv = w[:, :d_nope].to(x.dtype), w[:, d_nope:].to(x.dtype)  # (H, d_nope, d_c), (H, d_v, d_c)
+    hidden = (torch.arange(lat.shape[1], device=x.device) > positions[:, :, None])[:, :, None, :]  # (B, S, 1, T)
     q = torch.cat([torch.einsum("bshd,hdc->bshc", q_nope, w_uk), q_pe], dim=-1)  # (B, S, H, d_c + d_r)
     scores = torch.einsum("bshc,btc->bsht", q, lat)
     scores = (scores.float() * attn.softmax_scale).masked_fill(hidden, float("-inf"))
@@ -115,7 +129,7 @@ ROUTE_FEW_MAX = 64
 """Tokens up to which :func:`route` computes the routing as fusible element-wise work and reductions."""
 
 
-def route(gate: Gate, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def route(gate: Gate, x: torch.Tensor, kernel: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The gate values (T, K) and expert indices (T, K) of :meth:`Gate.forward` (eq. 13-16) for x (T, d).
 
     For the few tokens of a decode step (at most :data:`ROUTE_FEW_MAX`) with plain top-k routing (one expert
@@ -124,12 +138,19 @@ def route(gate: Gate, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     for its tiny FP32 product plus a top-k kernel: the product as a broadcast sum, and the top-k by ranks (an
     expert's rank = how many experts beat its biased affinity, ties to the lower index), the k chosen
     coming out in rank order. Otherwise (group-limited V3 routing, softmax scoring, prefill) the gate itself.
+    ``kernel``: the top-k and gate values in one Triton kernel (:func:`~dsv3.inference.triton_moe.route_topk`)
+    after the affinities.
     """
     if gate.n_groups > 1 or gate.score_func != "sigmoid" or x.shape[0] > ROUTE_FEW_MAX:
         weights, indices, _ = gate(x)
         return weights, indices
     scores = (x.float()[:, None, :] * gate.weight.float()).sum(dim=-1).sigmoid()  # (T, E), eq. 15
     bias = gate.e_score_correction_bias
+    if kernel:
+        from .triton_moe import route_topk
+
+        indices, weights = route_topk(scores, bias, gate.top_k, gate.norm_topk, float(gate.route_scale))
+        return weights, indices
     choice = scores if bias is None else scores + bias
     experts = torch.arange(choice.shape[-1], device=x.device)
     ahead = (choice[:, None, :] > choice[:, :, None]) | (
@@ -154,14 +175,17 @@ def moe_forward(moe: MoE, x: torch.Tensor, experts: str = "module") -> torch.Ten
 
     * ``"module"``: the model's own :class:`~dsv3.model.moe.Experts` (``torch._grouped_mm`` in bf16 on Hopper,
       else the reference loop, which splits by counts read back to the host);
-    * ``"few_rows"``: the Triton kernel of :mod:`dsv3.inference.triton_moe` for decode steps (at most
-      :data:`FEW_ROWS_MAX` copies, else the module);
+    * ``"few_rows"``: the Triton kernels of :mod:`dsv3.inference.triton_moe` for decode steps: up to
+      :data:`DECODE_FUSED_MAX` tokens routed and shared experts in two kernels without a sort, up to
+      :data:`FEW_ROWS_MAX` copies a grouped kernel over the sorted copies, beyond that the module;
     * ``"gathered"``: each copy times its own expert's gathered weights (fixed shapes, no host sync, for any
       dtype and device: meant for small models and tests).
     """
     b, s, d = x.shape
     flat = x.reshape(-1, d)
-    weights, indices = route(moe.gate, flat)
+    weights, indices = route(moe.gate, flat, kernel=experts == "few_rows")
+    if experts == "few_rows" and flat.shape[0] <= DECODE_FUSED_MAX:
+        return _moe_decode(moe, flat, weights, indices).view(b, s, d)
     ids = indices.flatten()
     order, place, counts = sort_by_expert(ids, moe.n_experts)
     x_sorted = flat[order // indices.shape[1]]
@@ -185,6 +209,32 @@ def moe_forward(moe: MoE, x: torch.Tensor, experts: str = "module") -> torch.Ten
     return y.view(b, s, d)
 
 
+DECODE_FUSED_MAX = 16
+"""Tokens up to which ``experts="few_rows"`` runs routed and shared experts in two kernels without sorting
+(:func:`dsv3.inference.triton_moe.moe_decode_experts`)."""
+
+
+def _moe_decode(moe: MoE, flat: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """The experts of a few tokens (``few_rows``, at most :data:`DECODE_FUSED_MAX`): each expert's program
+    finds its tokens in ``indices``; the shared MLP joins the same two kernels where its gate and up are
+    fused (:func:`~dsv3.inference.fusion.fuse_projections`) and its width is a multiple of an expert's."""
+    from .triton_moe import moe_decode_experts
+
+    t, d = flat.shape
+    module, shared = moe.experts, moe.shared_experts
+    stacked = None if shared is None else getattr(shared, "fused_gate_up", None)
+    inline = stacked is not None and shared.down_proj.in_features % module.inter_dim == 0
+    parts = moe_decode_experts(flat, indices, module.gate_up_proj, module.down_proj,
+                               stacked if inline else None, shared.down_proj.weight if inline else None)
+    k = indices.shape[1]
+    y = (parts[:t * k].view(t, k, d) * weights.unsqueeze(-1).float()).sum(dim=1)
+    if inline:
+        y = y + parts[t * k:].view(-1, t, d).sum(dim=0)
+    elif shared is not None:
+        y = y + swiglu(shared, flat).float()
+    return y.to(flat.dtype)
+
+
 def run_block(
     block: Block, x: torch.Tensor, attend: Callable[[MLA, torch.Tensor], torch.Tensor], experts: str = "module"
 ) -> torch.Tensor:
@@ -206,9 +256,11 @@ def prefill_block(
 
 def decode_block(
     block: Block, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, latent: torch.Tensor,
-    index: torch.Tensor, pages: torch.Tensor, hidden: torch.Tensor, experts: str = "module",
+    index: torch.Tensor, pages: torch.Tensor, positions: torch.Tensor, experts: str = "module",
+    kernels: bool = False,
 ) -> torch.Tensor:
     """A block over new tokens with absorbed attention (:func:`absorbed_attention`)."""
     return run_block(
-        block, x, lambda attn, h: absorbed_attention(attn, h, cos, sin, latent, index, pages, hidden), experts
+        block, x, lambda attn, h: absorbed_attention(attn, h, cos, sin, latent, index, pages, positions, kernels),
+        experts,
     )

@@ -57,14 +57,17 @@ class MLA(nn.Module):
         """Eq. 6-9: x (b, s, d) -> q^C (b, s, h, d_h) and RoPE'd q^R (b, s, h, d_h^R)."""
         return self.query_from(self.q_proj(x) if self.q_lora_rank is None else self.q_a_proj(x), cos, sin)
 
-    def query_from(self, q0: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def query_from(
+        self, q0: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotate: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`query` from the first query projection of x (``q_proj``, or ``q_a_proj`` = c^Q before its
-        norm), for callers that compute it fused with other projections of x."""
+        norm), for callers that compute it fused with other projections of x. ``rotate=False`` leaves q^R
+        unrotated (for a kernel that applies RoPE itself)."""
         b, s, _ = q0.shape
         q = q0 if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(q0))
         q = q.view(b, s, self.n_heads, self.qk_head_dim)
         q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
-        return q_nope, apply_rope(q_pe, cos, sin)
+        return q_nope, apply_rope(q_pe, cos, sin) if rotate else q_pe
 
     def latent(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Eq. 1 and 3: x (b, s, d) -> normalised c^KV (b, s, d_c) and RoPE'd shared key k^R (b, s, d_h^R)."""
