@@ -88,18 +88,29 @@ DECODE_MAX_TOKENS = 16
 
 _DECODE_CONFIGS = [
     triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-    for bn, bk, w, s in [(32, 256, 4, 4), (64, 128, 4, 4), (32, 128, 4, 6), (16, 256, 4, 4), (64, 256, 8, 3)]
+    for bn, bk, w, s in [(32, 256, 4, 4), (64, 128, 4, 4), (32, 128, 4, 6), (16, 256, 4, 4), (64, 256, 8, 3),
+                         (32, 512, 4, 3), (16, 512, 4, 3), (64, 256, 4, 4)]
 ]
 
 
 @triton.jit
-def _token_selection(ids_ptr, e, T, TOP_K, N_ROUTED, BLOCK_T: tl.constexpr, TOPK_P2: tl.constexpr):
-    """Which of the (at most BLOCK_T) tokens program ``e`` serves, and the row of its result for each.
+def _token_selection(ids_ptr, T, TOP_K, N_ROUTED, BLOCK_T: tl.constexpr, TOPK_P2: tl.constexpr,
+                     BY_SLOT: tl.constexpr):
+    """The expert (or shared piece) e of this program, which of the (at most BLOCK_T) tokens it serves, and
+    the row of its result for each.
 
     Routed expert e < N_ROUTED: the tokens whose top-k contains e, at row t * TOP_K + k (the copy's place in
-    the (T, K) routing). Shared piece v = e - N_ROUTED: every token, at row T * TOP_K + v * T + t."""
+    the (T, K) routing). Shared piece v = e - N_ROUTED: every token, at row T * TOP_K + v * T + t. Programs
+    are experts (a program per expert, most without tokens at small T), or with BY_SLOT (one token) the
+    token's copies: program p < TOP_K runs its p-th routed expert, the next ones the shared pieces."""
+    p = tl.program_id(0)
     t = tl.arange(0, BLOCK_T)
-    if e < N_ROUTED:
+    if BY_SLOT:
+        e = tl.where(p < TOP_K, tl.load(ids_ptr + tl.minimum(p, TOP_K - 1)).to(tl.int32), N_ROUTED + p - TOP_K)
+        sel = t < 1
+        row = p + 0 * t
+    elif p < N_ROUTED:
+        e = p
         kk = tl.arange(0, TOPK_P2)
         ids = tl.load(ids_ptr + t[:, None] * TOP_K + kk[None, :],
                       mask=(t[:, None] < T) & (kk[None, :] < TOP_K), other=-1)
@@ -107,22 +118,23 @@ def _token_selection(ids_ptr, e, T, TOP_K, N_ROUTED, BLOCK_T: tl.constexpr, TOPK
         sel = tl.sum(hit.to(tl.int32), axis=1) > 0
         row = t * TOP_K + tl.sum(tl.where(hit, kk[None, :], 0), axis=1)
     else:
+        e = p
         sel = t < T
         row = T * TOP_K + (e - N_ROUTED) * T + t
-    return sel, row
+    return e, sel, row
 
 
-@triton.autotune(configs=_DECODE_CONFIGS, key=["D", "INTER", "BLOCK_T"])
+@triton.autotune(configs=_DECODE_CONFIGS, key=["D", "INTER", "BLOCK_T", "BY_SLOT"])
 @triton.jit
 def _moe_decode_gate_up_kernel(
     x_ptr, ids_ptr, w_ptr, ws_ptr, act_ptr,
     T, TOP_K, N_ROUTED, D, INTER, INTER_SHARED,
     stride_xt, stride_we, stride_wn, stride_wsn, stride_act,
     BLOCK_T: tl.constexpr, TOPK_P2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BY_SLOT: tl.constexpr,
 ):
     """act[row] = silu(x_t W1_e^T) * (x_t W3_e^T) for the tokens t of expert (or shared piece) e."""
-    e = tl.program_id(0)
-    sel, row = _token_selection(ids_ptr, e, T, TOP_K, N_ROUTED, BLOCK_T, TOPK_P2)
+    e, sel, row = _token_selection(ids_ptr, T, TOP_K, N_ROUTED, BLOCK_T, TOPK_P2, BY_SLOT)
     if e < N_ROUTED:
         gate_w = w_ptr + e.to(tl.int64) * stride_we
         up_w = gate_w + INTER * stride_wn
@@ -150,17 +162,17 @@ def _moe_decode_gate_up_kernel(
                  mask=sel[:, None] & (cols[None, :] < INTER))
 
 
-@triton.autotune(configs=_DECODE_CONFIGS, key=["D", "INTER", "BLOCK_T"])
+@triton.autotune(configs=_DECODE_CONFIGS, key=["D", "INTER", "BLOCK_T", "BY_SLOT"])
 @triton.jit
 def _moe_decode_down_kernel(
     act_ptr, ids_ptr, w_ptr, ws_ptr, y_ptr,
     T, TOP_K, N_ROUTED, D, INTER,
     stride_act, stride_we, stride_wn, stride_wsn, stride_y,
     BLOCK_T: tl.constexpr, TOPK_P2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BY_SLOT: tl.constexpr,
 ):
     """y[row] = act[row] W2_e^T (FP32) for the rows of expert (or shared piece) e."""
-    e = tl.program_id(0)
-    sel, row = _token_selection(ids_ptr, e, T, TOP_K, N_ROUTED, BLOCK_T, TOPK_P2)
+    e, sel, row = _token_selection(ids_ptr, T, TOP_K, N_ROUTED, BLOCK_T, TOPK_P2, BY_SLOT)
     if e < N_ROUTED:
         w = w_ptr + e.to(tl.int64) * stride_we
         w_stride = stride_wn
@@ -212,12 +224,14 @@ def moe_decode_experts(
     y = torch.empty(rows, d, device=x.device, dtype=torch.float32)
     if t == 0:
         return y
-    meta = dict(BLOCK_T=DECODE_MAX_TOKENS, TOPK_P2=triton.next_power_of_2(top_k))
-    _moe_decode_gate_up_kernel[lambda m: (n_routed + pieces, triton.cdiv(inter, m["BLOCK_N"]))](
+    by_slot = t == 1  # one token: a program per copy, not per expert (no programs for the unchosen)
+    programs = (top_k if by_slot else n_routed) + pieces
+    meta = dict(BLOCK_T=DECODE_MAX_TOKENS, TOPK_P2=triton.next_power_of_2(top_k), BY_SLOT=by_slot)
+    _moe_decode_gate_up_kernel[lambda m: (programs, triton.cdiv(inter, m["BLOCK_N"]))](
         x, indices, gate_up, ws, act, t, top_k, n_routed, d, inter, pieces * inter,
         x.stride(0), gate_up.stride(0), gate_up.stride(1), ws.stride(0), act.stride(0), **meta,
     )
-    _moe_decode_down_kernel[lambda m: (n_routed + pieces, triton.cdiv(d, m["BLOCK_N"]))](
+    _moe_decode_down_kernel[lambda m: (programs, triton.cdiv(d, m["BLOCK_N"]))](
         act, indices, down, wsd, y, t, top_k, n_routed, d, inter,
         act.stride(0), down.stride(0), down.stride(1), wsd.stride(0), y.stride(0), **meta,
     )
