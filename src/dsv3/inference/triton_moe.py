@@ -1,15 +1,21 @@
-"""A Triton grouped GEMM for the routed experts of a decode step: few rows per expert, all weights streamed.
+"""Triton kernels for the MoE of a decode step: the experts' GEMMs for a few rows, and the top-k routing.
 
 In a decode step each expert sees a handful of token copies (1 at batch 1; about 3 at batch 32 with 64
 experts, top-6), so the step is bound by reading the chosen experts' weights once. ``torch._grouped_mm``
 (CUTLASS) tiles for large groups: on the "16b" shapes it reads the six experts of a batch-1 step at
-under 1 TB/s, and spends a launch on preparing its problem list. Here one program owns an
-(expert, BLOCK_N output columns) tile: it returns at once when the expert received no rows, otherwise it
-streams its BLOCK_N x K slice of the weight once for up to BLOCK_M rows at a time, accumulating in float32.
+under 1 TB/s, and spends a launch on preparing its problem list. Here:
 
-Imported lazily (Triton is optional); :func:`grouped_mm_few_rows` is also a ``torch.library`` custom op,
-so that ``torch.compile`` keeps it as one opaque call and CUDA graphs capture it. The reference is the
-experts' plain loop / ``torch._grouped_mm`` (:class:`dsv3.model.moe.Experts`).
+* :func:`grouped_mm_few_rows` (copies sorted by expert): one program owns an (expert, BLOCK_N output
+  columns) tile: it returns at once when the expert received no rows, otherwise it streams its BLOCK_N x K
+  slice of the weight once for up to BLOCK_M rows at a time, accumulating in float32;
+* :func:`moe_decode_experts` (at most 16 tokens, unsorted): the routed and the shared experts in two
+  kernels (gate-up with SiLU, then down), each program finding its tokens in the routing indices;
+* :func:`route_topk`: the top-k of the biased affinities and the gate values, one program per token.
+
+Imported lazily (Triton is optional); the functions are ``torch.library`` custom ops, so that
+``torch.compile`` keeps each as one opaque call and CUDA graphs capture them. The references are the
+experts' plain loop / ``torch._grouped_mm`` (:class:`dsv3.model.moe.Experts`) and the model's
+:class:`~dsv3.model.moe.Gate`.
 """
 
 from __future__ import annotations
