@@ -15,7 +15,11 @@ runs all layers of a shape) and captures in CUDA graphs.
       score_t = (q_lat . c^KV_t + q^R_h . k^R_t) * softmax_scale
       o_h     = W^UV_h (sum_t softmax(score)_t c^KV_t)        then W^O (``o_proj``)
 
-  so per cached token only the 576 latent values are read; keys and values are never expanded.
+  so per cached token only the 576 latent values are read; keys and values are never expanded. Written
+  here with einsum and softmax (the reference, and the CPU path); on the GPU the same math runs through the
+  Triton kernels of :mod:`dsv3.inference.triton_mla` (``kernels=True``).
+* :func:`moe_forward`: routing and experts for inference (the decode kernels of
+  :mod:`dsv3.inference.triton_moe` on the GPU).
 """
 
 from __future__ import annotations
