@@ -154,10 +154,11 @@ def _combine_splits_kernel(o_ptr, m_ptr, l_ptr, out_ptr, H, SPLITS, stride_out,
     tl.store(out_ptr + tok * stride_out + h * D_C + cs, out.to(out_ptr.dtype.element_ty))
 
 
-LAUNCH = {"block_t": 32, "keys_per_split": 32, "num_warps": 4, "num_stages": 2, "programs": 128, "block_c": 512}
+LAUNCH = {"block_t": 32, "keys_per_split": 32, "num_warps": 4, "num_stages": 2, "programs": 128, "block_c": 512,
+          "max_splits": 32}
 """Launch settings of :func:`latent_attention`: keys per inner step and per split (at least), warps and
-pipeline stages of the split kernel, the number of programs the splits aim for, and the value columns
-per program."""
+pipeline stages of the split kernel, the number of programs the splits aim for, the value columns per
+program, and the most splits per token."""
 
 
 @torch.library.custom_op("dsv3::latent_attention", mutates_args=())
@@ -181,8 +182,10 @@ def latent_attention(
     page = latent.shape[1]
     n_keys = pages.shape[1] * page
     block_t = LAUNCH["block_t"]
-    # enough programs to stream the cache from most SMs, each over at least keys_per_split keys
-    splits = max(1, min(triton.cdiv(n_keys, LAUNCH["keys_per_split"]), triton.cdiv(LAUNCH["programs"], t)))
+    # enough programs to stream the cache from most SMs, each over at least keys_per_split keys; at most
+    # max_splits (the combine kernel holds a head's d_c values of every split at once)
+    splits = max(1, min(triton.cdiv(n_keys, LAUNCH["keys_per_split"]), triton.cdiv(LAUNCH["programs"], t),
+                        LAUNCH["max_splits"]))
     per_split = triton.cdiv(triton.cdiv(n_keys, splits), block_t) * block_t
     splits = triton.cdiv(n_keys, per_split)
     q_lat, q_pe = q_lat.reshape(t, h, d_c), q_pe.reshape(t, h, d_r)
