@@ -83,18 +83,15 @@ def _latent_attention_kernel(
     H, S, KEYS_PER_SPLIT, scale,
     stride_qt, stride_qh, stride_rt, stride_rh, stride_pb, stride_cs, stride_ot, stride_os, stride_oh,
     PAGE: tl.constexpr, D_C: tl.constexpr, D_R: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr,
-    BLOCK_C: tl.constexpr,
 ):
-    """Program (token, split, value chunk): the scores of all heads over the split's keys (full width),
-    the values' columns of its chunk. The query's RoPE part arrives unrotated (interleaved pairs, as
-    :func:`dsv3.model.rope.apply_rope`) and is rotated here."""
+    """Program (token, split): the scores of all heads over the split's keys and their value sums. The
+    query's RoPE part arrives unrotated (interleaved pairs, as :func:`dsv3.model.rope.apply_rope`) and is
+    rotated here."""
     tok = tl.program_id(0)  # b * S + s
     split = tl.program_id(1)
-    chunk = tl.program_id(2) * BLOCK_C
     b = tok // S
     heads = tl.arange(0, BLOCK_H)
     cs = tl.arange(0, D_C)
-    vs = chunk + tl.arange(0, BLOCK_C)
     rs = tl.arange(0, D_R)
     q_c = tl.load(q_ptr + tok * stride_qt + heads[:, None] * stride_qh + cs[None, :], mask=heads[:, None] < H,
                   other=0.0)
@@ -110,7 +107,7 @@ def _latent_attention_kernel(
     end = tl.minimum(start + KEYS_PER_SPLIT, last + 1)
     m = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
     l = tl.zeros((BLOCK_H,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_H, BLOCK_C), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_H, D_C), dtype=tl.float32)
     for t0 in range(start, end, BLOCK_T):
         keys = t0 + tl.arange(0, BLOCK_T)
         live = keys < end
@@ -124,17 +121,12 @@ def _latent_attention_kernel(
         alpha = tl.exp(m - m_new)
         p = tl.exp(s - m_new[:, None])
         l = l * alpha + tl.sum(p, axis=1)
-        if BLOCK_C == D_C:
-            v = kv
-        else:
-            v = tl.load(lat_ptr + row[:, None] + vs[None, :], mask=live[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(kv.dtype), kv)
         m = m_new
     out = tok * stride_ot + split * stride_os
-    tl.store(o_ptr + out + heads[:, None] * stride_oh + vs[None, :], acc, mask=heads[:, None] < H)
-    if chunk == 0:
-        tl.store(m_ptr + tok * tl.num_programs(1) * H + split * H + heads, m, mask=heads < H)
-        tl.store(l_ptr + tok * tl.num_programs(1) * H + split * H + heads, l, mask=heads < H)
+    tl.store(o_ptr + out + heads[:, None] * stride_oh + cs[None, :], acc, mask=heads[:, None] < H)
+    tl.store(m_ptr + tok * tl.num_programs(1) * H + split * H + heads, m, mask=heads < H)
+    tl.store(l_ptr + tok * tl.num_programs(1) * H + split * H + heads, l, mask=heads < H)
 
 
 @triton.jit
@@ -154,11 +146,10 @@ def _combine_splits_kernel(o_ptr, m_ptr, l_ptr, out_ptr, H, SPLITS, stride_out,
     tl.store(out_ptr + tok * stride_out + h * D_C + cs, out.to(out_ptr.dtype.element_ty))
 
 
-LAUNCH = {"block_t": 32, "keys_per_split": 32, "num_warps": 4, "num_stages": 2, "programs": 128, "block_c": 512,
-          "max_splits": 32}
+LAUNCH = {"block_t": 32, "keys_per_split": 32, "num_warps": 4, "num_stages": 2, "programs": 128, "max_splits": 32}
 """Launch settings of :func:`latent_attention`: keys per inner step and per split (at least), warps and
-pipeline stages of the split kernel, the number of programs the splits aim for, the value columns per
-program, and the most splits per token."""
+pipeline stages of the split kernel, the number of programs the splits aim for, and the most splits per
+token."""
 
 
 @torch.library.custom_op("dsv3::latent_attention", mutates_args=())
@@ -198,12 +189,11 @@ def latent_attention(
     o = torch.empty(t, splits, h, d_c, device=q_lat.device, dtype=torch.float32)
     m = torch.empty(t, splits, h, device=q_lat.device, dtype=torch.float32)
     l = torch.empty_like(m)
-    block_c = min(LAUNCH["block_c"], d_c)
-    _latent_attention_kernel[(t, splits, d_c // block_c)](
+    _latent_attention_kernel[(t, splits)](
         q_lat, q_pe, latent, pages, positions.contiguous(), cos, sin, o, m, l, h, s, per_split, scale,
         q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1), pages.stride(0), cos.stride(0),
         o.stride(0), o.stride(1), o.stride(2),
-        PAGE=page, D_C=d_c, D_R=d_r, BLOCK_H=max(16, triton.next_power_of_2(h)), BLOCK_T=block_t, BLOCK_C=block_c,
+        PAGE=page, D_C=d_c, D_R=d_r, BLOCK_H=max(16, triton.next_power_of_2(h)), BLOCK_T=block_t,
         num_warps=LAUNCH["num_warps"], num_stages=LAUNCH["num_stages"],
     )
     _combine_splits_kernel[(t, h)](o, m, l, out, h, splits, h * d_c, BLOCK_S=triton.next_power_of_2(splits),
