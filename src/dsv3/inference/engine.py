@@ -177,10 +177,11 @@ class Engine:
         self._capturable_experts = decode_experts if grouped or decode_experts == "few_rows" else "gathered"
         c = self.config
         pow2 = all(v & (v - 1) == 0 for v in (c.kv_lora_rank, c.qk_rope_head_dim, c.qk_nope_head_dim))
-        self.decode_kernels = decode_experts == "few_rows" and pow2 and c.num_attention_heads <= 32
+        self.decode_kernels = (decode_experts == "few_rows" and self.dtype == torch.bfloat16 and pow2
+                               and c.num_attention_heads <= 32)
         """Absorbed attention of a decode step through the Triton kernels of :mod:`dsv3.inference.triton_mla`
-        (with the ``few_rows`` experts, for latent and head sizes that are powers of two and up to 32 heads
-        on one program's tile); else einsums and softmax."""
+        (with the ``few_rows`` experts, in bf16, for latent and head sizes that are powers of two and up to
+        32 heads on one program's tile); else einsums and softmax."""
         if cuda_graph is None:
             cuda_graph = self.device.type == "cuda" and grouped
         self.graphs = self.prefill_graphs = None
@@ -253,10 +254,9 @@ class Engine:
         index = self.cache.flat_index(slots[:, None], positions, valid)
         pages = self.cache.block_table[slots, :self.cache.pages_for(max_len)]  # (B, P)
         experts = self._capturable_experts if capturable else self.decode_experts
-        kernels = self.decode_kernels and x.dtype == torch.bfloat16
         for layer, block in blocks:
             x = self._decode_block(block, x, cos, sin, self.cache.latent[layer], index, pages, positions, experts,
-                                   kernels)
+                                   self.decode_kernels)
         return x
 
     # ================================================================================================
