@@ -484,7 +484,7 @@ def test_cuda_graph_decode_bf16_logits_close_and_used_by_default():
 
 
 def test_sort_by_expert_equals_stable_argsort():
-    from dsv3.inference.layers import sort_by_expert
+    from dsv3.inference.moe import sort_by_expert
 
     g = torch.Generator().manual_seed(0)
     for n, e in [(1, 4), (6, 64), (192, 64), (300, 5), (5000, 64)]:  # counting sort, and argsort above 2048
@@ -643,7 +643,7 @@ def test_fused_projections_keep_the_model_its_state_dict_and_the_numbers(q_lora_
 
 
 def test_decode_routing_matches_the_gate():
-    from dsv3.inference.layers import ROUTE_FEW_MAX, route
+    from dsv3.inference.moe import ROUTE_FEW_MAX, route
     from dsv3.model.moe import Gate
 
     gate = Gate(dsv3.preset("tiny").replace(n_routed_experts=64, num_experts_per_tok=6, n_group=1, topk_group=1))

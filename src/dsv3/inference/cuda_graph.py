@@ -13,7 +13,7 @@ What makes :meth:`Engine.forward_cached <dsv3.inference.engine.Engine.forward_ca
   are dropped;
 * **no host syncs** inside: no ``.item()`` / ``.tolist()``, no data-dependent shapes; the MoE counts its
   tokens per expert with a scatter-add and runs the experts as grouped GEMMs
-  (:func:`~dsv3.inference.layers.moe_forward`);
+  (:func:`~dsv3.inference.moe.moe_forward`);
 * **static buffers**: the step reads tokens, slots, positions and validity from one input tensor that is
   filled (one host-to-device copy) before each replay, and writes the hidden states, the logits and the
   greedy tokens (argmax, on the device) into tensors owned by the graph. Reading the greedy tokens back is

@@ -11,7 +11,7 @@ Two attention forms over the same cache (report §2.1.1; the block-level math is
   read; keys and values are never expanded.
 
 Everything else in a block (norms, dense FFN, MoE) is the model's own module; the MoE runs through
-:func:`~dsv3.inference.layers.moe_forward`, which counts the tokens per expert without reading anything
+:func:`~dsv3.inference.moe.moe_forward`, which counts the tokens per expert without reading anything
 back to the host. The batched decode core, :meth:`Engine.forward_cached`, works on tensors of fixed shape (tokens, slots,
 positions, a validity mask, a key length): on a GPU, :mod:`dsv3.inference.cuda_graph` pads a batch to a
 few fixed sizes and replays one captured CUDA graph per decode step (``Engine(cuda_graph=...)``), and
@@ -99,7 +99,7 @@ class Engine:
     every layer; the first steps of each new shape compile, which takes a while). ``None`` (default): on
     with CUDA graphs on a CUDA device. It leaves the numbers as they are up to floating-point rounding.
 
-    ``decode_experts``: how the routed experts of a decode step run (:func:`~dsv3.inference.layers.moe_forward`):
+    ``decode_experts``: how the routed experts of a decode step run (:func:`~dsv3.inference.moe.moe_forward`):
     ``"few_rows"`` (Triton kernels for a few rows per expert; the absorbed attention then also runs through
     the Triton kernels of :mod:`~dsv3.inference.triton_mla`), ``"module"`` (the model's own experts,
     ``torch._grouped_mm`` on Hopper) or ``"auto"`` (default: ``few_rows`` on a CUDA device with Triton where
