@@ -230,20 +230,20 @@ class _Emulate:
         gq, gs = quantize_tiles(gy) if need_x else (None, None)
         return gq, gs, gy  # the weight gradient quantises per expert itself
 
-    @staticmethod
-    def wgrad(gy, xq, xs, sizes, out_dtype):
+    @classmethod
+    def wgrad(cls, gy, xq, xs, sizes, out_dtype):
         x = dequantize_tiles(xq, xs)  # FP32, as the GPU kernels dequantise
         cd = torch.float64 if gy.dtype == torch.float64 else torch.float32
         out = gy.new_zeros(len(sizes), gy.shape[1], x.shape[1], dtype=cd)
         for e, (g_e, x_e) in enumerate(zip(gy.split(sizes), x.split(sizes))):
             if g_e.shape[0]:  # 1x128 tiles along this expert's tokens
-                out[e] = _wgrad_one_expert(g_e, x_e, cd)
+                out[e] = cls.expert_wgrad(*quantize_tiles(g_e.t()), *quantize_tiles(x_e.t()), cd)
         return out.to(out_dtype)
 
-
-def _wgrad_one_expert(g_e: Tensor, x_e: Tensor, cd: torch.dtype) -> Tensor:
-    return dequantize_tiles(*quantize_tiles(g_e.t()), dtype=cd) @ dequantize_tiles(
-        *quantize_tiles(x_e.t()), dtype=cd).t()
+    @staticmethod
+    def expert_wgrad(gq, gs, xq, xs, cd):
+        """dW_e = dY_e^T X_e from both operands' 1x128 tiles along the expert's tokens."""
+        return dequantize_tiles(gq, gs, dtype=cd) @ dequantize_tiles(xq, xs, dtype=cd).t()
 
 
 class _ScaledMMLoop(_Emulate):
@@ -260,16 +260,8 @@ class _ScaledMMLoop(_Emulate):
         return torch.cat(out) if out else aq.new_zeros(0, bq.shape[1], dtype=out_dtype)
 
     @staticmethod
-    def wgrad(gy, xq, xs, sizes, out_dtype):
-        x = dequantize_tiles(xq, xs)
-        out = gy.new_zeros(len(sizes), gy.shape[1], x.shape[1], dtype=torch.float32)
-        for e, (g_e, x_e) in enumerate(zip(gy.split(sizes), x.split(sizes))):
-            if g_e.shape[0]:
-                gq, gs = quantize_tiles(g_e.t())
-                xq_e, xs_e = quantize_tiles(x_e.t())
-                out[e] = fp8_matmul_nt(gq, gs, xq_e, xs_e, b_blocks=False, out_dtype=torch.float32,
-                                       backend="scaled_mm")
-        return out.to(out_dtype)
+    def expert_wgrad(gq, gs, xq, xs, cd):
+        return fp8_matmul_nt(gq, gs, xq, xs, b_blocks=False, out_dtype=torch.float32, backend="scaled_mm")
 
 
 class _PaddedLayout:
