@@ -32,6 +32,13 @@ def _scale(amax, POW2: tl.constexpr):
 
 
 @triton.jit
+def _e4m3(x, s):
+    """x / s (s per row of x), correctly rounded, clamped to E4M3's range and converted."""
+    q = tl.math.div_rn(x, tl.broadcast_to(s[:, None], x.shape))
+    return tl.minimum(tl.maximum(q, -448.0), 448.0).to(tl.float8e4nv)
+
+
+@triton.jit
 def _tile_quant_kernel(
     x_ptr,
     q_ptr,
@@ -56,9 +63,7 @@ def _tile_quant_kernel(
     )
     x = x.to(tl.float32)
     s = _scale(tl.max(tl.abs(x), axis=1), POW2)
-    q = tl.math.div_rn(x, tl.broadcast_to(s[:, None], x.shape))
-    q = tl.minimum(tl.maximum(q, -448.0), 448.0)
-    tl.store(q_ptr + rows[:, None] * K + cols[None, :], q.to(tl.float8e4nv), mask=mask)
+    tl.store(q_ptr + rows[:, None] * K + cols[None, :], _e4m3(x, s), mask=mask)
     tl.store(s_ptr + rows * n_tiles + t, s, mask=rows < M)
 
 
@@ -97,10 +102,8 @@ def _block_quant_kernel(
     amax = tl.max(tl.max(tl.abs(w), axis=1), axis=0)
     # Lift the scalar amax to a 1-element tensor: div_rn wants tensor operands.
     s = _scale(tl.full((1,), 0.0, tl.float32) + amax, POW2)
-    q = tl.math.div_rn(w, tl.broadcast_to(s[:, None], w.shape))
-    q = tl.minimum(tl.maximum(q, -448.0), 448.0)
     base = b * N * K
-    tl.store(q_ptr + base + rows[:, None] * K + cols[None, :], q.to(tl.float8e4nv), mask=mask)
+    tl.store(q_ptr + base + rows[:, None] * K + cols[None, :], _e4m3(w, s), mask=mask)
     tl.store(s_ptr + b * nb * kb + bn * kb + bk + tl.arange(0, 1), s)
     if TRANSPOSED:
         # The block again in transposed orientation (an L1/L2 hit), quantised with the same scale: the
@@ -111,9 +114,7 @@ def _block_quant_kernel(
             mask=mask_t,
             other=0.0,
         )
-        qt = tl.math.div_rn(wt.to(tl.float32), tl.broadcast_to(s[:, None], wt.shape))
-        qt = tl.minimum(tl.maximum(qt, -448.0), 448.0)
-        tl.store(qt_ptr + base + cols[:, None] * N + rows[None, :], qt.to(tl.float8e4nv), mask=mask_t)
+        tl.store(qt_ptr + base + cols[:, None] * N + rows[None, :], _e4m3(wt.to(tl.float32), s), mask=mask_t)
         tl.store(st_ptr + b * nb * kb + bk * nb + bn + tl.arange(0, 1), s)
 
 
@@ -159,9 +160,7 @@ def _rows_quant_kernel(
         if HAS_SCALE:
             x = x * tl.load(xs_ptr + cb * M_src + r0, mask=valid, other=0.0)[:, None]
         s = _scale(tl.max(tl.abs(x), axis=1), POW2)
-        q = tl.math.div_rn(x, tl.broadcast_to(s[:, None], x.shape))
-        q = tl.minimum(tl.maximum(q, -448.0), 448.0)
-        tl.store(q_ptr + p[:, None] * C + c[None, :], q.to(tl.float8e4nv), mask=p_ok[:, None] & c_ok[None, :])
+        tl.store(q_ptr + p[:, None] * C + c[None, :], _e4m3(x, s), mask=p_ok[:, None] & c_ok[None, :])
         tl.store(s_ptr + cb * Mp + p, s, mask=p_ok)
     if COLWISE:
         # The tile loaded in transposed orientation (channels x rows; an L2 hit after the rowwise pass), so
@@ -171,9 +170,7 @@ def _rows_quant_kernel(
         if HAS_SCALE:
             xt = xt * tl.load(xs_ptr + cb * M_src + r0, mask=valid, other=0.0)[None, :]
         s = _scale(tl.max(tl.abs(xt), axis=1), POW2)
-        q = tl.math.div_rn(xt, tl.broadcast_to(s[:, None], xt.shape))
-        q = tl.minimum(tl.maximum(q, -448.0), 448.0)
-        tl.store(qt_ptr + c[:, None] * Mp + p[None, :], q.to(tl.float8e4nv), mask=c_ok[:, None] & p_ok[None, :])
+        tl.store(qt_ptr + c[:, None] * Mp + p[None, :], _e4m3(xt, s), mask=c_ok[:, None] & p_ok[None, :])
         tl.store(st_ptr + pt * C + c, s, mask=c_ok)
 
 
