@@ -123,7 +123,7 @@ def moe_forward(moe: MoE, x: torch.Tensor, experts: str = "module") -> torch.Ten
 
 DECODE_FUSED_MAX = 16
 """Tokens up to which ``experts="few_rows"`` runs routed and shared experts in two kernels without sorting
-(:func:`dsv3.inference.triton_moe.moe_decode_experts`)."""
+(:func:`dsv3.inference.triton_moe.moe_decode_experts`, whose 16-row tile holds them all)."""
 
 
 def _moe_decode(moe: MoE, flat: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
