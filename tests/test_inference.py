@@ -642,14 +642,20 @@ def test_fused_projections_keep_the_model_its_state_dict_and_the_numbers(q_lora_
     assert all(m.weight.dtype == torch.float32 for m in model.modules() if type(m).__name__ == "Gate")
 
 
-def test_decode_routing_matches_the_gate():
-    from dsv3.inference.moe import ROUTE_FEW_MAX, route
+def _decode_gate():
+    from dsv3.inference.moe import ROUTE_FEW_MAX
     from dsv3.model.moe import Gate
 
     gate = Gate(dsv3.preset("tiny").replace(n_routed_experts=64, num_experts_per_tok=6, n_group=1, topk_group=1))
     torch.nn.init.normal_(gate.weight, std=0.05)
     gate.e_score_correction_bias.normal_(std=0.01)
-    x = torch.randn(ROUTE_FEW_MAX, gate.weight.shape[1])
+    return gate, torch.randn(ROUTE_FEW_MAX, gate.weight.shape[1])
+
+
+def test_decode_routing_matches_the_gate():
+    from dsv3.inference.moe import route
+
+    gate, x = _decode_gate()
     w_ref, i_ref, _ = gate(x)
     w, i = route(gate, x)
     order, order_ref = i.argsort(dim=1), i_ref.argsort(dim=1)
@@ -657,7 +663,16 @@ def test_decode_routing_matches_the_gate():
     torch.testing.assert_close(w.gather(1, order), w_ref.gather(1, order_ref), rtol=1e-5, atol=1e-6)
     s = (x @ gate.weight.t()).sigmoid() + gate.e_score_correction_bias  # chosen in rank order
     assert (s.gather(1, i)[:, :-1] >= s.gather(1, i)[:, 1:]).all()
-    if torch.cuda.is_available():  # the Triton top-k kernel (route(..., kernel=True)) chooses the same
-        w_k, i_k = route(gate.cuda(), x.cuda(), kernel=True)
-        assert torch.equal(i_k.cpu(), i)
-        torch.testing.assert_close(w_k.cpu(), w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_route_topk_kernel_matches_decode_routing():
+    """The Triton top-k kernel (route(..., kernel=True)) chooses the same experts in the same (rank) order
+    with the same gate values as the fusible routing, itself checked against the model's Gate above."""
+    from dsv3.inference.moe import route
+
+    gate, x = _decode_gate()
+    w, i = route(gate, x)
+    w_k, i_k = route(gate.cuda(), x.cuda(), kernel=True)
+    assert torch.equal(i_k.cpu(), i)
+    torch.testing.assert_close(w_k.cpu(), w, rtol=1e-5, atol=1e-6)
