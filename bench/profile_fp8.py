@@ -1,6 +1,6 @@
 """Where the time of FP8 training goes: CUDA kernel time by kernel, against wall time.
 
-    python bench/profile_fp8.py [--rows 20] [--tokens 8192] [--skip-step]
+    python bench/profile_fp8.py [--rows 20] [--tokens 8192] [--skip-step] [--sweep]
 
 Profiles, on the "16b" shapes: one routed-experts grouped GEMM (gate_up: 64 experts, 6 copies per token)
 forward + backward in FP8 and in BF16 (``torch._grouped_mm``), one FP8Linear forward + backward (q_proj),
@@ -19,8 +19,10 @@ from torch.profiler import ProfilerActivity, profile
 
 import dsv3
 from dsv3.fp8 import FP8Linear, apply_fp8_training
-from dsv3.fp8.transform import fp8_grouped_linear
+from dsv3.fp8.transform import TRITON_LAUNCH, fp8_grouped_linear
 from profile_inference import median_ms  # bench/ is the script's directory, on sys.path
+
+TRITON_DEFAULT = dict(TRITON_LAUNCH)
 
 
 def report(name: str, fn, rows: int) -> None:
@@ -38,20 +40,18 @@ def report(name: str, fn, rows: int) -> None:
         print(f"| {e.key[:100]} | {e.count} | {t:.0f} | {t / total:.0%} |")
 
 
-def sweep(x, w, gy, counts) -> None:
-    """The grouped FP8 kernels alone (operands pre-quantised) per tile shape and launch setting, and the
-    quantisers per warp count; the defaults are restored afterwards."""
+# (label, experts, routed rows, K, N) of the sweep: the benchmark shape's two expert GEMMs and V3's per GPU.
+SWEEP_SHAPES = (("16b gate_up", 64, 8192 * 6, 2048, 2816), ("16b down", 64, 8192 * 6, 1408, 2048),
+                ("v3 EP8 gate_up", 32, 8192, 7168, 4096), ("v3 EP8 down", 32, 8192, 2048, 7168))
+
+
+def sweep() -> None:
+    """The grouped FP8 kernels alone (operands pre-quantised) per launch setting, on each of SWEEP_SHAPES,
+    and the quantisers per warp count (first shape); the defaults are restored afterwards."""
     from dsv3.fp8 import transform as T
     from dsv3.fp8 import triton_quant as TQ
 
-    layout = T._PaddedLayout(counts, x.shape[0])
-    xq, xs = T._TritonGrouped.quant_rows(x, layout)
-    wq, ws = T.quantize_blocks(w)
-    _, _, gt = T._TritonGrouped.quant_grad(gy, layout, False, True)
-    m, n, k = x.shape[0], w.shape[1], w.shape[2]
-    flops = 2 * m * n * k
-
-    def table(title, settings, target, fn, work=flops, unit="TF/s"):
+    def table(title, settings, target, fn, work, unit="TF/s"):
         print(f"\n| {title} | us | {unit} |\n|---|---|---|")
         default = dict(target)
         for setting in settings:
@@ -65,23 +65,50 @@ def sweep(x, w, gy, counts) -> None:
         target.clear()
         target.update(default)
 
-    table("grouped forward GEMM", [
-        dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=4), dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
-        dict(BLOCK_M=128, BLOCK_N=256, num_warps=8, num_stages=3), dict(BLOCK_M=128, BLOCK_N=256, num_warps=8, num_stages=2),
-        dict(BLOCK_M=64, BLOCK_N=256, num_warps=8, num_stages=3), dict(BLOCK_M=64, BLOCK_N=256, num_warps=4, num_stages=4),
-        dict(BLOCK_M=128, BLOCK_N=256, num_warps=4, num_stages=3)],
-        T.TRITON_LAUNCH, lambda: T._TritonGrouped.mm(xq, xs, wq, ws, layout, torch.bfloat16))
-    table("grouped wgrad GEMM", [
-        dict(BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=4), dict(BLOCK_N=128, BLOCK_K=128, num_warps=8, num_stages=3),
-        dict(BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=4), dict(BLOCK_N=128, BLOCK_K=256, num_warps=8, num_stages=3),
-        dict(BLOCK_N=256, BLOCK_K=128, num_warps=8, num_stages=3), dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4)],
-        T.WGRAD_LAUNCH, lambda: T._TritonGrouped.wgrad(gt, xq, xs, layout, torch.bfloat16))
-    bytes_rows = gy.numel() * 4  # read bf16, write two FP8 copies
-    table("quantise dY into both layouts (rows_warps)", [dict(rows_warps=8), dict(rows_warps=4), dict(rows_warps=16)],
-          TQ.LAUNCH, lambda: T._TritonGrouped.quant_grad(gy, layout, True, True), work=bytes_rows, unit="GB/s")
-    table("quantise the expert weights with W^T (block_warps)", [dict(block_warps=8), dict(block_warps=4),
-                                                                  dict(block_warps=16)],
-          TQ.LAUNCH, lambda: T.quantize_blocks(w, with_transpose=True), work=w.numel() * 4, unit="GB/s")
+    forward = [dict(TRITON_DEFAULT)] + [
+        dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=gm, TMA=tma, num_warps=nw, num_stages=ns)
+        for tma in (False, True) for gm in (1, 8)
+        for bm, bn, nw, ns in ((64, 128, 4, 4), (64, 128, 4, 3), (64, 256, 8, 3), (128, 128, 8, 4), (128, 256, 8, 3))]
+    wgrad = [dict(BLOCK_N=bn, BLOCK_K=bk, TMA=tma, num_warps=nw, num_stages=ns) for tma in (False, True)
+             for bn, bk, nw, ns in ((128, 128, 8, 3), (128, 256, 8, 3), (128, 256, 8, 4))]
+    for i, (label, e, m, k, n) in enumerate(SWEEP_SHAPES):
+        g = torch.Generator(device="cuda").manual_seed(0)
+        counts = torch.bincount(torch.randint(0, e, (m,), device="cuda", generator=g), minlength=e)
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=g)
+        w = torch.randn(e, n, k, device="cuda", dtype=torch.bfloat16, generator=g) * k**-0.5
+        gy = torch.randn(m, n, device="cuda", dtype=torch.bfloat16, generator=g)
+        layout = T._PaddedLayout(counts, m)
+        xq, xs = T._TritonGrouped.quant_rows(x, layout)
+        wq, ws = T.quantize_blocks(w)
+        _, _, gt = T._TritonGrouped.quant_grad(gy, layout, False, True)
+        flops = 2 * m * n * k
+        ref = T._TritonGrouped.mm(xq, xs, wq, ws, layout, torch.float32)
+        T.TRITON_LAUNCH.update(forward[1])
+        if (T._TritonGrouped.mm(xq, xs, wq, ws, layout, torch.float32) - ref).abs().max() > 1e-3 * ref.abs().max():
+            print("WARNING: launch settings disagree")  # the sweep times kernels that compute the same thing
+        T.TRITON_LAUNCH.update(TRITON_DEFAULT)
+        offs = counts.cumsum(0).to(torch.int32)
+        bf16 = median_ms(lambda: torch._grouped_mm(x, w.transpose(1, 2), offs=offs), reps=20)
+        # cuBLAS's block-scaled FP8 GEMM on one matrix of the same total size: what the grouped kernel could reach
+        dq, ds = T.quantize_tiles(x)
+        dense = median_ms(lambda: T.fp8_matmul_nt(dq, ds, wq[0], ws[0], b_blocks=True,
+                                                  out_dtype=torch.bfloat16, backend="scaled_mm"), reps=20)
+        print(f"\n### {label}: {e} experts, {m} rows, {k} -> {n}; BF16 torch._grouped_mm {bf16 * 1e3:.0f} us "
+              f"({flops / bf16 / 1e9:.0f} TF/s); dense FP8 torch._scaled_mm (one {m} x {k} -> {n} GEMM) "
+              f"{dense * 1e3:.0f} us ({flops / dense / 1e9:.0f} TF/s)")
+        table("grouped forward GEMM", forward, T.TRITON_LAUNCH,
+              lambda: T._TritonGrouped.mm(xq, xs, wq, ws, layout, torch.bfloat16), flops)
+        table("grouped wgrad GEMM (with X's transposed quantisation)", wgrad, T.WGRAD_LAUNCH,
+              lambda: T._TritonGrouped.wgrad(gt, xq, xs, layout, torch.bfloat16), flops)
+        if i == 0:
+            bytes_rows = gy.numel() * 4  # read bf16, write two FP8 copies
+            table("quantise dY into both layouts (rows_warps)", [dict(rows_warps=8), dict(rows_warps=4),
+                                                                  dict(rows_warps=16)],
+                  TQ.LAUNCH, lambda: T._TritonGrouped.quant_grad(gy, layout, True, True), bytes_rows, "GB/s")
+            table("quantise the expert weights with W^T (block_warps)", [dict(block_warps=8), dict(block_warps=4),
+                                                                          dict(block_warps=16)],
+                  TQ.LAUNCH, lambda: T.quantize_blocks(w, with_transpose=True), w.numel() * 4, "GB/s")
+        x = w = gy = xq = wq = gt = ref = None
 
 
 def main() -> None:
@@ -89,9 +116,12 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=20)
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--skip-step", action="store_true")
-    ap.add_argument("--sweep", action="store_true", help="time the grouped wgrad kernel per launch setting")
+    ap.add_argument("--sweep", action="store_true", help="only time the grouped kernels per launch setting")
     args = ap.parse_args()
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    if args.sweep:
+        sweep()
+        return
     dev, bf = "cuda", torch.bfloat16
     g = torch.Generator(device=dev).manual_seed(0)
     e, k, n, top = 64, 2048, 2816, 6
@@ -110,8 +140,6 @@ def main() -> None:
         torch._grouped_mm(x, w.transpose(1, 2), offs=offs).backward(gy)
 
     report(f"experts gate_up f+b, FP8 ({rows} rows, {k} -> {n}, {e} experts)", grouped_fp8, args.rows)
-    if args.sweep:
-        sweep(x.detach(), w.detach(), gy, counts)
     report("experts gate_up f+b, BF16 torch._grouped_mm", grouped_bf16, args.rows)
 
     lin = FP8Linear(2048, 3072, bias=False, device=dev, dtype=bf)

@@ -228,7 +228,7 @@ def quantize_rows(
         q, s = _quantize_tiles_torch(rows, TILE, pow2_scales)
         s = s.t().contiguous()
     if colwise:
-        qt, st = _quantize_tiles_torch(rows.t(), TILE, pow2_scales)
+        qt, st = _quantize_tiles_torch(rows.t().contiguous(), TILE, pow2_scales)  # row-major, as the kernel's
         st = st.t().contiguous()
     return q, s, qt, st
 

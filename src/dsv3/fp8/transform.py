@@ -52,6 +52,7 @@ from dsv3.model.moe import Experts
 try:  # Triton is optional (GPU extra); the kernels below exist only where it is installed.
     import triton
     import triton.language as tl
+    from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # pragma: no cover - depends on the environment
     triton = None
 
@@ -319,10 +320,17 @@ class _TritonGrouped:
         launch = dict(TRITON_LAUNCH)
         block_m = launch.pop("BLOCK_M")  # divides 128, so a row tile still belongs to one expert
         block_n = launch.pop("BLOCK_N")
-        grid = (layout.n_tiles * (TILE // block_m), triton.cdiv(n, block_n))
+        tma = launch.pop("TMA") and k % 16 == 0  # TMA wants 16-byte row strides
+        n_mt = layout.n_tiles * (TILE // block_m)
+        a_op, b_op = aq, bq
+        if tma:  # bulk tensor copies; out-of-range K is zero-filled, columns past N are masked at the store
+            a_op = TensorDescriptor(aq, [aq.shape[0], k], [k, 1], [block_m, TILE])
+            b_op = TensorDescriptor(bq.reshape(e * n, k), [e * n, k], [k, 1], [block_n, TILE])
+        grid = (n_mt * triton.cdiv(n, block_n),)
         _grouped_fp8_mm_kernel[grid](
-            aq, a_s, bq, b_s.float().contiguous(), c, layout.tile_expert, layout.src_row, n, k, layout.n_padded,
-            triton.cdiv(k, TILE), b_s.shape[1], BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=TILE, **launch,
+            a_op, a_s, b_op, b_s.float().contiguous(), c, layout.tile_expert, layout.src_row, n, k,
+            layout.n_padded, triton.cdiv(k, TILE), b_s.shape[1], n_mt, BLOCK_M=block_m, BLOCK_N=block_n,
+            BLOCK_K=TILE, EVEN=(k % TILE == 0 and n % block_n == 0), TMA=tma, **launch,
         )
         return c
 
@@ -340,67 +348,88 @@ class _TritonGrouped:
         n, k, mp = gq.shape[0], xtq.shape[0], gq.shape[1]
         out = torch.empty(layout.n_experts, n, k, device=gq.device, dtype=out_dtype)
         launch = dict(WGRAD_LAUNCH)
+        tma = launch.pop("TMA") and mp % 16 == 0
+        g_op, x_op = gq, xtq
+        if tma:
+            g_op = TensorDescriptor(gq, [n, mp], [mp, 1], [launch["BLOCK_N"], TILE])
+            x_op = TensorDescriptor(xtq, [k, mp], [mp, 1], [launch["BLOCK_K"], TILE])
         grid = (triton.cdiv(n, launch["BLOCK_N"]), triton.cdiv(k, launch["BLOCK_K"]), layout.n_experts)
         _grouped_fp8_wgrad_kernel[grid](
-            gq, gs, xtq, xts, out, layout.pad_start, layout.pad_count, n, k, mp, BLOCK_T=TILE, **launch,
+            g_op, gs, x_op, xts, out, layout.pad_start, layout.pad_count, n, k, mp, BLOCK_T=TILE, TMA=tma, **launch,
         )
         return out
 
 
 _BACKENDS = {"emulate": _Emulate, "scaled_mm": _ScaledMMLoop, "triton": _TritonGrouped}
-# Launch settings of the grouped kernels; K steps are 128 wide (one activation/weight scale per step).
-# Forward/input-gradient GEMM: bench/fp8_gemm.py --sweep and bench/profile_fp8.py --sweep.
-TRITON_LAUNCH = {"BLOCK_M": 64, "BLOCK_N": 256, "num_warps": 8, "num_stages": 3}
-# Weight-gradient GEMM (bench/profile_fp8.py --sweep).
-WGRAD_LAUNCH = {"BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 8, "num_stages": 3}
+# Launch settings of the grouped kernels, from `bench/profile_fp8.py --sweep` (H100, four expert shapes; best or
+# within 5% of best on each); K steps are 128 wide (one activation/weight scale per step). TMA: operands loaded
+# by the bulk tensor copy engine (pointer loads where K is not a multiple of 16 bytes).
+TRITON_LAUNCH = {"BLOCK_M": 64, "BLOCK_N": 128, "GROUP_M": 8, "TMA": True, "num_warps": 4, "num_stages": 4}
+WGRAD_LAUNCH = {"BLOCK_N": 128, "BLOCK_K": 256, "TMA": True, "num_warps": 8, "num_stages": 3}
 
 if triton is not None:
 
     @triton.jit
     def _grouped_fp8_mm_kernel(
-        a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, tile_expert_ptr, dst_row_ptr, N, K, Mp, n_kb, n_nb,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, tile_expert_ptr, dst_row_ptr, N, K, Mp, n_kb, n_nb, n_mt,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+        EVEN: tl.constexpr, TMA: tl.constexpr,
     ):
         """C[dst_row[tile]] = A[tile] @ B[e]^T for the expert e owning the 128-row tile. A (Mp, K) fp8 with
         1x128 scales stored scale-major (n_kb, Mp); B (E, N, K) fp8 with 128x128 scales (E, n_nb, n_kb);
         padding rows (dst_row -1) are not written. Partial sums are scaled into an FP32 accumulator after
-        every 128-wide K step (the §3.3 promotion)."""
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
+        every 128-wide K step (the §3.3 promotion). With TMA, a_ptr / b_ptr are tensor descriptors of A and
+        of B viewed as (E * N, K)."""
+        # Programs in groups of GROUP_M row tiles x all column tiles: a group's A rows are read from HBM once
+        # and then from L2 (row tiles along M first re-read A once per column tile).
+        pid = tl.program_id(0)
+        n_nt = tl.cdiv(N, BLOCK_N)
+        width = GROUP_M * n_nt
+        first_m = (pid // width) * GROUP_M
+        size_m = tl.minimum(n_mt - first_m, GROUP_M)
+        pid_m = first_m + (pid % width) % size_m
+        pid_n = (pid % width) // size_m
         e = tl.load(tile_expert_ptr + pid_m // (128 // BLOCK_M))
-        n_steps = tl.where(e >= 0, n_kb, 0)
-        e = tl.maximum(e, 0).to(tl.int64)
         rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        dst = tl.load(dst_row_ptr + rows)
+        # Padding sits at the end of a segment: a sub-tile whose first row is padding has no real row.
+        n_steps = tl.where((e >= 0) & (tl.load(dst_row_ptr + pid_m.to(tl.int64) * BLOCK_M) >= 0), n_kb, 0)
+        e = tl.maximum(e, 0).to(tl.int64)
         cols = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         ks = tl.arange(0, BLOCK_K)
-        a_ptrs = a_ptr + rows[:, None] * K + ks[None, :]
-        b_ptrs = b_ptr + e * N * K + cols[None, :] * K + ks[:, None]
+        if not TMA:
+            a_ptrs = a_ptr + rows[:, None] * K + ks[None, :]
+            b_ptrs = b_ptr + e * N * K + cols[None, :] * K + ks[:, None]
         # one weight-block scale per column (BLOCK_N may span several 128-wide blocks)
         bs_ptrs = bs_ptr + e * n_nb * n_kb + tl.minimum(cols // 128, n_nb - 1) * n_kb
-        as_ptrs = as_ptr + rows
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for kb in range(n_steps):
-            k_ok = ks + kb * BLOCK_K < K
-            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=k_ok[:, None] & (cols[None, :] < N), other=0.0)
-            sa = tl.load(as_ptrs)
+            k0 = kb * BLOCK_K
+            if TMA:
+                a = a_ptr.load([(pid_m * BLOCK_M).to(tl.int32), k0])
+                b = b_ptr.load([(e * N + pid_n * BLOCK_N).to(tl.int32), k0]).T
+            elif EVEN:
+                a = tl.load(a_ptrs + k0)
+                b = tl.load(b_ptrs + k0)
+            else:
+                k_ok = ks + k0 < K
+                a = tl.load(a_ptrs + k0, mask=k_ok[None, :], other=0.0)
+                b = tl.load(b_ptrs + k0, mask=k_ok[:, None] & (cols[None, :] < N), other=0.0)
+            sa = tl.load(as_ptr + kb * Mp + rows)
             sb = tl.load(bs_ptrs + kb)
             acc += tl.dot(a, b) * (sa[:, None] * sb[None, :])
-            a_ptrs += BLOCK_K
-            b_ptrs += BLOCK_K
-            as_ptrs += Mp
-        dst = tl.load(dst_row_ptr + rows)
         c_ptrs = c_ptr + tl.maximum(dst, 0)[:, None] * N + cols[None, :]
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(dst[:, None] >= 0) & (cols[None, :] < N))
 
     @triton.jit
     def _grouped_fp8_wgrad_kernel(
         g_ptr, gs_ptr, x_ptr, xs_ptr, c_ptr, pad_start_ptr, pad_count_ptr, N, K, Mp,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr, TMA: tl.constexpr,
     ):
         """dW[e] = G[:, seg e] @ X[:, seg e]^T with G (N, Mp), X (K, Mp) fp8 in 1x128 tiles along tokens
         (scales (Mp/128, N), (Mp/128, K): one contiguous row per step); seg e = [pad_start[e],
-        pad_start[e] + pad_count[e]), 128-aligned. Written in c's dtype."""
+        pad_start[e] + pad_count[e]), 128-aligned. Written in c's dtype. With TMA, g_ptr / x_ptr are tensor
+        descriptors of G and X."""
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         e = tl.program_id(2)
@@ -409,22 +438,24 @@ if triton is not None:
         n_steps = tl.load(pad_count_ptr + e) // BLOCK_T
         rn = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
-        ts = t0 + tl.arange(0, BLOCK_T)
-        g_ptrs = g_ptr + rn[:, None] * Mp + ts[None, :]
-        x_ptrs = x_ptr + rk[None, :] * Mp + ts[:, None]
         n_ok, k_ok = rn < N, rk < K
+        if not TMA:
+            ts = t0 + tl.arange(0, BLOCK_T)
+            g_ptrs = g_ptr + rn[:, None] * Mp + ts[None, :]
+            x_ptrs = x_ptr + rk[None, :] * Mp + ts[:, None]
         gs_ptrs = gs_ptr + (t0 // BLOCK_T) * N + rn
         xs_ptrs = xs_ptr + (t0 // BLOCK_T) * K + rk
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for i in range(n_steps):
-            g = tl.load(g_ptrs, mask=n_ok[:, None], other=0.0)
-            x = tl.load(x_ptrs, mask=k_ok[None, :], other=0.0)
-            sg = tl.load(gs_ptrs, mask=n_ok, other=0.0)
-            sx = tl.load(xs_ptrs, mask=k_ok, other=0.0)
+            t = i * BLOCK_T
+            if TMA:
+                g = g_ptr.load([pid_n * BLOCK_N, (t0 + t).to(tl.int32)])
+                x = x_ptr.load([pid_k * BLOCK_K, (t0 + t).to(tl.int32)]).T
+            else:
+                g = tl.load(g_ptrs + t, mask=n_ok[:, None], other=0.0)
+                x = tl.load(x_ptrs + t, mask=k_ok[None, :], other=0.0)
+            sg = tl.load(gs_ptrs + i * N, mask=n_ok, other=0.0)
+            sx = tl.load(xs_ptrs + i * K, mask=k_ok, other=0.0)
             acc += tl.dot(g, x) * (sg[:, None] * sx[None, :])
-            g_ptrs += BLOCK_T
-            x_ptrs += BLOCK_T
-            gs_ptrs += N
-            xs_ptrs += K
         c_ptrs = c_ptr + e.to(tl.int64) * N * K + rn[:, None] * K + rk[None, :]
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=n_ok[:, None] & k_ok[None, :])

@@ -18,7 +18,7 @@ from dsv3.fp8.quant import FP8_DTYPE  # kernels hard-code FP8_MAX = 448 (E4M3)
 # 32 rows x one 128-wide tile per program: enough work per CTA, few registers.
 _ROWS_PER_PROGRAM = 32
 # Warps per 128x128 tile of the block and row-layout quantisers (bench/profile_fp8.py --sweep).
-LAUNCH = {"block_warps": 8, "rows_warps": 8}
+LAUNCH = {"block_warps": 16, "rows_warps": 16}
 
 
 @triton.jit
