@@ -22,10 +22,11 @@ out, seeds = sys.argv[1], sys.argv[2:]
 load = lambda name: [json.loads(line) for line in open(f"{out}/{name}/metrics.jsonl")]
 runs = {(mode, s): load(f"{mode}_seed{s}") for mode in ("bf16", "fp8") for s in seeds}
 n = min(len(r) for r in runs.values())
-tail = lambda rs: sum(r["loss"] for r in rs[n - 100:n]) / 100
+last = min(100, n)
+tail = lambda rs: sum(r["loss"] for r in rs[n - last:n]) / last
 val = lambda rs: [r["val_loss"] for r in rs if "val_loss" in r][-1]
-print(f"steps {n}, seeds {' '.join(seeds)}\n")
-print("| seed | train loss, last 100 steps: BF16 | FP8 | FP8 vs BF16 | final val loss: BF16 | FP8 | FP8 vs BF16 |")
+print(f"steps {n}, seeds {' '.join(seeds)}; train loss = mean of the last {last} steps\n")
+print("| seed | train loss: BF16 | FP8 | FP8 vs BF16 | final val loss: BF16 | FP8 | FP8 vs BF16 |")
 print("|---|---|---|---|---|---|---|")
 d_train, d_val = [], []
 for s in seeds:
@@ -39,7 +40,7 @@ def summary(d):
     return f"mean {st.mean(d):+.2%}, std {st.stdev(d):.2%}, standard error {st.stdev(d) / len(d) ** 0.5:.2%}"
 print(f"\nFP8 vs BF16 (paired by seed): train {summary(d_train)}; val {summary(d_val)}")
 if len(seeds) > 1:
-    for what, f in (("train (last 100 steps)", tail), ("val", val)):
+    for what, f in (("train", tail), ("val", val)):
         for mode in ("bf16", "fp8"):
             xs = [f(runs[mode, s]) for s in seeds]
             print(f"seed-to-seed spread, {mode} {what}: std {st.stdev(xs) / st.mean(xs):.2%} of the mean {st.mean(xs):.4f}")
