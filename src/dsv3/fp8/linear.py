@@ -162,21 +162,32 @@ def fp8_matmul_nt(
     return (a @ b.t()).to(out_dtype)
 
 
-def _wgrad_operands(gy: Tensor, xq: Tensor, xs: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """dY^T (N, M) and X^T (K, M) in 1x128 tiles along the tokens, with (rows, M/128) scales.
+def _grad_operands(gy: Tensor, need_x: bool, need_w: bool) -> tuple[Tensor | None, ...]:
+    """dY in 1x128 tiles along N for the input gradient (gq, gs: (M, N/128)), and dY^T (N, M') in 1x128
+    tiles along the tokens for the weight gradient (gtq, gts: (N, M'/128)); None where not needed.
 
-    On a GPU one pass each (:func:`quantize_rows`: X dequantised from its FP8 cache and requantised
-    along tokens in registers, the token count zero-padded to a multiple of 128, which adds nothing to
-    the product); elsewhere the same numbers from the plain reference functions.
+    On a GPU both come from one pass over dY (:func:`quantize_rows`; the token count zero-padded to
+    M' = a multiple of 128, which adds nothing to the weight-gradient product); elsewhere from the plain
+    reference functions (M' = M).
     """
     if gy.is_cuda:
-        mp = _round_up(gy.shape[0], TILE)
-        _, _, gtq, gts = quantize_rows(gy, mp, rowwise=False, colwise=True)
-        _, _, xtq, xts = quantize_rows(xq, mp, x_scale=xs.t(), rowwise=False, colwise=True)
-        return gtq, gts.t(), xtq, xts.t()
-    gtq, gts = quantize_tiles(gy.t())
-    xtq, xts = quantize_tiles(dequantize_tiles(xq, xs).t())
-    return gtq, gts, xtq, xts
+        m = gy.shape[0]
+        gq, gs, gtq, gts = quantize_rows(gy, _round_up(m, TILE), rowwise=need_x, colwise=need_w)
+        if need_x:
+            gq, gs = gq[:m], gs.t()[:m]  # scale-major: the layout torch._scaled_mm takes, no copy
+        return gq, gs, gtq, None if gts is None else gts.t()
+    gq, gs = quantize_tiles(gy) if need_x else (None, None)
+    gtq, gts = quantize_tiles(gy.t()) if need_w else (None, None)
+    return gq, gs, gtq, gts
+
+
+def _x_wgrad_operand(xq: Tensor, xs: Tensor, n_tokens: int) -> tuple[Tensor, Tensor]:
+    """X^T (K, n_tokens) in 1x128 tiles along the tokens, from X's FP8 forward cache (dequantised and
+    requantised in one pass on a GPU); n_tokens >= len(X) zero-pads the tokens."""
+    if xq.is_cuda:
+        _, _, xtq, xts = quantize_rows(xq, n_tokens, x_scale=xs.t(), rowwise=False, colwise=True)
+        return xtq, xts.t()
+    return quantize_tiles(dequantize_tiles(xq, xs).t())
 
 
 class _FP8LinearFn(torch.autograd.Function):
@@ -210,8 +221,9 @@ class _FP8LinearFn(torch.autograd.Function):
         out_f = wqt.shape[1]
         gy = grad_y.reshape(-1, out_f)
         grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            gq, gs = quantize_tiles(gy)  # 1x128 along out_features
+        need_x, need_w = ctx.needs_input_grad[:2]
+        gq, gs, gtq, gts = _grad_operands(gy, need_x, need_w)
+        if need_x:
             grad_x = fp8_matmul_nt(
                 gq,
                 gs,
@@ -221,18 +233,14 @@ class _FP8LinearFn(torch.autograd.Function):
                 out_dtype=ctx.x_dtype,
                 backend=ctx.backend,
             ).reshape(ctx.x_shape)
-        if ctx.needs_input_grad[1]:
+        if need_w:
             # dW = dY^T X, both operands in 1x128 tiles along the token dim (never 128x128 for
             # gradients, §3.3). X comes back from its FP8 cache and is requantised along tokens.
-            gtq, gts, xtq, xts = _wgrad_operands(gy, xq, xs)
+            xtq, xts = _x_wgrad_operand(xq, xs, gtq.shape[1])
+            # FP32 accumulation inside the GEMM; written once in the weight's dtype
+            out_dtype = ctx.w_dtype if ctx.w_dtype in (torch.bfloat16, torch.float16) else torch.float32
             grad_w = fp8_matmul_nt(
-                gtq,
-                gts,
-                xtq,
-                xts,
-                b_blocks=False,
-                out_dtype=torch.float32,
-                backend=ctx.backend,
+                gtq, gts, xtq, xts, b_blocks=False, out_dtype=out_dtype, backend=ctx.backend
             ).to(ctx.w_dtype)
         if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
             grad_b = gy.float().sum(0).to(ctx.bias_dtype)

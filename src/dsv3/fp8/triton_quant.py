@@ -64,7 +64,7 @@ def _tile_quant_kernel(
     x = x.to(tl.float32)
     s = _scale(tl.max(tl.abs(x), axis=1), POW2)
     tl.store(q_ptr + rows[:, None] * K + cols[None, :], _e4m3(x, s), mask=mask)
-    tl.store(s_ptr + rows * n_tiles + t, s, mask=rows < M)
+    tl.store(s_ptr + t * M + rows, s, mask=rows < M)  # scale-major
 
 
 @triton.jit
@@ -175,14 +175,16 @@ def _rows_quant_kernel(
 
 
 def quantize_tiles(x: Tensor, tile: int, pow2_scales: bool) -> tuple[Tensor, Tensor]:
-    """Triton version of :func:`dsv3.fp8.quant.quantize_tiles` (any strides for 2-D input)."""
+    """Triton version of :func:`dsv3.fp8.quant.quantize_tiles` (any strides for 2-D input). The scales are
+    stored scale-major and returned as a transposed view: the (M, K/128) layout that ``torch._scaled_mm``
+    wants for 1x128 scales, so no copy is needed before the GEMM."""
     k = x.shape[-1]
     # 2-D views (e.g. a transpose) go in as they are: the kernel takes strides.
     x2 = x if x.dim() == 2 else x.reshape(-1, k)
     m = x2.shape[0]
     n_tiles = triton.cdiv(k, tile)
     q = torch.empty((m, k), dtype=FP8_DTYPE, device=x.device)
-    s = torch.empty((m, n_tiles), dtype=torch.float32, device=x.device)
+    s = torch.empty((n_tiles, m), dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(m, _ROWS_PER_PROGRAM), n_tiles)
     _tile_quant_kernel[grid](
         x2,
@@ -198,7 +200,7 @@ def quantize_tiles(x: Tensor, tile: int, pow2_scales: bool) -> tuple[Tensor, Ten
         POW2=pow2_scales,
         num_warps=4,
     )
-    return q.view(x.shape), s.view(*x.shape[:-1], n_tiles)
+    return q.view(x.shape), s.t().view(*x.shape[:-1], n_tiles)
 
 
 def quantize_blocks(

@@ -20,8 +20,8 @@ def sort_by_expert(ids: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, tor
     ``ids.argsort(stable=True)``), its inverse ``place`` (the sorted position of each copy) and the tokens
     per expert ``counts`` (E,).
 
-    ``torch.bincount`` (used by :func:`dsv3.model.moe.dispatch`) reads its input's min and max back to the
-    host on CUDA, which stalls every step and cannot be captured in a CUDA graph. For the few copies of a
+    ``torch.bincount`` reads its input's min and max back to the host on CUDA, which stalls every step and
+    cannot be captured in a CUDA graph (counts come from ``scatter_add_`` here). For the few copies of a
     decode step a counting sort replaces the sort kernel (tens of microseconds even for a few hundred
     keys): a copy's place is the number of copies of smaller experts plus those of its own expert before
     it, two comparisons over all pairs that ``torch.compile`` fuses into one reduction."""

@@ -88,7 +88,9 @@ def dispatch(x: torch.Tensor, indices: torch.Tensor, n_experts: int) -> tuple[to
     """
     flat = indices.flatten()
     order = flat.argsort(stable=True)
-    counts = torch.bincount(flat, minlength=n_experts)
+    # scatter_add_, not torch.bincount: on CUDA bincount reads the ids' max back to the host (a sync per layer,
+    # during which the GPU waits for the host to queue the next kernels).
+    counts = torch.zeros(n_experts, dtype=torch.long, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
     return x[order // indices.shape[1]], order, counts
 
 
