@@ -1,6 +1,6 @@
 """Where the time of FP8 training goes: CUDA kernel time by kernel, against wall time.
 
-    python bench/profile_fp8.py [--rows 20] [--tokens 8192] [--skip-step] [--sweep]
+    python bench/profile_fp8.py [--rows 20] [--tokens 8192] [--skip-step] [--sweep] [--sweep-quant]
 
 Profiles, on the "16b" shapes: one routed-experts grouped GEMM (gate_up: 64 experts, 6 copies per token)
 forward + backward in FP8 and in BF16 (``torch._grouped_mm``), one FP8Linear forward + backward (q_proj),
@@ -111,16 +111,76 @@ def sweep() -> None:
         x = w = gy = xq = wq = gt = ref = None
 
 
+def gpu_ms(fn, reps: int = 30) -> float:
+    """GPU time per call from CUDA events around back-to-back calls (launches overlap the kernels)."""
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def sweep_quant() -> None:
+    """The row-layout quantiser (quantize_rows) per launch setting on the operands of a training step: the
+    experts' X (gathered into the padded layout), dY (both layouts) and X^T from X's FP8 cache, and a
+    dense layer's dY and X^T (8192 tokens)."""
+    from dsv3.fp8 import transform as T
+    from dsv3.fp8 import triton_quant as TQ
+
+    dev, bf = "cuda", torch.bfloat16
+    e, m, k, n = 64, 49152, 2048, 2816
+    counts = torch.bincount(torch.randint(0, e, (m,), device=dev), minlength=e)
+    lay = T._PaddedLayout(counts, m)
+    x, gy = torch.randn(m, k, device=dev, dtype=bf), torch.randn(m, n, device=dev, dtype=bf)
+    xq, xs = T._TritonGrouped.quant_rows(x, lay)
+    gl, xl = torch.randn(8192, 3072, device=dev, dtype=bf), torch.randn(8192, 2048, device=dev, dtype=bf)
+    xlq, xls = TQ.quantize_tiles(xl, 128, False)
+    q = TQ.quantize_rows
+    cases = {  # name: (call, bytes read + written)
+        "experts X (gather, rows)": (lambda: q(x, lay.n_padded, src_row=lay.src_row), x.numel() * 3),
+        "experts dY (gather, rows + cols)": (
+            lambda: q(gy, lay.n_padded, src_row=lay.src_row, rowwise=True, colwise=True), gy.numel() * 4),
+        "experts X^T from FP8 (cols)": (
+            lambda: q(xq, lay.n_padded, x_scale=xs, rowwise=False, colwise=True), xq.numel() * 2),
+        "dense dY 8192x3072 (rows + cols)": (lambda: q(gl, 8192, rowwise=True, colwise=True), gl.numel() * 4),
+        "dense X^T from FP8 8192x2048 (cols)": (
+            lambda: q(xlq, 8192, x_scale=xls.t(), rowwise=False, colwise=True), xlq.numel() * 2),
+    }
+    default = dict(TQ.LAUNCH)
+    one_pass = dict(split_min_tiles=10**9)  # rows + cols in one 128x128 program; columns alone: cols_block
+    settings = [dict(cols_block=128, **one_pass)] + [dict(cols_block=cb, cols_warps=w, split_min_tiles=0)
+                                                     for cb in (64, 32) for w in (4, 8)] + [{}]
+    print("\n| quantize_rows, GPU time (GB/s) | " + " | ".join(
+        ", ".join(f"{k}={v}" for k, v in st.items()) or "default" for st in settings) + " |")
+    print("|---|" + "---|" * len(settings))
+    for name, (fn, nbytes) in cases.items():
+        cells = []
+        for st in settings:
+            TQ.LAUNCH.update(default)
+            TQ.LAUNCH.update(st)
+            ms = gpu_ms(fn)
+            cells.append(f"{ms * 1e3:.0f} us ({nbytes / ms / 1e6:.0f})")
+        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+    TQ.LAUNCH.update(default)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=20)
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--skip-step", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="only time the grouped kernels per launch setting")
+    ap.add_argument("--sweep-quant", action="store_true", help="only time the row-layout quantiser per launch setting")
     args = ap.parse_args()
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     if args.sweep:
         sweep()
+        return
+    if args.sweep_quant:
+        sweep_quant()
         return
     dev, bf = "cuda", torch.bfloat16
     g = torch.Generator(device=dev).manual_seed(0)

@@ -17,8 +17,9 @@ from dsv3.fp8.quant import FP8_DTYPE  # kernels hard-code FP8_MAX = 448 (E4M3)
 
 # 32 rows x one 128-wide tile per program: enough work per CTA, few registers.
 _ROWS_PER_PROGRAM = 32
-# Warps per 128x128 tile of the block and row-layout quantisers (bench/profile_fp8.py --sweep).
-LAUNCH = {"block_warps": 16, "rows_warps": 16}
+# Warps per 128x128 tile of the block and row-layout quantisers (bench/profile_fp8.py --sweep); channels and
+# warps per program of the row quantiser's column pass when it runs alone (--sweep-quant; see quantize_rows).
+LAUNCH = {"block_warps": 16, "rows_warps": 16, "cols_block": 32, "cols_warps": 4, "split_min_tiles": 4096}
 
 
 @triton.jit
@@ -137,8 +138,9 @@ def _rows_quant_kernel(
     COLWISE: tl.constexpr,
     POW2: tl.constexpr,
     BLOCK: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
-    """One 128-row x 128-channel tile of a (Mp, C) row layout, read from x (gathered by src_row, -1 = zero
+    """One 128-row x BLOCK_C-channel tile (BLOCK_C = 128 with ROWWISE) of a (Mp, C) row layout, read from x (gathered by src_row, -1 = zero
     row; or rows 0..M_src-1 as they are), optionally dequantised first (x FP8 with 1x128 scales stored
     scale-major (C/128, M_src)). ROWWISE: 1x128 tiles along the channels -> q (Mp, C), scales (C/128, Mp).
     COLWISE: 1x128 tiles along the rows, written transposed -> qt (C, Mp), scales (Mp/128, C)."""
@@ -152,13 +154,14 @@ def _rows_quant_kernel(
         r = tl.where(p < M_src, p, -1)
     valid = r >= 0
     r0 = tl.where(valid, r, 0)
-    c = cb.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    c = cb.to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
+    x_sc = xs_ptr + ((cb * BLOCK_C) // 128) * M_src + r0  # the input's 1x128 scales of these channels (HAS_SCALE)
     if ROWWISE:
         x = tl.load(x_ptr + r0[:, None] * stride_x + c[None, :], mask=valid[:, None] & c_ok[None, :], other=0.0)
         x = x.to(tl.float32)
         if HAS_SCALE:
-            x = x * tl.load(xs_ptr + cb * M_src + r0, mask=valid, other=0.0)[:, None]
+            x = x * tl.load(x_sc, mask=valid, other=0.0)[:, None]
         s = _scale(tl.max(tl.abs(x), axis=1), POW2)
         tl.store(q_ptr + p[:, None] * C + c[None, :], _e4m3(x, s), mask=p_ok[:, None] & c_ok[None, :])
         tl.store(s_ptr + cb * Mp + p, s, mask=p_ok)
@@ -168,7 +171,7 @@ def _rows_quant_kernel(
         xt = tl.load(x_ptr + r0[None, :] * stride_x + c[:, None], mask=c_ok[:, None] & valid[None, :], other=0.0)
         xt = xt.to(tl.float32)
         if HAS_SCALE:
-            xt = xt * tl.load(xs_ptr + cb * M_src + r0, mask=valid, other=0.0)[None, :]
+            xt = xt * tl.load(x_sc, mask=valid, other=0.0)[None, :]
         s = _scale(tl.max(tl.abs(xt), axis=1), POW2)
         tl.store(qt_ptr + c[:, None] * Mp + p[None, :], _e4m3(xt, s), mask=c_ok[:, None] & p_ok[None, :])
         tl.store(st_ptr + pt * C + c, s, mask=c_ok)
@@ -262,24 +265,37 @@ def quantize_rows(
     qt = torch.empty((c, n_rows), dtype=FP8_DTYPE, device=dev) if colwise else None
     st = torch.empty((n_pt, c), dtype=torch.float32, device=dev) if colwise else None
     dummy = x
-    _rows_quant_kernel[(n_pt, n_cb)](
-        x,
-        dummy if x_scale is None else x_scale,
-        dummy if src_row is None else src_row,
-        dummy if q is None else q,
-        dummy if s is None else s,
-        dummy if qt is None else qt,
-        dummy if st is None else st,
-        m_src,
-        c,
-        n_rows,
-        x.stride(0),
-        GATHER=src_row is not None,
-        HAS_SCALE=x_scale is not None,
-        ROWWISE=rowwise,
-        COLWISE=colwise,
-        POW2=pow2_scales,
-        BLOCK=128,
-        num_warps=LAUNCH["rows_warps"],
-    )
+
+    def launch(rows: bool, cols: bool, block_c: int) -> None:
+        _rows_quant_kernel[(n_pt, triton.cdiv(c, block_c))](
+            x,
+            dummy if x_scale is None else x_scale,
+            dummy if src_row is None else src_row,
+            dummy if not rows else q,
+            dummy if not rows else s,
+            dummy if not cols else qt,
+            dummy if not cols else st,
+            m_src,
+            c,
+            n_rows,
+            x.stride(0),
+            GATHER=src_row is not None,
+            HAS_SCALE=x_scale is not None,
+            ROWWISE=rows,
+            COLWISE=cols,
+            POW2=pow2_scales,
+            BLOCK=128,
+            BLOCK_C=block_c,
+            num_warps=LAUNCH["rows_warps"] if rows else LAUNCH["cols_warps"],
+        )
+
+    # Column tiles (1x128 along the rows) in narrower programs of their own: more loads in flight per SM
+    # than one 128x128 tile doing both passes. With both layouts asked for, that costs a second read of x
+    # and a second launch, which pays only on large layouts (bench/profile_fp8.py --sweep-quant: experts'
+    # dY, 9,856 tiles: 722 -> 469 us; a dense layer's dY, 1,536 tiles: 119 -> 139 us).
+    split = colwise and (not rowwise or n_pt * n_cb >= LAUNCH["split_min_tiles"])
+    if rowwise or not split:
+        launch(rowwise, colwise and not split, 128)
+    if split:
+        launch(False, True, LAUNCH["cols_block"])
     return q, s, qt, st
