@@ -150,11 +150,10 @@ def sweep_quant() -> None:
             lambda: q(xlq, 8192, x_scale=xls.t(), rowwise=False, colwise=True), xlq.numel() * 2),
     }
     default = dict(TQ.LAUNCH)
-    one_pass = dict(split_min_tiles=10**9)  # rows + cols in one 128x128 program; columns alone: cols_block
-    settings = [dict(cols_block=128, **one_pass)] + [dict(cols_block=cb, cols_warps=w, split_min_tiles=0)
-                                                     for cb in (64, 32) for w in (4, 8)] + [{}]
+    # cols_block 128: rows and columns in one 128x128 program; else the column pass in programs of its own
+    settings = [dict(cols_block=128)] + [dict(cols_block=cb, cols_warps=w) for cb in (64, 32) for w in (4, 8)]
     print("\n| quantize_rows, GPU time (GB/s) | " + " | ".join(
-        ", ".join(f"{k}={v}" for k, v in st.items()) or "default" for st in settings) + " |")
+        ", ".join(f"{k}={v}" for k, v in st.items()) for st in settings) + " |")
     print("|---|" + "---|" * len(settings))
     for name, (fn, nbytes) in cases.items():
         cells = []

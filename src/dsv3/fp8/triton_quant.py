@@ -19,7 +19,7 @@ from dsv3.fp8.quant import FP8_DTYPE  # kernels hard-code FP8_MAX = 448 (E4M3)
 _ROWS_PER_PROGRAM = 32
 # Warps per 128x128 tile of the block and row-layout quantisers (bench/profile_fp8.py --sweep); channels and
 # warps per program of the row quantiser's column pass when it runs alone (--sweep-quant; see quantize_rows).
-LAUNCH = {"block_warps": 16, "rows_warps": 16, "cols_block": 32, "cols_warps": 4, "split_min_tiles": 4096}
+LAUNCH = {"block_warps": 16, "rows_warps": 16, "cols_block": 32, "cols_warps": 4}
 
 
 @triton.jit
@@ -290,10 +290,9 @@ def quantize_rows(
         )
 
     # Column tiles (1x128 along the rows) in narrower programs of their own: more loads in flight per SM
-    # than one 128x128 tile doing both passes. With both layouts asked for, that costs a second read of x
-    # and a second launch, which pays only on large layouts (bench/profile_fp8.py --sweep-quant: experts'
-    # dY, 9,856 tiles: 722 -> 469 us; a dense layer's dY, 1,536 tiles: 119 -> 139 us).
-    split = colwise and (not rowwise or n_pt * n_cb >= LAUNCH["split_min_tiles"])
+    # than one 128x128 tile doing both passes, though x is read twice when both layouts are asked for
+    # (bench/profile_fp8.py --sweep-quant: the experts' dY 722 -> 466 us, their X^T 324 -> 212 us).
+    split = colwise and LAUNCH["cols_block"] < 128
     if rowwise or not split:
         launch(rowwise, colwise and not split, 128)
     if split:
