@@ -1,5 +1,6 @@
 """Gate and MoE unit tests (report §2.1.2)."""
 
+import pytest
 import torch
 
 import dsv3
@@ -120,3 +121,32 @@ def test_router_stats_and_balance_loss():
                      seq_probs=torch.tensor([[0.4, 0.3, 0.2, 0.1]]))
     # f = 4 / (2 * 2) * counts = [2, 1, 1, 0]; sum f * P = 0.8 + 0.3 + 0.2 = 1.3
     torch.testing.assert_close(sequence_balance_loss(st, top_k=2, seq_len=2), torch.tensor(1.3))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fp8", [False, True])
+def test_moe_layer_never_waits_for_the_host(fp8):
+    """A MoE layer's forward and backward on the GPU (grouped BF16 experts, or the FP8 experts and shared MLP)
+    queue their work without a host sync: ``torch.cuda.set_sync_debug_mode("error")`` raises on any call that
+    would wait for the GPU (as ``torch.bincount`` did in the dispatch)."""
+    from dsv3.fp8 import apply_fp8_training
+
+    cfg = preset("tiny").replace(hidden_size=256, moe_intermediate_size=128, n_routed_experts=16,
+                                 num_experts_per_tok=4, n_group=4, topk_group=2)
+    layer = MoE(cfg).to("cuda", torch.bfloat16)
+    if fp8:
+        apply_fp8_training(layer)
+    x = torch.randn(2, 128, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+
+    def step():
+        y, stats = layer(x, with_stats=True)
+        (y.float().square().mean() + stats.seq_probs.sum()).backward()
+
+    step()  # first calls may synchronise once (kernel compilation, library handles)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert x.grad is not None and torch.isfinite(x.grad).all()
