@@ -1,11 +1,12 @@
 """Where the time of FP8 training goes: CUDA kernel time by kernel, against wall time.
 
-    python bench/profile_fp8.py [--rows 20] [--tokens 8192] [--skip-step] [--sweep] [--sweep-quant]
+    python bench/profile_fp8.py [--rows 20] [--tokens 8192] [--skip-step | --skip-gemms] [--shape 16b-4l|v3-slice]
+                                [--sweep] [--sweep-quant]
 
 Profiles, on the "16b" shapes: one routed-experts grouped GEMM (gate_up: 64 experts, 6 copies per token)
 forward + backward in FP8 and in BF16 (``torch._grouped_mm``), one FP8Linear forward + backward (q_proj),
-and (unless --skip-step) one training step of the benchmark model (16b cut to 4 layers, bf16 weights) with and
-without ``--fp8``. Wall time is the median of timed calls; "kernel time" is the sum of CUDA kernel times
+and (unless --skip-step) one training step of a model of bench/train_throughput.py (``--shape``; default the
+benchmark model, 16b cut to 4 layers; bf16 weights) with and without ``--fp8``. Wall time is the median of timed calls; "kernel time" is the sum of CUDA kernel times
 in a torch.profiler trace of the same call, so wall >> kernel means the CPU (launches, Python) is the limit.
 """
 
@@ -21,6 +22,7 @@ import dsv3
 from dsv3.fp8 import FP8Linear, apply_fp8_training
 from dsv3.fp8.transform import TRITON_LAUNCH, fp8_grouped_linear
 from profile_inference import median_ms  # bench/ is the script's directory, on sys.path
+from train_throughput import SHAPES, bench_config
 
 TRITON_DEFAULT = dict(TRITON_LAUNCH)
 
@@ -166,25 +168,12 @@ def sweep_quant() -> None:
     TQ.LAUNCH.update(default)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", type=int, default=20)
-    ap.add_argument("--tokens", type=int, default=8192)
-    ap.add_argument("--skip-step", action="store_true")
-    ap.add_argument("--sweep", action="store_true", help="only time the grouped kernels per launch setting")
-    ap.add_argument("--sweep-quant", action="store_true", help="only time the row-layout quantiser per launch setting")
-    args = ap.parse_args()
-    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
-    if args.sweep:
-        sweep()
-        return
-    if args.sweep_quant:
-        sweep_quant()
-        return
+def profile_gemms(tokens: int, n_rows: int) -> None:
+    """One grouped expert GEMM (16b gate_up) and one FP8Linear, forward + backward, FP8 against BF16."""
     dev, bf = "cuda", torch.bfloat16
     g = torch.Generator(device=dev).manual_seed(0)
     e, k, n, top = 64, 2048, 2816, 6
-    rows = args.tokens * top
+    rows = tokens * top
     expert = torch.randint(0, e, (rows,), device=dev, generator=g).sort().values
     counts = torch.bincount(expert, minlength=e)
     x = torch.randn(rows, k, device=dev, dtype=bf, generator=g).requires_grad_()
@@ -198,20 +187,41 @@ def main() -> None:
     def grouped_bf16():
         torch._grouped_mm(x, w.transpose(1, 2), offs=offs).backward(gy)
 
-    report(f"experts gate_up f+b, FP8 ({rows} rows, {k} -> {n}, {e} experts)", grouped_fp8, args.rows)
-    report("experts gate_up f+b, BF16 torch._grouped_mm", grouped_bf16, args.rows)
+    report(f"experts gate_up f+b, FP8 ({rows} rows, {k} -> {n}, {e} experts)", grouped_fp8, n_rows)
+    report("experts gate_up f+b, BF16 torch._grouped_mm", grouped_bf16, n_rows)
 
     lin = FP8Linear(2048, 3072, bias=False, device=dev, dtype=bf)
-    xl = torch.randn(args.tokens, 2048, device=dev, dtype=bf, requires_grad=True)
-    gl = torch.randn(args.tokens, 3072, device=dev, dtype=bf)
-    report(f"FP8Linear f+b ({args.tokens} x 2048 -> 3072)", lambda: lin(xl).backward(gl), args.rows)
+    xl = torch.randn(tokens, 2048, device=dev, dtype=bf, requires_grad=True)
+    gl = torch.randn(tokens, 3072, device=dev, dtype=bf)
+    report(f"FP8Linear f+b ({tokens} x 2048 -> 3072)", lambda: lin(xl).backward(gl), n_rows)
     ref = torch.nn.Linear(2048, 3072, bias=False, device=dev, dtype=bf)
-    report("nn.Linear f+b, BF16", lambda: ref(xl).backward(gl), args.rows)
-    x = w = gy = xl = gl = None  # free the GEMM operands before the model steps
+    report("nn.Linear f+b, BF16", lambda: ref(xl).backward(gl), n_rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=20)
+    ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--skip-step", action="store_true")
+    ap.add_argument("--shape", default="16b-4l", choices=sorted(SHAPES), help="model of the training steps")
+    ap.add_argument("--skip-gemms", action="store_true", help="only the training steps")
+    ap.add_argument("--sweep", action="store_true", help="only time the grouped kernels per launch setting")
+    ap.add_argument("--sweep-quant", action="store_true", help="only time the row-layout quantiser per launch setting")
+    args = ap.parse_args()
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    if args.sweep:
+        sweep()
+        return
+    if args.sweep_quant:
+        sweep_quant()
+        return
+    if not args.skip_gemms:
+        profile_gemms(args.tokens, args.rows)
     if args.skip_step:
         return
-    config = dsv3.preset("16b").replace(num_hidden_layers=4, num_nextn_predict_layers=0)
-    tokens = torch.randint(0, config.vocab_size, (args.tokens // 4096, 4097), device=dev)
+    dev, bf = "cuda", torch.bfloat16
+    config = bench_config(args.shape)
+    tokens = torch.randint(0, config.vocab_size, (max(1, args.tokens // 4096), 4097), device=dev)
     for fp8 in (False, True):
         model = dsv3.build_model(config, device=dev, dtype=bf, seed=0)
         if fp8:
@@ -224,7 +234,7 @@ def main() -> None:
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        report(f"training step, 16b cut to 4 layers, {'FP8' if fp8 else 'BF16'}", step, args.rows)
+        report(f"training step, {args.shape}, {'FP8' if fp8 else 'BF16'}", step, args.rows)
         model = opt = None
         torch.cuda.empty_cache()
 
