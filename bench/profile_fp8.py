@@ -44,14 +44,17 @@ def report(name: str, fn, rows: int) -> None:
 
 # (label, experts, routed rows, K, N) of the sweep: the benchmark shape's two expert GEMMs and V3's per GPU.
 SWEEP_SHAPES = (("16b gate_up", 64, 8192 * 6, 2048, 2816), ("16b down", 64, 8192 * 6, 1408, 2048),
-                ("v3 EP8 gate_up", 32, 8192, 7168, 4096), ("v3 EP8 down", 32, 8192, 2048, 7168))
+                ("v3 EP8 gate_up", 32, 8192, 7168, 4096), ("v3 EP8 down", 32, 8192, 2048, 7168),
+                ("v3-slice gate_up", 32, 4096 * 8, 7168, 4096))
 
 
 def sweep() -> None:
-    """The grouped FP8 kernels alone (operands pre-quantised) per launch setting, on each of SWEEP_SHAPES,
-    and the quantisers per warp count (first shape); the defaults are restored afterwards."""
+    """The grouped FP8 kernels alone (operands pre-quantised) per launch setting, on each of SWEEP_SHAPES;
+    the defaults are restored afterwards."""
     from dsv3.fp8 import transform as T
-    from dsv3.fp8 import triton_quant as TQ
+
+    long_k = dict(T.TRITON_LAUNCH_LONG_K)
+    T.TRITON_LAUNCH_LONG_K.clear()  # the settings swept apply at every K
 
     def table(title, settings, target, fn, work, unit="TF/s"):
         print(f"\n| {title} | us | {unit} |\n|---|---|---|")
@@ -67,13 +70,16 @@ def sweep() -> None:
         target.clear()
         target.update(default)
 
-    forward = [dict(TRITON_DEFAULT)] + [
-        dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=gm, TMA=tma, num_warps=nw, num_stages=ns)
-        for tma in (False, True) for gm in (1, 8)
-        for bm, bn, nw, ns in ((64, 128, 4, 4), (64, 128, 4, 3), (64, 256, 8, 3), (128, 128, 8, 4), (128, 256, 8, 3))]
-    wgrad = [dict(BLOCK_N=bn, BLOCK_K=bk, TMA=tma, num_warps=nw, num_stages=ns) for tma in (False, True)
-             for bn, bk, nw, ns in ((128, 128, 8, 3), (128, 256, 8, 3), (128, 256, 8, 4))]
-    for i, (label, e, m, k, n) in enumerate(SWEEP_SHAPES):
+    forward = [dict(TRITON_DEFAULT)] + [  # TRITON_DEFAULT: the setting below K = LONG_K
+        dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=8, TMA=True, num_warps=nw, num_stages=ns)
+        for bm, bn, nw, ns in ((64, 128, 4, 3), (64, 256, 8, 3), (128, 128, 8, 4), (64, 128, 8, 3))]
+    # Two stages leave shared memory for two programs per SM, so one's epilogue (the weight gradient's output
+    # is large against its short token loop) can overlap another's main loop.
+    wgrad = [dict(BLOCK_N=128, BLOCK_K=128, TMA=False, num_warps=8, num_stages=3)] + [
+        dict(BLOCK_N=bn, BLOCK_K=bk, TMA=True, num_warps=nw, num_stages=ns)
+        for bn, bk, nw, ns in ((128, 256, 8, 3), (128, 256, 8, 2), (128, 128, 8, 2), (128, 128, 4, 3),
+                               (128, 128, 4, 2), (64, 256, 4, 2))]
+    for label, e, m, k, n in SWEEP_SHAPES:
         g = torch.Generator(device="cuda").manual_seed(0)
         counts = torch.bincount(torch.randint(0, e, (m,), device="cuda", generator=g), minlength=e)
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=g)
@@ -102,15 +108,8 @@ def sweep() -> None:
               lambda: T._TritonGrouped.mm(xq, xs, wq, ws, layout, torch.bfloat16), flops)
         table("grouped wgrad GEMM (with X's transposed quantisation)", wgrad, T.WGRAD_LAUNCH,
               lambda: T._TritonGrouped.wgrad(gt, xq, xs, layout, torch.bfloat16), flops)
-        if i == 0:
-            bytes_rows = gy.numel() * 4  # read bf16, write two FP8 copies
-            table("quantise dY into both layouts (rows_warps)", [dict(rows_warps=8), dict(rows_warps=4),
-                                                                  dict(rows_warps=16)],
-                  TQ.LAUNCH, lambda: T._TritonGrouped.quant_grad(gy, layout, True, True), bytes_rows, "GB/s")
-            table("quantise the expert weights with W^T (block_warps)", [dict(block_warps=8), dict(block_warps=4),
-                                                                          dict(block_warps=16)],
-                  TQ.LAUNCH, lambda: T.quantize_blocks(w, with_transpose=True), w.numel() * 4, "GB/s")
         x = w = gy = xq = wq = gt = ref = None
+    T.TRITON_LAUNCH_LONG_K.update(long_k)
 
 
 def gpu_ms(fn, reps: int = 30) -> float:
@@ -128,7 +127,7 @@ def gpu_ms(fn, reps: int = 30) -> float:
 def sweep_quant() -> None:
     """The row-layout quantiser (quantize_rows) per launch setting on the operands of a training step: the
     experts' X (gathered into the padded layout), dY (both layouts) and X^T from X's FP8 cache, and a
-    dense layer's dY and X^T (8192 tokens)."""
+    dense layer's dY and X^T (8192 tokens); then the weight-block quantiser per warp count."""
     from dsv3.fp8 import transform as T
     from dsv3.fp8 import triton_quant as TQ
 
@@ -165,6 +164,16 @@ def sweep_quant() -> None:
             ms = gpu_ms(fn)
             cells.append(f"{ms * 1e3:.0f} us ({nbytes / ms / 1e6:.0f})")
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+    TQ.LAUNCH.update(default)
+    w = torch.randn(e, n, k, device=dev, dtype=bf)
+    print("\n| quantize_blocks with W^T, 16b gate_up experts (64 x 2816 x 2048), GPU time (GB/s) | "
+          "block_warps=4 | 8 | 16 |\n|---|---|---|---|")
+    cells = []
+    for warps in (4, 8, 16):
+        TQ.LAUNCH.update(block_warps=warps)
+        ms = gpu_ms(lambda: T.quantize_blocks(w, with_transpose=True))
+        cells.append(f"{ms * 1e3:.0f} us ({w.numel() * 4 / ms / 1e6:.0f})")
+    print("| | " + " | ".join(cells) + " |")
     TQ.LAUNCH.update(default)
 
 
