@@ -238,28 +238,35 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> RunResult:
                 group["lr"] = lr
             mtp_weight = sched.mtp_weight(tokens_seen) if depth else 0.0
             loads = [torch.zeros(g.n_experts, device=device) for g in gates]
-            sums = {"loss": 0.0, "mtp_loss": 0.0, "balance_loss": 0.0}
+            # Summed on the device and read once per step: an .item() per micro-batch would make the host wait
+            # for each forward and backward before queueing the next, so the GPU idles while it launches.
+            sums = {k: torch.zeros((), dtype=torch.float64, device=device)
+                    for k in ("loss", "mtp_loss", "balance_loss")}
             for _ in range(n_micro):
                 batch = next(loader)
                 window = batch.tokens.to(device, non_blocking=True)
                 inputs = window[:, : cfg.seq_len]
-                doc_ids = batch.doc_ids[:, : cfg.seq_len].to(device) if batch.doc_ids is not None else None
+                doc_ids = batch.doc_ids
+                if doc_ids is not None:  # non_blocking: a blocking copy would wait for the queued GPU work
+                    doc_ids = doc_ids[:, : cfg.seq_len].to(device, non_blocking=True)
                 with autocast():
                     out = forward(inputs, future_tokens=window[:, cfg.seq_len : cfg.seq_len + depth],
                                   doc_ids=doc_ids, with_mtp=depth > 0, with_stats=True)
                     loss, mtp_loss, bal = compute_losses(out, window, cfg, mcfg.num_experts_per_tok)
                     total = loss + mtp_weight * mtp_loss + bal
-                sums["mtp_loss"] += mtp_loss.item() / n_micro
-                sums["balance_loss"] += bal.item() / n_micro
+                sums["mtp_loss"] += mtp_loss.detach().double() / n_micro
+                sums["balance_loss"] += bal.detach().double() / n_micro
                 (total / n_micro).backward()
-                sums["loss"] += loss.item() / n_micro
+                sums["loss"] += loss.detach().double() / n_micro
                 for acc, st in zip(loads, out.router_stats):
                     acc += st.counts
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)  # read after the step
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             gamma = sched.bias_update_speed(tokens_seen) if cfg.balance == "aux_free" else 0.0
             update_bias(gates, loads, gamma)
+            grad_norm = grad_norm.item()
+            sums = {k: v.item() for k, v in sums.items()}
             step += 1
             steps_this_run += 1
             step_tokens = batch_size * cfg.seq_len
