@@ -7,6 +7,7 @@ Tables: (1) dense projections: BF16 ``F.linear`` vs FP8 ``torch._scaled_mm`` wit
 serving); (2) one big shape, ``FP8Linear`` forward+backward vs ``nn.Linear``; (3) routed experts: BF16
 ``torch._grouped_mm`` vs the FP8 grouped backends of :mod:`dsv3.fp8.transform`, forward and
 forward+backward. Timing: CUDA events per call, warm-up first, median of the repeats (METHOD.md).
+The grouped kernels' launch-setting sweeps are in ``bench/profile_fp8.py --sweep``.
 """
 
 from __future__ import annotations
@@ -144,29 +145,6 @@ def experts_table(reps: int, quick: bool) -> list[str]:
     return rows
 
 
-def sweep_triton(reps: int) -> list[str]:
-    """Kernel-only time of the Triton grouped forward GEMM (operands pre-quantised) per launch setting."""
-    rows = ["| case | BLOCK_M, warps, stages | grouped FP8 GEMM (kernel only) |", "|---|---|---|"]
-    for label, e, m, k, n in (("16b gate_up", 64, 24576, 2048, 2816), ("v3 gate_up", 32, 8192, 7168, 4096)):
-        counts = torch.bincount(torch.randint(0, e, (m,), device="cuda"), minlength=e)
-        wq, ws = quantize_blocks(torch.randn(e, n, k, device="cuda", dtype=torch.bfloat16))
-        layout = T._PaddedLayout(counts, m)
-        xq, xs = T._TritonGrouped.quant_rows(torch.randn(m, k, device="cuda", dtype=torch.bfloat16), layout)
-        default = dict(T.TRITON_LAUNCH)
-        for bm, nw, ns in ((128, 8, 3), (128, 8, 4), (128, 4, 3), (64, 4, 3), (64, 4, 4), (64, 8, 4)):
-            T.TRITON_LAUNCH.update(BLOCK_M=bm, num_warps=nw, num_stages=ns)
-            try:
-                ms = median_ms(lambda: T._TritonGrouped.mm(xq, xs, wq, ws, layout, torch.bfloat16), reps=reps)
-                cell = f"{tflops(2 * m * k * n, ms):.0f} TF/s ({ms * 1e3:.0f} us)"
-            except Exception as exc:  # noqa: BLE001
-                cell = f"failed: {str(exc)[:80]}"
-            rows.append(f"| {label} | {bm}, {nw}, {ns} | {cell} |")
-            print(rows[-1], flush=True)
-        T.TRITON_LAUNCH.clear()
-        T.TRITON_LAUNCH.update(default)
-    return rows
-
-
 def _backends() -> list[str]:
     return ["triton", "scaled_mm"] if T.triton is not None else ["scaled_mm"]
 
@@ -197,7 +175,6 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--quick", action="store_true", help="fewer shapes")
     ap.add_argument("--out", help="also write the tables to this file")
-    ap.add_argument("--sweep", action="store_true", help="only sweep the Triton grouped kernel's launch settings")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
@@ -206,9 +183,6 @@ def main() -> None:
               f"triton {getattr(T.triton, '__version__', 'absent')}; tokens {args.tokens}; medians of CUDA-event "
               f"timings after warm-up; TF/s = 2MNK / time")
     print(header, flush=True)
-    if args.sweep:
-        print("\n".join(sweep_triton(args.reps)))
-        return
     probe = probe_scaled_grouped_mm()
     print(probe, flush=True)
     if args.quick:
