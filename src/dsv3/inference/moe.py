@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..model.moe import Gate, MoE
+from ..model.moe import Gate, MoE, expert_counts
 from .fusion import swiglu
 
 
@@ -20,15 +20,14 @@ def sort_by_expert(ids: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, tor
     ``ids.argsort(stable=True)``), its inverse ``place`` (the sorted position of each copy) and the tokens
     per expert ``counts`` (E,).
 
-    ``torch.bincount`` reads its input's min and max back to the host on CUDA, which stalls every step and
-    cannot be captured in a CUDA graph (counts come from ``scatter_add_`` here). For the few copies of a
+    No ``torch.bincount`` (see :func:`~dsv3.model.moe.expert_counts`). For the few copies of a
     decode step a counting sort replaces the sort kernel (tens of microseconds even for a few hundred
     keys): a copy's place is the number of copies of smaller experts plus those of its own expert before
     it, two comparisons over all pairs that ``torch.compile`` fuses into one reduction."""
     n = ids.numel()
     arange = torch.arange(n, device=ids.device)
     if n > 2048:  # prefill: a real sort
-        counts = torch.zeros(n_experts, dtype=torch.long, device=ids.device).scatter_add_(0, ids, torch.ones_like(ids))
+        counts = expert_counts(ids, n_experts)
         order = ids.argsort(stable=True)
         return order, torch.empty_like(order).scatter_(0, order, arange), counts
     counts = (ids == torch.arange(n_experts, device=ids.device)[:, None]).sum(dim=1)

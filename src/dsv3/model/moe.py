@@ -80,6 +80,12 @@ class Gate(nn.Module):
         return weights * self.route_scale, indices, scores
 
 
+def expert_counts(ids: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Copies per expert (E,) int64 of the expert ids ``ids`` (N,), counted on the device: ``torch.bincount``
+    reads the ids' max back to the host on CUDA (a sync per MoE layer, and nothing a CUDA graph can capture)."""
+    return torch.zeros(n_experts, dtype=torch.long, device=ids.device).scatter_add_(0, ids, torch.ones_like(ids))
+
+
 def dispatch(x: torch.Tensor, indices: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Copy each token once per chosen expert, sorted by expert.
 
@@ -88,10 +94,7 @@ def dispatch(x: torch.Tensor, indices: torch.Tensor, n_experts: int) -> tuple[to
     """
     flat = indices.flatten()
     order = flat.argsort(stable=True)
-    # scatter_add_, not torch.bincount: on CUDA bincount reads the ids' max back to the host (a sync per layer,
-    # during which the GPU waits for the host to queue the next kernels).
-    counts = torch.zeros(n_experts, dtype=torch.long, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
-    return x[order // indices.shape[1]], order, counts
+    return x[order // indices.shape[1]], order, expert_counts(flat, n_experts)
 
 
 def combine(y_sorted: torch.Tensor, order: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
