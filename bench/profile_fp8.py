@@ -3,11 +3,12 @@
     python bench/profile_fp8.py [--rows 20] [--tokens 8192] [--skip-step | --skip-gemms] [--shape 16b-4l|v3-slice]
                                 [--sweep] [--sweep-quant]
 
-Profiles, on the "16b" shapes: one routed-experts grouped GEMM (gate_up: 64 experts, 6 copies per token)
-forward + backward in FP8 and in BF16 (``torch._grouped_mm``), one FP8Linear forward + backward (q_proj),
-and (unless --skip-step) one training step of a model of bench/train_throughput.py (``--shape``; default the
-benchmark model, 16b cut to 4 layers; bf16 weights) with and without ``--fp8``. Wall time is the median of timed calls; "kernel time" is the sum of CUDA kernel times
-in a torch.profiler trace of the same call, so wall >> kernel means the CPU (launches, Python) is the limit.
+Profiles, on the "16b" shapes: one routed-experts grouped GEMM (gate_up: 64 experts, 6 copies per token) forward +
+backward in FP8 and in BF16 (``torch._grouped_mm``), one FP8Linear forward + backward (q_proj), and (unless
+--skip-step) one training step of a model of bench/train_throughput.py (``--shape``; default the benchmark model,
+16b cut to 4 layers; bf16 weights) with and without ``--fp8``. Wall time is the median of timed calls; "kernel
+time" is the sum of CUDA kernel times in a torch.profiler trace of the same call, so wall >> kernel means the CPU
+(launches, Python) is the limit.
 """
 
 from __future__ import annotations

@@ -268,10 +268,10 @@ class _ScaledMMLoop(_Emulate):
 class _PaddedLayout:
     """Rows sorted by expert, each expert's segment padded to a multiple of 128 rows (no host sync).
 
-    ``dest`` (M,) the padded row of each real row; ``src_row`` (Mp,) the real row of each padded row, -1 in
-    the padding; ``tile_expert`` (T,) the expert of each 128-row tile, -1 for tiles past the last segment;
-    ``pad_start``/``pad_count`` (E,) each segment's first row and length. T = M // 128 + E + 1 bounds
-    sum_e ceil(count_e / 128) without reading the counts on the host; Mp = 128 T.
+    ``src_row`` (Mp,) the real row of each padded row, -1 in the padding; ``tile_expert`` (T,) the expert of each
+    128-row tile, -1 for tiles past the last segment; ``pad_start``/``pad_count`` (E,) each segment's first row
+    and length. T = M // 128 + E + 1 bounds sum_e ceil(count_e / 128) without reading the counts on the host; Mp =
+    128 T.
     """
 
     def __init__(self, counts: Tensor, n_rows: int):
@@ -283,11 +283,11 @@ class _PaddedLayout:
         self.pad_count = padded.to(torch.int32)
         start = counts.cumsum(0) - counts
         expert = torch.repeat_interleave(torch.arange(e, device=dev), counts, output_size=n_rows)
-        self.dest = self.pad_start[expert].long() + torch.arange(n_rows, device=dev) - start[expert]
+        dest = self.pad_start[expert].long() + torch.arange(n_rows, device=dev) - start[expert]  # padded row
         self.n_tiles = n_rows // TILE + e + 1
         self.n_padded = self.n_tiles * TILE
         self.src_row = torch.full((self.n_padded,), -1, dtype=torch.int64, device=dev)
-        self.src_row.index_copy_(0, self.dest, torch.arange(n_rows, device=dev))
+        self.src_row.index_copy_(0, dest, torch.arange(n_rows, device=dev))
         tile_rows = torch.arange(self.n_tiles, device=dev) * TILE
         idx = torch.searchsorted(pad_end, tile_rows, right=True)
         self.tile_expert = torch.where(idx < e, idx, -1).to(torch.int32)

@@ -140,10 +140,10 @@ def _rows_quant_kernel(
     BLOCK: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """One 128-row x BLOCK_C-channel tile (BLOCK_C = 128 with ROWWISE) of a (Mp, C) row layout, read from x (gathered by src_row, -1 = zero
-    row; or rows 0..M_src-1 as they are), optionally dequantised first (x FP8 with 1x128 scales stored
-    scale-major (C/128, M_src)). ROWWISE: 1x128 tiles along the channels -> q (Mp, C), scales (C/128, Mp).
-    COLWISE: 1x128 tiles along the rows, written transposed -> qt (C, Mp), scales (Mp/128, C)."""
+    """One 128-row x BLOCK_C-channel tile (BLOCK_C = 128 with ROWWISE) of a (Mp, C) row layout, read from x (gathered
+    by src_row, -1 = zero row; or rows 0..M_src-1 as they are), optionally dequantised first (x FP8 with 1x128
+    scales stored scale-major (C/128, M_src)). ROWWISE: 1x128 tiles along the channels -> q (Mp, C), scales
+    (C/128, Mp). COLWISE: 1x128 tiles along the rows, written transposed -> qt (C, Mp), scales (Mp/128, C)."""
     pt = tl.program_id(0)
     cb = tl.program_id(1)
     p = pt.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
