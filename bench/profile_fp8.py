@@ -57,15 +57,14 @@ def sweep() -> None:
     long_k = dict(T.TRITON_LAUNCH_LONG_K)
     T.TRITON_LAUNCH_LONG_K.clear()  # the settings swept apply at every K
 
-    def table(title, settings, target, fn, work, unit="TF/s"):
-        print(f"\n| {title} | us | {unit} |\n|---|---|---|")
+    def table(title, settings, target, fn, flops):
+        print(f"\n| {title} | us | TF/s |\n|---|---|---|")
         default = dict(target)
         for setting in settings:
             target.update(setting)
             try:
                 ms = median_ms(fn, reps=20)
-                rate = work / (ms * 1e-3) / (1e12 if unit == "TF/s" else 1e9)
-                print(f"| {setting} | {ms * 1e3:.0f} | {rate:.0f} |", flush=True)
+                print(f"| {setting} | {ms * 1e3:.0f} | {flops / ms / 1e9:.0f} |", flush=True)
             except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory: report and go on
                 print(f"| {setting} | failed: {str(exc)[:80]} | |", flush=True)
         target.clear()
