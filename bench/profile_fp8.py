@@ -6,9 +6,10 @@
 Profiles, on the "16b" shapes: one routed-experts grouped GEMM (gate_up: 64 experts, 6 copies per token) forward +
 backward in FP8 and in BF16 (``torch._grouped_mm``), one FP8Linear forward + backward (q_proj), and (unless
 --skip-step) one training step of a model of bench/train_throughput.py (``--shape``; default the benchmark model,
-16b cut to 4 layers; bf16 weights) with and without ``--fp8``. Wall time is the median of timed calls; "kernel
-time" is the sum of CUDA kernel times in a torch.profiler trace of the same call, so wall >> kernel means the CPU
-(launches, Python) is the limit.
+16b cut to 4 layers; bf16 weights) with and without ``--fp8``, then both steps' kernel time by category and the
+most FP8 could gain on that step (its GEMM share, the output head's GEMMs excluded as the recipe keeps them BF16).
+Wall time is the median of timed calls; "kernel time" is the sum of CUDA kernel times in a torch.profiler trace
+of the same call, so wall >> kernel means the CPU (launches, Python) is the limit.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from train_throughput import SHAPES, bench_config
 TRITON_DEFAULT = dict(TRITON_LAUNCH)
 
 
-def report(name: str, fn, rows: int) -> None:
+def report(name: str, fn, rows: int) -> tuple[float, dict[str, float]]:
+    """Print wall time and the top kernels of one call; return the wall time (ms) and kernel time by name (us)."""
     wall = median_ms(fn)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
@@ -41,6 +43,62 @@ def report(name: str, fn, rows: int) -> None:
     for e in events[:rows]:
         t = e.self_device_time_total
         print(f"| {e.key[:100]} | {e.count} | {t:.0f} | {t / total:.0%} |")
+    return wall, {e.key: e.self_device_time_total for e in events}
+
+
+# Kernel categories of a training step, by kernel name; the first that matches wins.
+CATEGORIES = (
+    ("GEMM, grouped FP8 (Triton)", ("_grouped_fp8",)),
+    ("FP8 quantisers (Triton)", ("quant_kernel",)),
+    ("GEMM, cuBLAS / CUTLASS", ("nvjet", "gemm", "xmma")),
+    ("attention core (cuDNN SDPA)", ("sdpa", "fmha", "flash")),
+    ("optimiser (fused AdamW)", ("multi_tensor_apply", "adam")),
+    ("softmax + cross-entropy (102,400 or 32,768 classes)", ("softmax", "nll_loss", "cross_entropy")),
+)
+OTHER = "other (norms, RoPE, SwiGLU, routing, dispatch, copies, gradient sums)"
+
+
+def category(kernel: str) -> str:
+    k = kernel.lower()
+    return next((label for label, keys in CATEGORIES if any(key in k for key in keys)), OTHER)
+
+
+def by_category(kernels: dict[str, float]) -> dict[str, float]:
+    out = dict.fromkeys([label for label, _ in CATEGORIES] + [OTHER], 0.0)
+    for name, us in kernels.items():
+        out[category(name)] += us / 1e3
+    return out
+
+
+def step_budget(bf16: tuple[float, dict], fp8: tuple[float, dict], head_gemm_ms: float) -> None:
+    """Both steps' kernel time by category, and what FP8 could gain at most: the BF16 step with every GEMM the
+    recipe runs in FP8 (all but the output head's) made s times faster and the quantisation free."""
+    (wall_b, kb), (wall_f, kf) = bf16, fp8
+    cb, cf = by_category(kb), by_category(kf)
+    print("\n### Step budget, ms of kernel time\n\n| category | BF16 | FP8 |\n|---|---|---|")
+    for label in cb:
+        print(f"| {label} | {cb[label]:.1f} | {cf[label]:.1f} |")
+    kern_b, kern_f = sum(cb.values()), sum(cf.values())
+    print(f"| all kernels | {kern_b:.1f} | {kern_f:.1f} |\n| wall time of the step | {wall_b:.1f} | {wall_f:.1f} |")
+    gemm = cb["GEMM, cuBLAS / CUTLASS"]
+    fp8able = gemm - head_gemm_ms
+    bound = {s: wall_b / (wall_b - fp8able + fp8able / s) for s in (1.6, 2.0)}
+    print(f"\nBF16 step: GEMMs {gemm:.1f} ms ({gemm / wall_b:.0%} of the wall time), of which the output head's "
+          f"{head_gemm_ms:.1f} ms stay BF16 in the recipe; the {fp8able:.1f} ms FP8 can take are "
+          f"{fp8able / wall_b:.0%} of the step. With them s x faster and quantisation free, FP8 / BF16 tokens/s "
+          f"would be at most {bound[1.6]:.2f}x at s = 1.6 (cuBLAS block-scaled vs BF16 at large shapes) and "
+          f"{bound[2.0]:.2f}x at s = 2 (the FP8 : BF16 peak ratio). Measured here: {wall_b / wall_f:.2f}x.")
+
+
+def head_gemm_ms(config, tokens: int) -> float:
+    """Kernel time of the output head's GEMMs (forward, input and weight gradients) at the step's size."""
+    dev, bf = "cuda", torch.bfloat16
+    h = torch.randn(tokens, config.hidden_size, device=dev, dtype=bf, requires_grad=True)
+    w = torch.randn(config.vocab_size, config.hidden_size, device=dev, dtype=bf, requires_grad=True)
+    g = torch.randn(tokens, config.vocab_size, device=dev, dtype=bf)
+    _, kernels = report(f"output head f+b, BF16 ({tokens} x {config.hidden_size} -> {config.vocab_size})",
+                        lambda: F.linear(h, w).backward(g), 4)
+    return by_category(kernels)["GEMM, cuBLAS / CUTLASS"]
 
 
 # (label, experts, routed rows, K, N) of the sweep: the benchmark shape's two expert GEMMs and V3's per GPU.
@@ -231,6 +289,7 @@ def main() -> None:
     dev, bf = "cuda", torch.bfloat16
     config = bench_config(args.shape)
     tokens = torch.randint(0, config.vocab_size, (max(1, args.tokens // 4096), 4097), device=dev)
+    results = []
     for fp8 in (False, True):
         model = dsv3.build_model(config, device=dev, dtype=bf, seed=0)
         if fp8:
@@ -243,9 +302,10 @@ def main() -> None:
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        report(f"training step, {args.shape}, {'FP8' if fp8 else 'BF16'}", step, args.rows)
+        results.append(report(f"training step, {args.shape}, {'FP8' if fp8 else 'BF16'}", step, args.rows))
         model = opt = None
         torch.cuda.empty_cache()
+    step_budget(*results, head_gemm_ms(config, tokens[:, :-1].numel()))
 
 
 if __name__ == "__main__":

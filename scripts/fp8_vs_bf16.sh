@@ -2,10 +2,13 @@
 # FP8 vs BF16 training of the same small model on the same data and seed (FP8 issue, point a), for several
 # seeds: each seed gives a BF16 and an FP8 run with the same initialisation and data order (a paired
 # comparison); the spread of BF16 across seeds is the run-to-run noise the difference is judged against.
-# Usage: bash scripts/fp8_vs_bf16.sh OUT_DIR [STEPS] [SEEDS]      (SEEDS: e.g. "0 1 2", the default)
+# Usage: bash scripts/fp8_vs_bf16.sh OUT_DIR [STEPS] [SEEDS] [DATA]
+#   SEEDS: e.g. "0 1 2" (the default); DATA: a corpus for --data (default: the Python standard library, which
+#   a long run sees many times over: then the train loss measures memorisation; give DATA larger than
+#   STEPS x 16,384 tokens for a run that sees each token once)
 set -euo pipefail
-out=${1:-runs/fp8_vs_bf16}; steps=${2:-1000}; seeds=${3:-"0 1 2"}
-common=(--preset tiny --steps "$steps" --seq-len 512 --batch-size 32 --micro-batch-size 32 --lr 2e-3
+out=${1:-runs/fp8_vs_bf16}; steps=${2:-1000}; seeds=${3:-"0 1 2"}; data=${4:-}
+common=(--preset tiny ${data:+--data "$data"} --steps "$steps" --seq-len 512 --batch-size 32 --micro-batch-size 32 --lr 2e-3
         --eval-every 100 --save-every 0 --set eval_batches=16 --cache-dir "$out/cache"
         --set model.hidden_size=256 --set model.intermediate_size=768 --set model.moe_intermediate_size=128
         --set model.q_lora_rank=128 --set model.kv_lora_rank=128)
@@ -60,8 +63,9 @@ for (mode, s), rs in runs.items():
     ax1.plot([r["step"] for r in rs], smooth, **style)
     vals = [(r["step"], r["val_loss"]) for r in rs if "val_loss" in r]
     ax2.plot(*zip(*vals), marker="o", **style)
-ax1.set(xlabel="step", ylabel="train loss (20-step mean)", ylim=(1.5, 4)); ax1.legend()
-ax2.set(xlabel="step", ylabel="validation loss", ylim=(1.2, 3)); ax2.legend()
+low = min(min(r["loss"] for r in rs[n - last:n]) for rs in runs.values())
+ax1.set(xlabel="step", ylabel="train loss (20-step mean)", ylim=(0.9 * low, 4)); ax1.legend()
+ax2.set(xlabel="step", ylabel="validation loss", ylim=(0.9 * min(val(rs) for rs in runs.values()), 3)); ax2.legend()
 fig.tight_layout(); fig.savefig(f"{out}/compare.png", dpi=110)
 print(f"curves: {out}/compare.png")
 PY

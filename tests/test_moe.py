@@ -133,7 +133,11 @@ def test_moe_layer_never_waits_for_the_host(fp8):
 
     cfg = preset("tiny").replace(hidden_size=256, moe_intermediate_size=128, n_routed_experts=16,
                                  num_experts_per_tok=4, n_group=4, topk_group=2)
-    layer = MoE(cfg).to("cuda", torch.bfloat16)
+    torch.manual_seed(0)
+    layer = MoE(cfg)
+    for p in layer.parameters():  # MoE(cfg) leaves its weights uninitialised (torch.empty: may hold NaN)
+        torch.nn.init.normal_(p, std=0.05)
+    layer = layer.to("cuda", torch.bfloat16)
     if fp8:
         apply_fp8_training(layer)
     x = torch.randn(2, 128, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
