@@ -1,7 +1,7 @@
 """Where the time of FP8 training goes: CUDA kernel time by kernel, against wall time.
 
     python bench/profile_fp8.py [--rows 20] [--tokens 8192] [--skip-step | --skip-gemms] [--shape 16b-4l|v3-slice]
-                                [--sweep] [--sweep-quant]
+                                [--sweep [--quick]] [--sweep-quant]
 
 Profiles, on the "16b" shapes: one routed-experts grouped GEMM (gate_up: 64 experts, 6 copies per token) forward +
 backward in FP8 and in BF16 (``torch._grouped_mm``), one FP8Linear forward + backward (q_proj), and (unless
@@ -87,7 +87,9 @@ def step_budget(bf16: tuple[float, dict], fp8: tuple[float, dict], head_gemm_ms:
           f"{head_gemm_ms:.1f} ms stay BF16 in the recipe; the {fp8able:.1f} ms FP8 can take are "
           f"{fp8able / wall_b:.0%} of the step. With them s x faster and quantisation free, FP8 / BF16 tokens/s "
           f"would be at most {bound[1.6]:.2f}x at s = 1.6 (cuBLAS block-scaled vs BF16 at large shapes) and "
-          f"{bound[2.0]:.2f}x at s = 2 (the FP8 : BF16 peak ratio). Measured here: {wall_b / wall_f:.2f}x.")
+          f"{bound[2.0]:.2f}x at s = 2 (the FP8 : BF16 peak ratio). Measured here: {wall_b / wall_f:.2f}x of wall "
+          f"time and {kern_b / kern_f:.2f}x of kernel time (one step at a time, synchronised, so the FP8 step's "
+          "host time shows in its wall time; bench/train_throughput.py runs steps back to back).")
 
 
 def head_gemm_ms(config, tokens: int) -> float:
@@ -105,6 +107,64 @@ def head_gemm_ms(config, tokens: int) -> float:
 SWEEP_SHAPES = (("16b gate_up", 64, 8192 * 6, 2048, 2816), ("16b down", 64, 8192 * 6, 1408, 2048),
                 ("v3 EP8 gate_up", 32, 8192, 7168, 4096), ("v3 EP8 down", 32, 8192, 2048, 7168),
                 ("v3-slice gate_up", 32, 4096 * 8, 7168, 4096))
+
+
+# The "16b" dense projections at the training step's 8192 tokens, as one-expert groups: where cuBLAS's block-scaled
+# FP8 GEMM is slower than BF16 (docs/fp8.md), is the Triton kernel faster?
+DENSE_SHAPES = (("16b q_proj", 1, 8192, 2048, 3072), ("16b kv_a_proj", 1, 8192, 2048, 576),
+                ("16b kv_b_proj", 1, 8192, 512, 4096), ("16b o_proj", 1, 8192, 2048, 2048),
+                ("16b shared gate/up", 1, 8192, 2048, 2816), ("16b shared down", 1, 8192, 2816, 2048),
+                ("16b dense gate/up", 1, 8192, 2048, 10944), ("16b dense down", 1, 8192, 10944, 2048))
+
+
+def dense_wgrad(gt, xq, xs, n_padded):
+    """cuBLAS's 1x128 x 1x128 GEMM over all rows (FP8Linear's weight gradient), X^T's quantisation included."""
+    from dsv3.fp8 import transform as T
+
+    _, _, xtq, xts = T.quantize_rows(xq, n_padded, x_scale=xs, rowwise=False, colwise=True)
+    return T.fp8_matmul_nt(gt[0], gt[1].t(), xtq, xts.t(), b_blocks=False, out_dtype=torch.bfloat16,
+                           backend="scaled_mm")
+
+
+def sweep_quick() -> None:
+    """One row per shape (SWEEP_SHAPES, then DENSE_SHAPES), kernels at their production launch settings, GPU time
+    of back-to-back calls: BF16 ``torch._grouped_mm`` and one dense BF16 GEMM of the same total size, cuBLAS's
+    block-scaled FP8 GEMM on that dense matrix, the Triton grouped FP8 forward GEMM and weight gradient (operands
+    pre-quantised), and cuBLAS's weight-gradient GEMM over all rows."""
+    from dsv3.fp8 import transform as T
+
+    print("\n| shape (experts, rows, K -> N) | BF16 grouped | BF16 dense | FP8 cuBLAS dense | FP8 Triton grouped "
+          "fwd | FP8 Triton grouped wgrad | FP8 cuBLAS dense wgrad |\n"
+          "|---|---|---|---|---|---|---|")
+    for label, e, m, k, n in SWEEP_SHAPES + DENSE_SHAPES:
+        g = torch.Generator(device="cuda").manual_seed(0)
+        counts = torch.bincount(torch.randint(0, e, (m,), device="cuda", generator=g), minlength=e)
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=g)
+        w = torch.randn(e, n, k, device="cuda", dtype=torch.bfloat16, generator=g) * k**-0.5
+        gy = torch.randn(m, n, device="cuda", dtype=torch.bfloat16, generator=g)
+        layout = T._PaddedLayout(counts, m)
+        xq, xs = T._TritonGrouped.quant_rows(x, layout)
+        wq, wsc = T.quantize_blocks(w)
+        _, _, gt = T._TritonGrouped.quant_grad(gy, layout, False, True)
+        dq, ds = T.quantize_tiles(x)
+        offs = counts.cumsum(0).to(torch.int32)
+        flops = 2 * m * n * k
+        cases = (lambda: torch._grouped_mm(x, w.transpose(1, 2), offs=offs),
+                 lambda: F.linear(x, w[0]),
+                 lambda: T.fp8_matmul_nt(dq, ds, wq[0], wsc[0], b_blocks=True, out_dtype=torch.bfloat16,
+                                         backend="scaled_mm"),
+                 lambda: T._TritonGrouped.mm(xq, xs, wq, wsc, layout, torch.bfloat16),
+                 lambda: T._TritonGrouped.wgrad(gt, xq, xs, layout, torch.bfloat16),
+                 lambda: dense_wgrad(gt, xq, xs, layout.n_padded))
+        cells = []
+        for fn in cases:
+            try:
+                ms = gpu_ms(fn)
+                cells.append(f"{ms * 1e3:.0f} us ({flops / ms / 1e9:.0f})")
+            except Exception as exc:  # noqa: BLE001 - report and go on
+                cells.append(f"failed: {str(exc).splitlines()[0][:60]}")
+        print(f"| {label} ({e}, {m}, {k} -> {n}) | " + " | ".join(cells) + " |", flush=True)
+        x = w = gy = xq = wq = gt = dq = None
 
 
 def sweep() -> None:
@@ -274,10 +334,12 @@ def main() -> None:
     ap.add_argument("--skip-gemms", action="store_true", help="only the training steps")
     ap.add_argument("--sweep", action="store_true", help="only time the grouped kernels per launch setting")
     ap.add_argument("--sweep-quant", action="store_true", help="only time the row-layout quantiser per launch setting")
+    ap.add_argument("--quick", action="store_true", help="with --sweep: the production launch settings only, one "
+                    "row per shape against BF16 and cuBLAS, dense projections of 16b included")
     args = ap.parse_args()
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     if args.sweep:
-        sweep()
+        sweep_quick() if args.quick else sweep()
         return
     if args.sweep_quant:
         sweep_quant()
