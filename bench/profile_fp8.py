@@ -117,6 +117,23 @@ DENSE_SHAPES = (("16b q_proj", 1, 8192, 2048, 3072), ("16b kv_a_proj", 1, 8192, 
                 ("16b dense gate/up", 1, 8192, 2048, 10944), ("16b dense down", 1, 8192, 10944, 2048))
 
 
+def grouped_operands(e: int, m: int, k: int, n: int):
+    """Random operands of one grouped expert GEMM (m rows over e experts, k -> n), quantised as training does:
+    counts, x, w, the padded layout, X's and W's FP8 forms, and dY's token-tiled form for the weight gradient."""
+    from dsv3.fp8 import transform as T
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    counts = torch.bincount(torch.randint(0, e, (m,), device="cuda", generator=g), minlength=e)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=g)
+    w = torch.randn(e, n, k, device="cuda", dtype=torch.bfloat16, generator=g) * k**-0.5
+    gy = torch.randn(m, n, device="cuda", dtype=torch.bfloat16, generator=g)
+    layout = T._PaddedLayout(counts, m)
+    xq, xs = T._TritonGrouped.quant_rows(x, layout)
+    wq, ws = T.quantize_blocks(w)
+    _, _, gt = T._TritonGrouped.quant_grad(gy, layout, False, True)
+    return counts, x, w, layout, xq, xs, wq, ws, gt
+
+
 def dense_wgrad(gt, xq, xs, n_padded):
     """cuBLAS's 1x128 x 1x128 GEMM over all rows (FP8Linear's weight gradient), X^T's quantisation included."""
     from dsv3.fp8 import transform as T
@@ -137,15 +154,7 @@ def sweep_quick() -> None:
           "fwd | FP8 Triton grouped wgrad | FP8 cuBLAS dense wgrad |\n"
           "|---|---|---|---|---|---|---|")
     for label, e, m, k, n in SWEEP_SHAPES + DENSE_SHAPES:
-        g = torch.Generator(device="cuda").manual_seed(0)
-        counts = torch.bincount(torch.randint(0, e, (m,), device="cuda", generator=g), minlength=e)
-        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=g)
-        w = torch.randn(e, n, k, device="cuda", dtype=torch.bfloat16, generator=g) * k**-0.5
-        gy = torch.randn(m, n, device="cuda", dtype=torch.bfloat16, generator=g)
-        layout = T._PaddedLayout(counts, m)
-        xq, xs = T._TritonGrouped.quant_rows(x, layout)
-        wq, wsc = T.quantize_blocks(w)
-        _, _, gt = T._TritonGrouped.quant_grad(gy, layout, False, True)
+        counts, x, w, layout, xq, xs, wq, wsc, gt = grouped_operands(e, m, k, n)
         dq, ds = T.quantize_tiles(x)
         offs = counts.cumsum(0).to(torch.int32)
         flops = 2 * m * n * k
@@ -164,7 +173,7 @@ def sweep_quick() -> None:
             except Exception as exc:  # noqa: BLE001 - report and go on
                 cells.append(f"failed: {str(exc).splitlines()[0][:60]}")
         print(f"| {label} ({e}, {m}, {k} -> {n}) | " + " | ".join(cells) + " |", flush=True)
-        x = w = gy = xq = wq = gt = dq = None
+        x = w = xq = wq = gt = dq = None
 
 
 def sweep() -> None:
@@ -198,15 +207,7 @@ def sweep() -> None:
         for bn, bk, nw, ns in ((128, 256, 8, 3), (128, 256, 8, 2), (128, 128, 8, 2), (128, 128, 4, 3),
                                (128, 128, 4, 2), (64, 256, 4, 2))]
     for label, e, m, k, n in SWEEP_SHAPES:
-        g = torch.Generator(device="cuda").manual_seed(0)
-        counts = torch.bincount(torch.randint(0, e, (m,), device="cuda", generator=g), minlength=e)
-        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=g)
-        w = torch.randn(e, n, k, device="cuda", dtype=torch.bfloat16, generator=g) * k**-0.5
-        gy = torch.randn(m, n, device="cuda", dtype=torch.bfloat16, generator=g)
-        layout = T._PaddedLayout(counts, m)
-        xq, xs = T._TritonGrouped.quant_rows(x, layout)
-        wq, ws = T.quantize_blocks(w)
-        _, _, gt = T._TritonGrouped.quant_grad(gy, layout, False, True)
+        counts, x, w, layout, xq, xs, wq, ws, gt = grouped_operands(e, m, k, n)
         flops = 2 * m * n * k
         ref = T._TritonGrouped.mm(xq, xs, wq, ws, layout, torch.float32)
         T.TRITON_LAUNCH.update(forward[1])
@@ -226,7 +227,7 @@ def sweep() -> None:
               lambda: T._TritonGrouped.mm(xq, xs, wq, ws, layout, torch.bfloat16), flops)
         table("grouped wgrad GEMM (with X's transposed quantisation)", wgrad, T.WGRAD_LAUNCH,
               lambda: T._TritonGrouped.wgrad(gt, xq, xs, layout, torch.bfloat16), flops)
-        x = w = gy = xq = wq = gt = ref = None
+        x = w = xq = wq = gt = ref = None
     T.TRITON_LAUNCH_LONG_K.update(long_k)
 
 
