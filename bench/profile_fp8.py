@@ -109,8 +109,8 @@ SWEEP_SHAPES = (("16b gate_up", 64, 8192 * 6, 2048, 2816), ("16b down", 64, 8192
                 ("v3-slice gate_up", 32, 4096 * 8, 7168, 4096))
 
 
-# The "16b" dense projections at the training step's 8192 tokens, as one-expert groups: where cuBLAS's block-scaled
-# FP8 GEMM is slower than BF16 (docs/fp8.md), is the Triton kernel faster?
+# The "16b" dense projections at the training step's 8192 tokens, as one-expert groups: cuBLAS's block-scaled FP8
+# GEMM against BF16 and against the grouped Triton kernel on the shapes FP8Linear runs.
 DENSE_SHAPES = (("16b q_proj", 1, 8192, 2048, 3072), ("16b kv_a_proj", 1, 8192, 2048, 576),
                 ("16b kv_b_proj", 1, 8192, 512, 4096), ("16b o_proj", 1, 8192, 2048, 2048),
                 ("16b shared gate/up", 1, 8192, 2048, 2816), ("16b shared down", 1, 8192, 2816, 2048),

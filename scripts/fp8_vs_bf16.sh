@@ -3,9 +3,8 @@
 # seeds: each seed gives a BF16 and an FP8 run with the same initialisation and data order (a paired
 # comparison); the spread of BF16 across seeds is the run-to-run noise the difference is judged against.
 # Usage: bash scripts/fp8_vs_bf16.sh OUT_DIR [STEPS] [SEEDS] [DATA]
-#   SEEDS: e.g. "0 1 2" (the default); DATA: a corpus for --data (default: the Python standard library, which
-#   a long run sees many times over: then the train loss measures memorisation; give DATA larger than
-#   STEPS x 16,384 tokens for a run that sees each token once)
+#   SEEDS: e.g. "0 1 2" (the default); DATA: a corpus for --data (default: the Python standard library, which a
+#   1000-step run reads more than once; a corpus of more than STEPS x 16,384 tokens is read at most once)
 set -euo pipefail
 out=${1:-runs/fp8_vs_bf16}; steps=${2:-1000}; seeds=${3:-"0 1 2"}; data=${4:-}
 common=(--preset tiny ${data:+--data "$data"} --steps "$steps" --seq-len 512 --batch-size 32 --micro-batch-size 32 --lr 2e-3
