@@ -1,11 +1,12 @@
 import copy
 import json
 import re
+import warnings
 
 import pytest
 
 import dsv3
-from dsv3.config import ConfigError, ModelConfig, preset
+from dsv3.config import ConfigError, ConfigWarning, ModelConfig, preset
 
 # config.json of the official DeepSeek-V3 release (auto_map and the like abridged)
 OFFICIAL_V3 = {
@@ -229,3 +230,111 @@ def test_field_absent_from_the_file_is_written_once_changed():
     with_mtp = config.replace(num_nextn_predict_layers=1)
     assert with_mtp.to_hf_dict()["num_nextn_predict_layers"] == 1
     assert ModelConfig.from_hf_dict(with_mtp.to_hf_dict()).num_nextn_predict_layers == 1
+
+
+# ---------------------------------------------------------------------------------------------- other forms
+def test_absent_keys_take_the_defaults_of_transformers_config_classes():
+    """A key the file lacks means what transformers' class for the model type says it means."""
+    transformers = pytest.importorskip("transformers")
+    from dsv3.config_formats import ABSENT_DEFAULTS
+
+    for family, cls in (("deepseek_v3", transformers.DeepseekV3Config), ("deepseek_v2", transformers.DeepseekV2Config)):
+        theirs = cls().to_dict()
+        theirs["rope_theta"] = theirs["rope_parameters"]["rope_theta"]
+        for name, value in ABSENT_DEFAULTS[family].items():
+            if name in ("scoring_func", "topk_method") and name not in theirs:
+                continue  # the routing transformers' model class implements without a key (parity tests)
+            assert theirs[name] == value, (family, name)
+
+
+def test_transformers_written_configs_read_without_warnings_as_their_model_type(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    transformers.DeepseekV3Config(n_group=4, topk_group=2, n_routed_experts=16).save_pretrained(tmp_path)
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert "topk_method" not in written and "scoring_func" not in written  # transformers 5 leaves them out
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConfigWarning)
+        v3 = ModelConfig.from_json(tmp_path)
+        assert (v3.scoring_func, v3.topk_method, v3.norm_topk_prob, v3.n_group) == ("sigmoid", "noaux_tc", True, 4)
+        assert v3.to_hf_dict() == written  # nothing added on the way back
+        transformers.DeepseekV2Config(num_experts_per_tok=6).save_pretrained(tmp_path)
+        v2 = ModelConfig.from_json(tmp_path)
+    assert (v2.scoring_func, v2.topk_method, v2.norm_topk_prob, v2.n_group, v2.topk_group) == (
+        "softmax", "greedy", False, 1, 1)
+    # the official files and DeepSeek-V2-Lite read without warnings too
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConfigWarning)
+        ModelConfig.from_hf_dict(OFFICIAL_V3), ModelConfig.from_hf_dict(V2_LITE)
+
+
+def test_model_type_decides_the_routing_of_a_file_without_routing_keys():
+    bare = {k: v for k, v in OFFICIAL_V3.items() if k not in ("scoring_func", "topk_method")}
+    assert ModelConfig.from_hf_dict(bare).uses_bias_routing
+    assert ModelConfig.from_hf_dict({**bare, "model_type": "x", "architectures": ["DeepseekV3ForCausalLM"]}).scoring_func == "sigmoid"
+    v2 = {k: v for k, v in V2_LITE.items() if k not in ("scoring_func", "topk_method", "norm_topk_prob")}
+    config = ModelConfig.from_hf_dict(v2)
+    assert (config.scoring_func, config.topk_method, config.norm_topk_prob) == ("softmax", "greedy", False)
+    with pytest.warns(ConfigWarning, match="no model_type"):
+        ModelConfig.from_hf_dict({k: v for k, v in bare.items() if k not in ("model_type", "architectures")})
+
+
+def test_unknown_keys_warn_and_unimplemented_values_are_errors():
+    with pytest.warns(ConfigWarning, match=r"\['index_topk'\]"):
+        config = ModelConfig.from_hf_dict({**OFFICIAL_V3, "index_topk": 2048})
+    assert config.to_hf_dict()["index_topk"] == 2048  # kept for the round trip
+    for key, value in (("hidden_act", "gelu"), ("rope_interleave", False), ("attention_bias", True),
+                       ("moe_layer_freq", 2)):
+        with pytest.raises(ConfigError, match=rf"{key}={value!r}"):
+            ModelConfig.from_hf_dict({**OFFICIAL_V3, key: value})
+
+
+# inference/configs/config_671B.json of the DeepSeek-V3 repository (DeepSeek's reference-inference form)
+REFERENCE_671B = {
+    "vocab_size": 129280, "dim": 7168, "inter_dim": 18432, "moe_inter_dim": 2048, "n_layers": 61,
+    "n_dense_layers": 3, "n_heads": 128, "n_routed_experts": 256, "n_shared_experts": 1, "n_activated_experts": 8,
+    "n_expert_groups": 8, "n_limited_groups": 4, "route_scale": 2.5, "score_func": "sigmoid", "q_lora_rank": 1536,
+    "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128, "dtype": "fp8",
+}
+
+
+def test_deepseek_reference_form_reads_as_the_official_model(tmp_path):
+    (tmp_path / "config_671B.json").write_text(json.dumps(REFERENCE_671B))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConfigWarning)
+        ref = ModelConfig.from_json(tmp_path / "config_671B.json")
+    official = ModelConfig.from_hf_dict(OFFICIAL_V3)
+    for name in ModelConfig._HF_FIELDS:
+        if name in ("initializer_range", "bos_token_id", "eos_token_id"):
+            continue  # not in the reference form
+        if name == "num_nextn_predict_layers":
+            assert ref.num_nextn_predict_layers == 0  # the reference model has no MTP module
+            continue
+        assert getattr(ref, name) == getattr(official, name), name
+    # the reference code's defaults: the 16B shape with softmax routing, no bias, plain top-k
+    small = ModelConfig.from_dict({"dim": 2048, "max_seq_len": 4096})
+    assert (small.num_hidden_layers, small.scoring_func, small.uses_bias_routing, small.norm_topk_prob,
+            small.rope_scaling, small.q_lora_rank) == (27, "softmax", False, False, None, None)
+    with pytest.warns(ConfigWarning, match=r"\['moe_ep_size'\]"):
+        ModelConfig.from_dict({**REFERENCE_671B, "moe_ep_size": 16})
+    with pytest.raises(ConfigError, match="reference-inference form"):
+        ModelConfig.from_hf_dict(REFERENCE_671B)
+
+
+def test_info_reads_the_reference_form(tmp_path):
+    from conftest import run_cli
+
+    (tmp_path / "config_671B.json").write_text(json.dumps(REFERENCE_671B))
+    out = run_cli("info", "--config", str(tmp_path / "config_671B.json"))
+    assert out.returncode == 0, out.stderr
+    official = run_cli("info", "--preset", "v3-671b").stdout
+    # the main model is the 671B model (the reference form has no MTP module); the old reader printed the
+    # preset's numbers with softmax routing for any such file
+    lines = lambda text: {ln.split("  ")[0]: ln for ln in text.splitlines()}  # noqa: E731
+    ours, theirs = lines(out.stdout), lines(official)
+    for key in ("parameters (main model)", "activated per token", "experts", "MLA ranks", "hidden / heads"):
+        assert ours[key] == theirs[key], key
+    assert "sigmoid" in ours["experts"] and "+ 1 MTP" not in ours["layers"]
+    small = tmp_path / "small.json"
+    small.write_text(json.dumps({**REFERENCE_671B, "dim": 1024, "n_layers": 4, "n_dense_layers": 1}))
+    out = run_cli("info", "--config", str(small))
+    assert out.returncode == 0 and "1024 / 128" in out.stdout and "layers                      4 (1 dense" in out.stdout

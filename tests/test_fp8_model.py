@@ -66,6 +66,39 @@ def test_transform_swaps_projections_and_keeps_the_rest():
     assert len({name for name, m in model.named_modules() if isinstance(m, (FP8Linear, FP8Experts))}) == n
 
 
+def test_backend_is_chosen_once_shown_and_never_silently_swapped(monkeypatch):
+    """``auto`` is settled when the transform is applied and shows in the repr; an explicit backend that cannot
+    run is an error; a failing fast path raises instead of turning every later GEMM into emulation."""
+    import dsv3.fp8.linear as linear_mod
+    from dsv3.fp8 import fp8_backends, fp8_matmul_nt
+
+    model = apply_fp8_training(dsv3.build_model(small_config(), seed=1))  # auto, on the CPU
+    assert fp8_backends(model) == {"linear": "emulate", "experts": "emulate"}
+    assert "backend=emulate" in repr(model.layers[0].self_attn.o_proj)
+    assert "backend=emulate" in repr(model.layers[1].mlp.experts)
+    for backend in ("scaled_mm", "triton"):  # "triton": grouped experts, the Linear layers on scaled_mm
+        with pytest.raises(ValueError, match="'scaled_mm' needs a Hopper GPU"):
+            apply_fp8_training(dsv3.build_model(small_config(), seed=1), backend=backend)
+    with pytest.raises(ValueError, match="'triton' needs a Hopper GPU"):
+        FP8Experts.from_experts(Experts(4, 128, 128), backend="triton")
+
+    # a fast path that fails (as a CUDA out-of-memory error would) fails loudly, every time
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(linear_mod, "_hopper_scaled_mm_ok", lambda t: True)
+    monkeypatch.setattr(linear_mod, "_scaled_mm_nt", failing)
+    a = quantize_tiles(torch.randn(4, 128))
+    b = quantize_blocks(torch.randn(128, 128))
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="simulated"):
+            fp8_matmul_nt(*a, *b, b_blocks=True, out_dtype=torch.float32)
+    assert len(calls) == 2
+
+
 def test_fp8_model_matches_unquantised_and_trains():
     torch.manual_seed(0)
     config = small_config(initializer_range=0.05)

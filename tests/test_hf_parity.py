@@ -69,10 +69,29 @@ def test_ours_to_transformers(tmp_path, case):
         assert (ours(tokens).logits - b).abs().max().item() > 1e-3
 
 
+def transformers_native_config(q_lora_rank):
+    """The small model built the way a transformers user does: DeepseekV3Config's own arguments only (no
+    scoring_func / topk_method, which transformers 5 neither takes nor writes; rope_parameters, not
+    rope_scaling)."""
+    return transformers.DeepseekV3Config(
+        vocab_size=256, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+        first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=q_lora_rank,
+        kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=16,
+        n_shared_experts=1, num_experts_per_tok=4, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+        max_position_embeddings=256, initializer_range=0.1,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                         "original_max_position_embeddings": 16, "beta_fast": 32.0, "beta_slow": 1.0,
+                         "mscale": 1.0, "mscale_all_dim": 1.0},
+    )
+
+
+@pytest.mark.parametrize("source", ["transformers_args", "dsv3_dict"])
 @pytest.mark.parametrize("q_lora_rank", [48, None])
-def test_transformers_to_ours(tmp_path, q_lora_rank):
-    config = small_config(q_lora_rank=q_lora_rank)
-    hf_config = transformers.DeepseekV3Config(**config.to_hf_dict())
+def test_transformers_to_ours(tmp_path, q_lora_rank, source):
+    if source == "transformers_args":
+        hf_config = transformers_native_config(q_lora_rank)
+    else:
+        hf_config = transformers.DeepseekV3Config(**small_config(q_lora_rank=q_lora_rank).to_hf_dict())
     torch.manual_seed(3)
     theirs = transformers.DeepseekV3ForCausalLM(hf_config).eval()
     with torch.no_grad():
@@ -86,9 +105,11 @@ def test_transformers_to_ours(tmp_path, q_lora_rank):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         ours = dsv3.load_pretrained(tmp_path, dtype=torch.float32)
+    assert not [w for w in caught if issubclass(w.category, dsv3.config.ConfigWarning)]
+    assert ours.config.scoring_func == "sigmoid" and ours.config.uses_bias_routing and ours.config.n_group == 4
     assert len(ours.mtp) == 0, "transformers drops the MTP layer when saving"
     assert any("MTP" in str(w.message) for w in caught)
-    tokens = torch.randint(0, config.vocab_size, (2, 37), generator=torch.Generator().manual_seed(4))
+    tokens = torch.randint(0, hf_config.vocab_size, (2, 37), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         a = ours(tokens).logits
         b = theirs(tokens).logits

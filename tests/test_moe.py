@@ -104,6 +104,43 @@ def test_dispatch_is_sorted_and_combine_inverts():
     torch.testing.assert_close(combine(xs, order, ones), 2 * x)  # each token comes back twice
 
 
+def test_dispatch_gradient_matches_plain_indexing_and_repeats_bitwise_on_two_threads():
+    """dispatch = x[order // K] (the plain reference), with a backward that adds each token's K copies in one
+    fixed order: autograd's accumulating index_put_ for the plain form gives other bits from run to run once
+    the CPU splits it over threads (here 16,384 copies x 128 wide, past ATen's grain)."""
+    g = torch.Generator().manual_seed(0)
+    n_tokens, k, d = 4096, 4, 128
+    indices = torch.randint(0, 16, (n_tokens, k), generator=g)
+    x = torch.randn(n_tokens, d, generator=g, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(n_tokens * k, d, generator=g, dtype=torch.float64)
+    x_sorted, order, _ = dispatch(x, indices, 16)
+    (ours,) = torch.autograd.grad(x_sorted, x, grad)
+    plain = x[order // k]
+    (reference,) = torch.autograd.grad(plain, x, grad)
+    assert torch.equal(x_sorted, plain)
+    torch.testing.assert_close(ours, reference, rtol=1e-12, atol=1e-12)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        xf = x.detach().float().requires_grad_()
+        runs = [torch.autograd.grad(dispatch(xf, indices, 16)[0], xf, grad.float())[0] for _ in range(5)]
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(runs[0], r) for r in runs[1:])
+
+
+@pytest.mark.gpu
+def test_dispatch_backward_repeats_bitwise_on_cuda():
+    """On CUDA dispatch keeps autograd's x[order // K], whose accumulating index_put_ is sorted (deterministic)."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    n_tokens, k, d = 8192, 6, 2048
+    indices = torch.randint(0, 64, (n_tokens, k), generator=g, device="cuda")
+    x = torch.randn(n_tokens, d, generator=g, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(n_tokens * k, d, generator=g, device="cuda", dtype=torch.bfloat16)
+    runs = [torch.autograd.grad(dispatch(x, indices, 64)[0], x, grad)[0] for _ in range(5)]
+    assert all(torch.equal(runs[0], r) for r in runs[1:])
+
+
 def test_router_stats_and_balance_loss():
     model = dsv3.build_model("tiny")
     b, s = 2, 16

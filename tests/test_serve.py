@@ -66,7 +66,7 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loaded(checkpoint):
-    from dsv3.cli import load_run_or_checkpoint
+    from dsv3.runs import load_run_or_checkpoint
 
     return load_run_or_checkpoint(str(checkpoint), "cpu")
 
@@ -287,6 +287,9 @@ def test_malformed_requests_give_openai_errors(server, client):
     error_of(post("/v1/chat/completions", json={**chat, "messages": []}))
     error_of(post("/v1/chat/completions", json={**chat, "messages": [{"role": "robot", "content": "x"}]}))
     error_of(post("/v1/completions", json={"model": MODEL}))  # no prompt
+    for path, needs in (("/v1/completions", '"prompt"'), ("/v1/chat/completions", '"messages"')):
+        r = post(path)  # no body at all: say what to send, not pydantic's bare "Field required"
+        assert r.status_code == 400 and "no body" in error_of(r)["message"] and needs in error_of(r)["message"]
     error_of(post("/v1/completions", json={**comp, "prompt": ""}))
     error_of(post("/v1/completions", json={**comp, "prompt": [10 ** 6]}))  # token id outside the vocabulary
     r = httpx.get(url + "/v1/nothing-here")
@@ -401,6 +404,19 @@ def test_cli_generate_and_chat(checkpoint, loaded):
     a2 = engine.generate([template.encode([user1, {"role": "assistant", "content": a1}, user2])], p)[0].text
     assert r.stdout == f"{a1}\n{a2}\n"
 
+
+
+def test_model_name_of_a_run_and_its_export(tmp_path):
+    from dsv3.runs import model_name
+
+    run = tmp_path / "tiny-20261202-101500"
+    (run / "export").mkdir(parents=True)
+    (run / "train_config.json").write_text("{}")
+    assert model_name(run) == model_name(run / "export") == "tiny-20261202-101500"
+    (tmp_path / "DeepSeek-V3").mkdir()
+    assert model_name(tmp_path / "DeepSeek-V3") == "DeepSeek-V3"
+    (tmp_path / "other" / "export").mkdir(parents=True)  # an "export" directory of no run keeps its own name
+    assert model_name(tmp_path / "other" / "export") == "export"
 
 
 def test_cli_help(capsys):

@@ -126,16 +126,43 @@ def small_config(corpus, out, **changes) -> TrainConfig:
     return TrainConfig(**base)
 
 
+# Large enough that the CPU kernels split their work over threads (ATen's grain is 32,768 elements: a micro-batch
+# of 4 x 64 tokens with 4 experts each is 1,024 expert copies x 64 = 65,536 elements), run on two threads.
+PARALLEL = dict(seq_len=64, batch_size=8, micro_batch_size=4)
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
 def losses(run_dir):
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_kill_and_resume_equals_uninterrupted_run(corpus, tmp_path):
-    full = train(small_config(corpus, tmp_path / "full"), log=lambda *a: None)
+def test_same_run_twice_is_bitwise_equal(corpus, tmp_path, two_threads):
+    """Two runs of one config on two CPU threads log the same numbers (the MoE dispatch's backward used to add
+    a token's expert gradients in whatever order the threads ran: runs drifted apart from step 4)."""
+    a = train(small_config(corpus, tmp_path / "a", **PARALLEL), log=lambda *a: None)
+    b = train(small_config(corpus, tmp_path / "b", **PARALLEL), log=lambda *a: None)
+    assert a.val_loss == b.val_loss
+    for ra, rb in zip(losses(tmp_path / "a"), losses(tmp_path / "b")):
+        for key in ("loss", "mtp_loss", "balance_loss", "grad_norm", "expert_load", "val_loss"):
+            assert ra.get(key) == rb.get(key), (ra["step"], key)
+    wa = dsv3.load_pretrained(tmp_path / "a" / "export", dtype=torch.float32).state_dict()
+    wb = dsv3.load_pretrained(tmp_path / "b" / "export", dtype=torch.float32).state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_kill_and_resume_equals_uninterrupted_run(corpus, tmp_path, two_threads):
+    full = train(small_config(corpus, tmp_path / "full", **PARALLEL), log=lambda *a: None)
     assert not full.interrupted and full.val_loss is not None and math.isfinite(full.val_ppl)
-    part = train(small_config(corpus, tmp_path / "part", stop_after=3), log=lambda *a: None)
+    part = train(small_config(corpus, tmp_path / "part", stop_after=3, **PARALLEL), log=lambda *a: None)
     assert part.interrupted and part.step == 3
-    resumed = train(small_config(corpus, tmp_path / "part"), resume=True, log=lambda *a: None)
+    resumed = train(small_config(corpus, tmp_path / "part", **PARALLEL), resume=True, log=lambda *a: None)
     assert resumed.step == full.step
     a, b = losses(tmp_path / "full"), losses(tmp_path / "part")
     assert [r["step"] for r in b] == list(range(1, full.step + 1))
@@ -339,6 +366,15 @@ def test_default_cli_path_end_to_end(tmp_path):
                    "--eval-every", "0")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "perplexity" in proc.stdout and "sample for" in proc.stdout
+    # the default prompt ends where a token ends: its tokens begin every longer text that starts with it (the old
+    # "def fibonacci(n):\n" did not: the BPE merges the newline with the indentation that follows)
+    from dsv3.data import Tokenizer
+
+    tok, prompt = Tokenizer.load(tmp_path / "run" / "tokenizer"), TrainConfig().sample_prompt
+    for rest in ("\n    return n", "\n    if n < 2:", " # comment"):
+        assert tok.encode(prompt + rest)[: len(tok.encode(prompt))] == tok.encode(prompt), rest
+    sample = proc.stdout.split("sample for", 1)[1].split("\n", 1)[1]
+    assert sample.startswith(prompt) and sample[len(prompt):].strip()  # not a run of blank lines
     out = run_cli("sample", str(tmp_path / "run"), "--prompt", "def f(", "--max-new-tokens", "5")
     assert out.returncode == 0 and out.stdout.startswith("def f("), out.stderr[-2000:]
     plots = run_cli("plot", str(tmp_path / "run"))

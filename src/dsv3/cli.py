@@ -91,47 +91,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_run_or_checkpoint(path: str, device: str = "cpu"):
-    """A model and tokenizer from a ``dsv3 train`` run directory (its latest checkpoint) or a Hugging Face
-    layout directory (with tokenizer.json beside it)."""
-    from pathlib import Path
-
-    import torch
-
-    from . import build_model
-    from .checkpoint import load_pretrained
-    from .config import ModelConfig
-    from .data import Tokenizer
-    from .train.state import latest_checkpoint, read_checkpoint
-
-    p = Path(path)
-    ckpt = latest_checkpoint(p)
-    if ckpt is not None:
-        model_t, _, meta = read_checkpoint(ckpt)
-        config = ModelConfig.from_hf_dict(meta["model_config"])
-        model = build_model(config, device=device, dtype=torch.float32, seed=None)
-        model.load_state_dict(model_t)
-        return model.eval(), Tokenizer.load(p / "tokenizer")
-    model = load_pretrained(p, device=device, dtype=torch.float32 if device == "cpu" else torch.bfloat16)
-    return model.eval(), Tokenizer.load(p)
-
-
 def cmd_sample(args: argparse.Namespace) -> int:
+    from .runs import load_run_or_checkpoint
     from .train.sample import generate
 
     model, tokenizer = load_run_or_checkpoint(args.checkpoint, args.device)
-    text = generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed)
+    text = generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k or None, args.seed)
     print(args.prompt + text)
     return 0
-
-
-def default_cpu_threads(model) -> int:
-    """Intra-op threads for decoding on a CPU: 1 for small models (< 50M parameters), whose many tiny matmuls
-    run far slower when threads contend; torch's default otherwise."""
-    import torch
-
-    n_params = sum(p.numel() for p in model.parameters())
-    return 1 if n_params < 50_000_000 else torch.get_num_threads()
 
 
 def _engine_from_args(args: argparse.Namespace):
@@ -139,6 +106,7 @@ def _engine_from_args(args: argparse.Namespace):
     import torch
 
     from .inference import Engine
+    from .runs import default_cpu_threads, load_run_or_checkpoint
 
     model, tokenizer = load_run_or_checkpoint(args.checkpoint, args.device)
     if next(model.parameters()).device.type == "cpu":
@@ -309,8 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="run directory or checkpoint directory")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=20, help="draw among the k most likely tokens (default 20; 0 = all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_sample)

@@ -12,13 +12,20 @@ import copy
 import dataclasses
 import json
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import config_formats
+
 
 class ConfigError(ValueError):
     """A configuration value is out of its allowed range; the message names the field."""
+
+
+class ConfigWarning(UserWarning):
+    """A config file holds keys dsv3 does not read, or does not say which model type it describes."""
 
 
 @dataclass
@@ -236,10 +243,45 @@ class ModelConfig:
     )
 
     @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        """Build from a config dict in any form dsv3 knows: the Hugging Face one (:meth:`from_hf_dict`) or
+        DeepSeek's reference-inference one (``dim``, ``n_layers``, ...: :mod:`dsv3.config_formats`)."""
+        if config_formats.is_reference_form(d):
+            hf, unknown = config_formats.reference_to_hf(d)
+            if unknown:
+                warnings.warn(f"config: keys DeepSeek's reference code does not read, ignored: {unknown}",
+                              ConfigWarning, stacklevel=2)
+            return cls.from_hf_dict(hf)
+        return cls.from_hf_dict(d)
+
+    @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-        """Build from the dict of a Hugging Face ``config.json`` (official DeepSeek-V3/V2 or transformers 5)."""
+        """Build from the dict of a Hugging Face ``config.json`` (official DeepSeek-V3/V2 or transformers 4/5).
+
+        A key the file lacks takes the default of its model type's transformers config class
+        (:data:`dsv3.config_formats.ABSENT_DEFAULTS`): ``deepseek_v3`` routes with sigmoid scores, the
+        correction bias and group-limited top-k, ``deepseek_v2`` with softmax and greedy top-k. Keys dsv3 does
+        not read are kept (and written back) with a warning; values asking for a model dsv3 does not implement
+        (another activation, biased projections, ...) are a :class:`ConfigError`.
+        """
+        if config_formats.is_reference_form(d):
+            raise ConfigError("config: this is DeepSeek's reference-inference form (dim, n_layers, ...), not a "
+                              "Hugging Face config.json: read it with ModelConfig.from_dict or from_json")
         d = copy.deepcopy(d)
         key_order = tuple(d)
+        try:
+            config_formats.check_fixed_keys(d)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        family = config_formats.model_family(d)
+        if family is None:
+            family = config_formats.V2 if d.get("scoring_func") == "softmax" else config_formats.V3
+            warnings.warn(f"config: no model_type or architectures naming DeepSeek-V3 or V2; keys it lacks take "
+                          f"{family}'s defaults", ConfigWarning, stacklevel=2)
+        unknown = config_formats.unknown_keys(d, cls._HF_FIELDS)
+        if unknown:
+            warnings.warn(f"config: keys dsv3 does not read (kept in the file, no effect on the model): {unknown}",
+                          ConfigWarning, stacklevel=2)
         kwargs: dict[str, Any] = {}
         rope_params = d.get("rope_parameters")
         if rope_params is not None and "rope_scaling" not in d:
@@ -256,20 +298,17 @@ class ModelConfig:
         for name in cls._HF_FIELDS:
             if name in d and name not in kwargs:
                 kwargs[name] = d.pop(name)
-        if "n_routed_experts" in kwargs and kwargs["n_routed_experts"] is None:
+        # absent from the file: the model type's default; absent means none for these (and no MTP module)
+        defaults = {**config_formats.ABSENT_DEFAULTS[family], "rope_scaling": None, "quantization_config": None,
+                    "bos_token_id": None, "eos_token_id": None, "num_nextn_predict_layers": 0}
+        for name, value in defaults.items():
+            kwargs.setdefault(name, copy.deepcopy(value))
+        if kwargs["n_routed_experts"] is None:
             kwargs["n_routed_experts"] = 0
-        for name, default in (("n_group", 1), ("topk_group", 1)):
-            if name in kwargs and kwargs[name] is None:
-                kwargs[name] = default
-        if "topk_method" not in kwargs:  # DeepSeek-V2 files without a method: greedy top-k
-            kwargs["topk_method"] = "greedy" if kwargs.get("scoring_func", "softmax") == "softmax" else "noaux_tc"
-        kwargs.setdefault("scoring_func", "softmax" if kwargs["topk_method"] != "noaux_tc" else "sigmoid")
-        for name in ("rope_scaling", "quantization_config", "q_lora_rank", "bos_token_id", "eos_token_id"):
-            kwargs.setdefault(name, None)  # absent in the file means absent, not the 671B default
-        kwargs.setdefault("num_nextn_predict_layers", 0)  # DeepSeek-V2 files: no MTP
-        defaults = {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
-                    for f in dataclasses.fields(cls)}
-        kwargs["absent"] = {n: copy.deepcopy(kwargs.get(n, defaults[n])) for n in cls._HF_FIELDS if n not in key_order}
+        for name in ("n_group", "topk_group"):  # null: no group restriction
+            if kwargs[name] is None:
+                kwargs[name] = 1
+        kwargs["absent"] = {n: copy.deepcopy(kwargs[n]) for n in cls._HF_FIELDS if n not in key_order}
         kwargs["extra"] = d
         kwargs["key_order"] = key_order
         try:
@@ -329,7 +368,7 @@ class ModelConfig:
         if not path.exists():
             raise FileNotFoundError(f"no config.json at {path}")
         with open(path) as f:
-            return cls.from_hf_dict(json.load(f))
+            return cls.from_dict(json.load(f))
 
     def to_json(self, path: str | Path) -> None:
         path = Path(path)

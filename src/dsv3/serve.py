@@ -61,7 +61,12 @@ class APIError(Exception):
         return JSONResponse(body, status_code=self.status)
 
 
-def _validation_error(exc: RequestValidationError) -> APIError:
+# what each endpoint needs at least, for the message about a missing body
+_MINIMAL_BODY = {"/v1/completions": '{"prompt": "Hello"}',
+                 "/v1/chat/completions": '{"messages": [{"role": "user", "content": "Hello"}]}'}
+
+
+def _validation_error(exc: RequestValidationError, path: str = "") -> APIError:
     """FastAPI's 422 (bad JSON, wrong types, values out of range) as OpenAI's 400."""
     errors = exc.errors()
     first = errors[0] if errors else {}
@@ -72,6 +77,10 @@ def _validation_error(exc: RequestValidationError) -> APIError:
     msg = first.get("msg", "invalid request")
     if not loc and first.get("type") in ("model_attributes_type", "dict_type"):
         msg = "the request body must be a JSON object"
+    if not loc and first.get("type") == "missing":  # no body at all
+        example = _MINIMAL_BODY.get(path)
+        msg = "the request has no body: send a JSON object" + (f", at least {example}" if example else "")
+        return APIError(400, msg, code="missing_body")
     return APIError(400, f"{'.'.join(loc)}: {msg}" if loc else msg, param=param, code="invalid_value")
 
 
@@ -339,7 +348,7 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
-        return _validation_error(exc).response()
+        return _validation_error(exc, request.url.path).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
@@ -583,20 +592,19 @@ def serve(
 ) -> None:
     """Load ``checkpoint`` (a Hugging Face layout directory or a ``dsv3 train`` run directory) and serve it
     on http://host:port until interrupted. The chat template comes from its tokenizer_config.json when it has
-    one. On a CPU, ``num_threads`` defaults to :func:`dsv3.cli.default_cpu_threads`. ``compile``: as
+    one. On a CPU, ``num_threads`` defaults to :func:`dsv3.runs.default_cpu_threads`; the model's id defaults
+    to :func:`dsv3.runs.model_name` (the run's name for a run's ``export/``). ``compile``: as
     :class:`~dsv3.inference.Engine`'s (default: on with a CUDA device)."""
-    from pathlib import Path
-
     import uvicorn
 
-    from .cli import default_cpu_threads, load_run_or_checkpoint
+    from .runs import default_cpu_threads, load_run_or_checkpoint, model_name as name_of
 
     model, tokenizer = load_run_or_checkpoint(checkpoint, device)
     engine = Engine(model, tokenizer, max_batch=max_batch, max_seq_len=max_seq_len, page_size=page_size,
                     num_pages=num_pages, speculative=speculative, compile=compile)
     if num_threads is None and engine.device.type == "cpu":
         num_threads = default_cpu_threads(model)
-    name = model_name or Path(checkpoint).resolve().name
+    name = model_name or name_of(checkpoint)
     app = create_app(engine, name, chat_template=ChatTemplate.load(tokenizer, checkpoint),
                      num_threads=num_threads, max_pending=max_pending)
     uvicorn.run(app, host=host, port=port, log_level=log_level)

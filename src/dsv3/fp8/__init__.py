@@ -7,8 +7,14 @@ projections and routed experts to them (:mod:`dsv3.fp8.transform`); :mod:`dsv3.f
 checkpoint's weights in FP8 for inference.
 """
 
-from dsv3.fp8.linear import Backend, FP8Linear, fp8_linear, fp8_matmul_nt
-from dsv3.fp8.transform import FP8Experts, apply_fp8_training, fp8_grouped_linear
+from dsv3.fp8.linear import Backend, FP8Linear, fp8_linear, fp8_matmul_nt, resolve_backend
+from dsv3.fp8.transform import (
+    FP8Experts,
+    apply_fp8_training,
+    fp8_backends,
+    fp8_grouped_linear,
+    resolve_experts_backend,
+)
 from dsv3.fp8.quant import (
     FP8_DTYPE,
     FP8_MAX,
@@ -28,10 +34,13 @@ __all__ = [
     "apply_fp8_training",
     "dequantize_blocks",
     "dequantize_tiles",
+    "fp8_backends",
     "fp8_grouped_linear",
     "fp8_linear",
     "fp8_matmul_nt",
     "quantize_blocks",
     "quantize_rows",
     "quantize_tiles",
+    "resolve_backend",
+    "resolve_experts_backend",
 ]

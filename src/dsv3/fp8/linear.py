@@ -11,15 +11,17 @@ X is cached for backward in FP8 (tiles + scales), not in high precision; for the
 gradient it is dequantised and requantised along tokens. Master weights stay in their own
 dtype (FP32/BF16): the weight is quantised on the fly each call.
 
-Backends: on Hopper (sm90, CUDA >= 12.9) the GEMMs run on ``torch._scaled_mm`` with DeepSeek
-block scales (cuBLASLt 1x128 / 128x128 scaling); elsewhere they are emulated with the same
-numerics: quantise -> dequantise -> FP32 matmul -> cast.
+Backends: ``scaled_mm`` runs the GEMMs on ``torch._scaled_mm`` with DeepSeek block scales
+(cuBLASLt 1x128 / 128x128 scaling; Hopper, sm90, CUDA >= 12.9); ``emulate`` runs anywhere with the
+same numerics: quantise -> dequantise -> FP32 matmul -> cast. ``auto`` is ``scaled_mm`` where it can
+run and ``emulate`` elsewhere, decided by the device alone: :meth:`FP8Linear.from_linear` settles it
+once for the layer's device, and an explicit backend that cannot run on its input is an error, never a
+quiet switch to emulation.
 """
 
 from __future__ import annotations
 
 import functools
-import warnings
 from typing import Literal
 
 import torch
@@ -37,10 +39,7 @@ from dsv3.fp8.quant import (
 
 Backend = Literal["auto", "emulate", "scaled_mm"]
 
-__all__ = ["Backend", "FP8Linear", "fp8_linear", "fp8_matmul_nt"]
-
-# Set once _scaled_mm fails in "auto" mode; later calls then go straight to emulation.
-_scaled_mm_broken = False
+__all__ = ["Backend", "FP8Linear", "fp8_linear", "fp8_matmul_nt", "resolve_backend"]
 
 
 def _round_up(a: int, b: int) -> int:
@@ -56,12 +55,29 @@ def _device_supports_deepseek_scaling(index: int) -> bool:
     return torch.cuda.get_device_capability(index)[0] == 9 and cuda >= (12, 9)
 
 
-def _hopper_scaled_mm_ok(t: Tensor) -> bool:
+def _hopper_scaled_mm_ok(t: Tensor | torch.device) -> bool:
+    device = t if isinstance(t, torch.device) else t.device
     return (
-        t.is_cuda
+        device.type == "cuda"
         and hasattr(torch, "_scaled_mm")
-        and _device_supports_deepseek_scaling(t.device.index or 0)
+        and _device_supports_deepseek_scaling(device.index or 0)
     )
+
+
+SCALED_MM_NEEDS = "a Hopper GPU (sm90) and a CUDA >= 12.9 build of torch"
+
+
+def resolve_backend(backend: Backend, device: torch.device | str) -> Backend:
+    """The backend that runs on ``device``: ``auto`` becomes ``scaled_mm`` or ``emulate``; an explicit
+    ``scaled_mm`` where it cannot run is a ValueError."""
+    device = torch.device(device)
+    if backend == "auto":
+        return "scaled_mm" if _hopper_scaled_mm_ok(device) else "emulate"
+    if backend == "scaled_mm" and not _hopper_scaled_mm_ok(device):
+        raise ValueError(f"FP8 backend 'scaled_mm' needs {SCALED_MM_NEEDS}; got device {device}")
+    if backend not in ("emulate", "scaled_mm"):
+        raise ValueError(f"FP8 backend: must be 'auto', 'emulate' or 'scaled_mm', got {backend!r}")
+    return backend
 
 
 def _pad_rows_cols(q: Tensor, rows: int, cols: int) -> Tensor:
@@ -137,26 +153,13 @@ def fp8_matmul_nt(
     ``aq`` (M, C) has 1x128 tile scales (M, ceil(C/128)); ``bq`` (N, C) has 1x128 tile scales
     (N, ceil(C/128)) or, with ``b_blocks``, 128x128 block scales (ceil(N/128), ceil(C/128)).
     """
-    global _scaled_mm_broken
-    use_fast = backend == "scaled_mm" or (
-        backend == "auto" and not _scaled_mm_broken and _hopper_scaled_mm_ok(aq)
-    )
-    if use_fast:
-        mm_dtype = (
-            out_dtype if out_dtype in (torch.bfloat16, torch.float16) else torch.float32
-        )
-        try:
-            return _scaled_mm_nt(aq, a_scale, bq, b_scale, b_blocks, mm_dtype).to(
-                out_dtype
-            )
-        except (RuntimeError, ValueError) as err:
-            if backend == "scaled_mm":
-                raise
-            _scaled_mm_broken = True
-            warnings.warn(
-                f"torch._scaled_mm blockwise FP8 failed ({err}); emulating FP8 GEMMs",
-                stacklevel=2,
-            )
+    if backend == "auto":
+        backend = resolve_backend(backend, aq.device)
+    if backend == "scaled_mm":
+        if not _hopper_scaled_mm_ok(aq):
+            raise RuntimeError(f"FP8 backend 'scaled_mm' needs {SCALED_MM_NEEDS}; the operands are on {aq.device}")
+        mm_dtype = out_dtype if out_dtype in (torch.bfloat16, torch.float16) else torch.float32
+        return _scaled_mm_nt(aq, a_scale, bq, b_scale, b_blocks, mm_dtype).to(out_dtype)
     a = dequantize_tiles(aq, a_scale)
     b = dequantize_blocks(bq, b_scale) if b_blocks else dequantize_tiles(bq, b_scale)
     return (a @ b.t()).to(out_dtype)
@@ -254,7 +257,7 @@ def fp8_linear(
 
     ``x``: (..., in_features), any float dtype (output has the same dtype); ``weight``:
     (out_features, in_features) master weight; ``backend``: "auto" (``torch._scaled_mm`` on sm90,
-    emulation elsewhere), "emulate", or "scaled_mm" (fail instead of falling back).
+    emulation elsewhere, by x's device), "emulate", or "scaled_mm" (an error where it cannot run).
     """
     return _FP8LinearFn.apply(x, weight, bias, backend)
 
@@ -263,7 +266,7 @@ class FP8Linear(nn.Linear):
     """``nn.Linear`` whose three GEMMs run in FP8 with fine-grained scaling (report §3.3).
 
     Parameters are ordinary ``nn.Linear`` parameters (the FP32/BF16 master weights the optimiser
-    updates); only the matmuls change.
+    updates); only the matmuls change. ``backend`` is shown in the module's repr.
     """
 
     backend: Backend = "auto"
@@ -273,7 +276,10 @@ class FP8Linear(nn.Linear):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, backend: Backend = "auto") -> FP8Linear:
-        """Wrap an existing ``nn.Linear``, sharing (not copying) its Parameter objects."""
+        """Wrap an existing ``nn.Linear``, sharing (not copying) its Parameter objects; ``auto`` is settled
+        here for the layer's device (a ValueError where an explicit backend cannot run there)."""
+        if linear.weight.device.type != "meta":
+            backend = resolve_backend(backend, linear.weight.device)
         new = cls(
             linear.in_features,
             linear.out_features,

@@ -27,18 +27,21 @@ GEMM backends for the experts (``FP8Experts.backend``):
               128 rows, so each 128-row tile belongs to one expert and each token tile of the weight gradient
               stays inside one expert; no host sync, one launch per GEMM;
 ``auto``      ``triton`` on a Hopper GPU with Triton, else ``scaled_mm`` on Hopper, else ``emulate``.
+
+:func:`apply_fp8_training` settles ``auto`` once, for the device the model is on, and each module shows its
+backend in its repr. A backend that cannot run (``triton`` without Triton, ``scaled_mm`` off Hopper, a model
+moved to another device since) is an error, never a quiet switch to emulation.
 """
 
 from __future__ import annotations
 
-import warnings
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dsv3.fp8.linear import Backend, FP8Linear, _hopper_scaled_mm_ok, fp8_matmul_nt
+from dsv3.fp8.linear import SCALED_MM_NEEDS, Backend, FP8Linear, _hopper_scaled_mm_ok, fp8_matmul_nt
 from dsv3.fp8.quant import (
     TILE,
     dequantize_blocks,
@@ -58,7 +61,8 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 ExpertsBackend = Literal["auto", "emulate", "scaled_mm", "triton"]
 
-__all__ = ["ExpertsBackend", "FP8Experts", "apply_fp8_training", "fp8_grouped_linear"]
+__all__ = ["ExpertsBackend", "FP8Experts", "apply_fp8_training", "fp8_backends", "fp8_grouped_linear",
+           "resolve_experts_backend"]
 
 # Linear layers swapped for FP8Linear, by the attribute name they have in their parent module.
 _MLA_LINEARS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
@@ -69,12 +73,15 @@ def apply_fp8_training(model: nn.Module, backend: Backend = "auto") -> nn.Module
     """Swap the model's projection GEMMs to FP8 (see the module docstring); returns ``model`` itself.
 
     ``backend`` is passed to every :class:`FP8Linear` and :class:`FP8Experts` ("auto", "emulate" or
-    "scaled_mm"; the experts also take "triton"). Applying it twice changes nothing.
+    "scaled_mm"; "triton" is the experts' grouped kernels with the Linear layers on "scaled_mm"); ``auto`` is settled here for the device of the model's
+    parameters, and an explicit backend that cannot run there is a ValueError. Applying it twice changes
+    nothing. :func:`fp8_backends` tells what was chosen.
     """
     from dsv3.model.attention import MLA
     from dsv3.model.ffn import MLP
     from dsv3.model.mtp import MTPModule
 
+    linear_backend = "scaled_mm" if backend == "triton" else backend
     for module in list(model.modules()):
         names: tuple[str, ...] = ()
         if isinstance(module, MLA):
@@ -86,11 +93,21 @@ def apply_fp8_training(model: nn.Module, backend: Backend = "auto") -> nn.Module
         for name in names:
             child = getattr(module, name, None)
             if isinstance(child, nn.Linear) and not isinstance(child, FP8Linear):
-                setattr(module, name, FP8Linear.from_linear(child, backend=backend))
+                setattr(module, name, FP8Linear.from_linear(child, backend=linear_backend))
         for name, child in list(module.named_children()):
             if isinstance(child, Experts) and not isinstance(child, FP8Experts):
                 setattr(module, name, FP8Experts.from_experts(child, backend=backend))
     return model
+
+
+def fp8_backends(model: nn.Module) -> dict[str, str]:
+    """The GEMM backend of the model's FP8 modules: ``{"linear": ..., "experts": ...}`` (several, comma
+    separated, if they differ; a kind the model lacks is left out)."""
+    found: dict[str, set[str]] = {}
+    for module in model.modules():
+        if isinstance(module, (FP8Linear, FP8Experts)):
+            found.setdefault("linear" if isinstance(module, FP8Linear) else "experts", set()).add(module.backend)
+    return {kind: ", ".join(sorted(names)) for kind, names in found.items()}
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -116,7 +133,10 @@ class FP8Experts(Experts):
 
     @classmethod
     def from_experts(cls, experts: nn.Module, backend: ExpertsBackend = "auto") -> FP8Experts:
-        """Wrap an existing ``Experts``, sharing (not copying) its Parameter objects."""
+        """Wrap an existing ``Experts``, sharing (not copying) its Parameter objects; ``auto`` is settled here
+        for the weights' device (a ValueError where an explicit backend cannot run there)."""
+        if experts.gate_up_proj.device.type != "meta":
+            backend = resolve_experts_backend(backend, experts.gate_up_proj.device)
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.n_experts, new.inter_dim = experts.n_experts, experts.inter_dim
@@ -130,16 +150,31 @@ class FP8Experts(Experts):
         return f"n_experts={self.n_experts}, fp8=e4m3 1x128/128x128, backend={self.backend}"
 
 
-# Set once a GPU path fails in "auto" mode; later calls then go straight to emulation.
-_fast_path_broken = False
+def resolve_experts_backend(backend: ExpertsBackend, device: torch.device | str) -> ExpertsBackend:
+    """The experts' backend on ``device``: ``auto`` becomes ``triton``, ``scaled_mm`` or ``emulate``; an explicit
+    backend that cannot run there is a ValueError naming what it needs."""
+    device = torch.device(device)
+    hopper = _hopper_scaled_mm_ok(device)
+    if backend == "auto":
+        return ("triton" if triton is not None else "scaled_mm") if hopper else "emulate"
+    if backend not in _BACKENDS:
+        raise ValueError(f"FP8 experts backend: must be 'auto', {', '.join(map(repr, _BACKENDS))}, got {backend!r}")
+    if backend in ("scaled_mm", "triton") and not hopper:
+        raise ValueError(f"FP8 experts backend {backend!r} needs {SCALED_MM_NEEDS}; got device {device}")
+    if backend == "triton" and triton is None:
+        raise ValueError("FP8 experts backend 'triton' needs Triton: pip install 'dsv3[gpu]'")
+    return backend
 
 
 def _resolve(backend: ExpertsBackend, x: Tensor) -> str:
-    if backend != "auto":
-        return backend
-    if not _fast_path_broken and _hopper_scaled_mm_ok(x):
-        return "triton" if triton is not None else "scaled_mm"
-    return "emulate"
+    """The backend for this call: ``auto`` by x's device; a chosen GPU backend whose input is elsewhere (the
+    model moved after the transform) is an error."""
+    if backend == "auto":
+        return resolve_experts_backend(backend, x.device)
+    if backend != "emulate" and not _hopper_scaled_mm_ok(x):
+        raise RuntimeError(f"FP8 experts backend {backend!r} needs {SCALED_MM_NEEDS}; the input is on {x.device} "
+                           f"(apply the FP8 transform after moving the model)")
+    return backend
 
 
 class _FP8GroupedLinearFn(torch.autograd.Function):
@@ -179,21 +214,7 @@ def fp8_grouped_linear(x: Tensor, weight: Tensor, counts: Tensor, *, backend: Ex
     weight (E, N, K) -> (M, N) in x's dtype. ``layout``: the triton backend's row layout of ``counts``, when
     the caller already built it (several GEMMs over the same grouping)."""
     impl = _resolve(backend, x)
-    if impl != "triton":
-        layout = None
-    if impl != "emulate" and backend == "auto":
-        try:
-            return _FP8GroupedLinearFn.apply(x, weight, counts, impl, layout)
-        except Exception as err:  # noqa: BLE001 - a broken GPU path falls back to the reference once
-            _disable_fast_path(impl, err)
-            return _FP8GroupedLinearFn.apply(x, weight, counts, "emulate", None)
-    return _FP8GroupedLinearFn.apply(x, weight, counts, impl, layout)
-
-
-def _disable_fast_path(impl: str, err: Exception) -> None:
-    global _fast_path_broken
-    _fast_path_broken = True
-    warnings.warn(f"FP8 experts backend {impl!r} failed ({err}); emulating FP8 GEMMs", stacklevel=3)
+    return _FP8GroupedLinearFn.apply(x, weight, counts, impl, layout if impl == "triton" else None)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -94,17 +94,51 @@ def dispatch(x: torch.Tensor, indices: torch.Tensor, n_experts: int) -> tuple[to
     """
     flat = indices.flatten()
     order = flat.argsort(stable=True)
-    return x[order // indices.shape[1]], order, expert_counts(flat, n_experts)
+    return copy_tokens(x, order, indices.shape[1]), order, expert_counts(flat, n_experts)
+
+
+def copy_tokens(x: torch.Tensor, order: torch.Tensor, k: int) -> torch.Tensor:
+    """``x[order // k]``: row i is the token of sorted copy i, with a backward that gives the same bits on
+    every run. On CUDA that is autograd's own (its accumulating ``index_put_`` sorts the indices and adds each
+    row's terms in that order); on the CPU the threads add them in any order, so :class:`_CopyTokens` is used."""
+    if x.is_cuda:
+        return x[order // k]
+    return _CopyTokens.apply(x, order, k)
+
+
+def unsort(y_sorted: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """Rows back in (token, k) order: row ``order[i]`` <- ``y_sorted[i]``. ``order`` is a permutation, so no
+    two rows collide: a plain copy, no atomics, the same result at any thread count."""
+    return y_sorted.new_empty(y_sorted.shape).index_copy_(0, order, y_sorted)
+
+
+class _CopyTokens(torch.autograd.Function):
+    """``x[order // K]`` with a deterministic backward on the CPU.
+
+    Autograd's backward of that indexing is an accumulating ``index_put_``; on the CPU its threads add the K
+    copies of a token into one row in whatever order they run, so two identical training runs drift apart.
+    Here the gradient of the copies is put back in (token, k) order and summed over k. (On an H200 this form
+    is slower than CUDA's own deterministic ``index_put_``: docs/training.md.)"""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, order: torch.Tensor, k: int) -> torch.Tensor:
+        ctx.save_for_backward(order)
+        ctx.k = k
+        return x.index_select(0, order // k)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (order,) = ctx.saved_tensors
+        return unsort(grad, order).view(-1, ctx.k, grad.shape[-1]).sum(dim=1), None, None
 
 
 def combine(y_sorted: torch.Tensor, order: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`dispatch`: sum_k g_k * y_k per token. weights (T, K) -> (T, d).
 
-    The sorted outputs go back to (token, k) order by a scatter through the permutation ``order`` (no two
-    rows collide, so no atomics; its gradient is a gather), then each token's K outputs are weighted by
-    their gates and summed."""
+    The sorted outputs go back to (token, k) order through the permutation ``order`` (:func:`unsort`; its
+    gradient is a gather), then each token's K outputs are weighted by their gates and summed."""
     n_tokens, k = weights.shape
-    y = y_sorted.new_empty(y_sorted.shape).index_copy_(0, order, y_sorted)  # row order[i] <- y_sorted[i]
+    y = unsort(y_sorted, order)
     return (y.view(n_tokens, k, -1) * weights.unsqueeze(-1).to(y.dtype)).sum(dim=1)
 
 

@@ -92,8 +92,14 @@ class TrainConfig:
     fp8: bool = False
     """FP8 GEMMs for the Linear layers of attention and experts (report §3.3)."""
     compile: bool = False
-    sample_prompt: str = "def fibonacci(n):\n"
+    sample_prompt: str = "def fibonacci(n):"
+    """Prompt of the sample printed at the end. End it where a token ends: the BPE learns a newline and the
+    indentation after it as one token, so a prompt ending in a bare newline starts the model mid-token."""
     sample_tokens: int = 64
+    sample_temperature: float = 0.8
+    """Temperature of the final sample (0 = greedy: a small model then repeats one line)."""
+    sample_top_k: int = 20
+    """The final sample draws among this many most likely tokens (0 = all); its seed is ``seed``."""
     stop_after: int | None = None
     """Stop with a checkpoint after this many steps of this invocation (experiments and tests)."""
 
@@ -141,6 +147,8 @@ class TrainConfig:
         for name in ("eval_every", "save_every"):
             need(getattr(self, name) >= 0, name, "an integer >= 0 (0 = only at the end)")
         need(self.sample_tokens >= 0, "sample_tokens", "an integer >= 0")
+        need(self.sample_temperature >= 0, "sample_temperature", ">= 0 (0 = greedy)")
+        need(self.sample_top_k >= 0, "sample_top_k", "an integer >= 0 (0 = all tokens)")
         need(self.batch_size % self.micro_batch_size == 0, "batch_size",
              f"a multiple of micro_batch_size ({self.micro_batch_size})")
         need(self.tokenizer is not None or self.vocab_size >= MIN_BPE_VOCAB, "vocab_size",
@@ -214,8 +222,8 @@ class TrainConfig:
 
 
 _FLOAT_FIELDS = ("lr", "warmup", "weight_decay", "beta1", "beta2", "grad_clip", "gamma", "seq_aux_alpha",
-                 "aux_loss_alpha", "fim_rate")
+                 "aux_loss_alpha", "fim_rate", "sample_temperature")
 _INT_FIELDS = ("steps", "seq_len", "batch_size", "micro_batch_size", "vocab_size", "eval_every", "eval_batches",
-               "save_every", "keep_last", "seed", "sample_tokens", "stop_after")
+               "save_every", "keep_last", "seed", "sample_tokens", "sample_top_k", "stop_after")
 _BOOL_FIELDS = ("batch_ramp", "bf16_moments", "mtp", "doc_mask", "fp8", "compile")
 _PATH_FIELDS = ("data", "tokenizer", "out", "cache_dir")

@@ -176,9 +176,10 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> RunResult:
         mcfg = mcfg.replace(topk_method="greedy" if mcfg.n_group == 1 else "group_limited_greedy")
     model = build_model(mcfg, device=device, dtype=torch.float32, seed=cfg.seed)
     if cfg.fp8:
-        from ..fp8 import apply_fp8_training
+        from ..fp8 import apply_fp8_training, fp8_backends
 
         apply_fp8_training(model)
+        log("FP8 GEMMs: " + ", ".join(f"{kind} on {name}" for kind, name in fp8_backends(model).items()))
     model.train()
     forward = torch.compile(model) if cfg.compile else model
     optimizer = build_optimizer(model, cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay, cfg.bf16_moments)
@@ -313,7 +314,8 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> RunResult:
     if not interrupted:
         save_pretrained(model, run_dir / "export")
         tokenizer.save(run_dir / "export")
-        result.sample = generate(model, tokenizer, cfg.sample_prompt, cfg.sample_tokens, temperature=0.0)
+        result.sample = generate(model, tokenizer, cfg.sample_prompt, cfg.sample_tokens,
+                                 temperature=cfg.sample_temperature, top_k=cfg.sample_top_k or None, seed=cfg.seed)
     return result
 
 

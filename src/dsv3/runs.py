@@ -1,0 +1,55 @@
+"""What a user points a command at: a ``dsv3 train`` run directory or a Hugging Face layout directory.
+
+Used by ``dsv3 sample`` / ``generate`` / ``chat`` / ``serve`` and by :func:`dsv3.serve.serve`, so that each
+opens a checkpoint, names it and sizes its CPU threads the same way.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from . import build_model
+from .checkpoint import load_pretrained
+from .config import ModelConfig
+from .data import Tokenizer
+from .model import DeepSeekV3
+from .train.state import latest_checkpoint, read_checkpoint
+
+
+def is_run_dir(path: str | Path) -> bool:
+    """A directory written by ``dsv3 train`` (its config, metrics or checkpoints are there)."""
+    p = Path(path)
+    return (p / "train_config.json").is_file() or latest_checkpoint(p) is not None
+
+
+def load_run_or_checkpoint(path: str | Path, device: str = "cpu") -> tuple[DeepSeekV3, Tokenizer]:
+    """A model (in eval mode) and its tokenizer from a ``dsv3 train`` run directory (its latest checkpoint) or a
+    Hugging Face layout directory (with tokenizer.json beside the weights)."""
+    p = Path(path)
+    ckpt = latest_checkpoint(p)
+    if ckpt is not None:
+        model_t, _, meta = read_checkpoint(ckpt)
+        config = ModelConfig.from_hf_dict(meta["model_config"])
+        model = build_model(config, device=device, dtype=torch.float32, seed=None)
+        model.load_state_dict(model_t)
+        return model.eval(), Tokenizer.load(p / "tokenizer")
+    model = load_pretrained(p, device=device, dtype=torch.float32 if device == "cpu" else torch.bfloat16)
+    return model.eval(), Tokenizer.load(p)
+
+
+def model_name(path: str | Path) -> str:
+    """The name a checkpoint goes by (the server's model id): its directory's name, or the run's name for a
+    run's ``export/`` directory."""
+    p = Path(path).resolve()
+    if p.name == "export" and is_run_dir(p.parent):
+        return p.parent.name
+    return p.name
+
+
+def default_cpu_threads(model: torch.nn.Module) -> int:
+    """Intra-op threads for decoding on a CPU: 1 for small models (< 50M parameters), whose many tiny matmuls
+    run far slower when threads contend; torch's default otherwise."""
+    n_params = sum(p.numel() for p in model.parameters())
+    return 1 if n_params < 50_000_000 else torch.get_num_threads()
