@@ -65,7 +65,7 @@ def main() -> None:
             impl(leaf, order, k).backward(grad_copies)
 
         def whole_layer():
-            y, _ = layer(x)
+            y = layer(x)
             y.backward(grad_out)
 
         grads = []

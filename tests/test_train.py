@@ -15,11 +15,11 @@ import torch
 import dsv3
 from dsv3.checkpoint import CheckpointError
 from dsv3.config import ConfigError
-from dsv3.model import ModelOutput
+from dsv3.model import BalanceLoss, MoE, batch_balance_loss, sequence_balance_loss
 from dsv3.train import Schedules, TrainConfig, train
-from dsv3.model import RouterStats
-from dsv3.train.balance import batch_aux_loss, max_violation, moe_gates, sequence_wise_loss, update_bias
-from dsv3.train.trainer import compute_losses
+from dsv3.train.balance import max_violation, moe_gates, update_bias
+from dsv3.train.batch import IGNORE_INDEX, TrainBatch
+from dsv3.train.step import cross_entropy_sum
 
 from conftest import SRC, run_cli
 
@@ -65,35 +65,59 @@ def test_bias_update_rule():
 def test_balance_losses_hand_computed():
     """4 experts, K=2, T=2, two sequences. Each sequence alone is unbalanced (f = [2,1,1,0] and [0,1,1,2]), the
     batch as a whole is balanced: the sequence-wise loss sees it, the batch-wise (ablation) loss does not."""
-    st = RouterStats(counts=torch.tensor([2, 2, 2, 2]),
-                     seq_counts=torch.tensor([[2.0, 1.0, 1.0, 0.0], [0.0, 1.0, 1.0, 2.0]]),
-                     seq_probs=torch.tensor([[0.4, 0.3, 0.2, 0.1], [0.1, 0.2, 0.3, 0.4]]))
+    indices = torch.tensor([[0, 1], [0, 2], [3, 1], [3, 2]])  # sequence-major: tokens 0-1, then 2-3
+    probs = torch.tensor([[0.4, 0.3, 0.2, 0.1]] * 2 + [[0.1, 0.2, 0.3, 0.4]] * 2)
     # per sequence f = 4 / (2 * 2) * counts; sum f * P = 0.8 + 0.3 + 0.2 = 1.3 and 0.3 + 0.2 + 0.8 = 1.3
-    torch.testing.assert_close(sequence_wise_loss([st, st], top_k=2, seq_len=2), torch.tensor(2 * 1.3))
-    # batch: f = 4 / (2 * 2 * 2) * [2, 2, 2, 2] = 1, P = mean over sequences = 0.25 each: sum = 1.0
-    torch.testing.assert_close(batch_aux_loss([st], top_k=2, seq_len=2), torch.tensor(1.0))
-    window = torch.zeros(2, 4, dtype=torch.long)
-    out = ModelOutput(logits=torch.zeros(2, 2, 8), hidden=torch.zeros(1), router_stats=[st, st])
-    free = TrainConfig(seq_len=2, batch_size=2, micro_batch_size=2, seq_aux_alpha=1e-4)
-    aux = TrainConfig(seq_len=2, batch_size=2, micro_batch_size=2, balance="aux_loss", aux_loss_alpha=0.01)
-    torch.testing.assert_close(compute_losses(out, window, free, top_k=2)[2], torch.tensor(1e-4 * 2.6))
-    torch.testing.assert_close(compute_losses(out, window, aux, top_k=2)[2], torch.tensor(0.01 * 2.0))
+    torch.testing.assert_close(sequence_balance_loss(probs, indices, n_seqs=2), torch.tensor(1.3))
+    # batch: f = 4 / (2 * 4) * [2, 2, 2, 2] = 1, P = mean over the tokens = 0.25 each: sum = 1.0
+    torch.testing.assert_close(batch_balance_loss(probs, indices), torch.tensor(1.0))
 
 
-def test_mtp_loss_targets_are_shifted_tokens():
-    cfg = TrainConfig(seq_len=6, batch_size=1, micro_batch_size=1)
+def test_balance_loss_acts_through_the_layer_output():
+    """The attached loss adds weight * d(loss) to the gradients, changes nothing forward, and records its value;
+    in eval mode it does nothing."""
+    torch.manual_seed(0)
+    layer = MoE(dsv3.preset("tiny").replace(hidden_size=32, moe_intermediate_size=16))
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x = torch.randn(2, 8, 32)
+    y_plain = layer(x)
+    layer.gate.weight.grad = None
+    layer(x).square().sum().backward()
+    plain_grad = layer.gate.weight.grad.clone()
+    layer.balance_loss = BalanceLoss("sequence")
+    layer.balance_loss.weight.fill_(0.5)
+    layer.gate.weight.grad = None
+    y = layer(x)
+    torch.testing.assert_close(y, y_plain)
+    y.square().sum().backward()
+    # the same gradient by hand: the loss of eq. 17-20 from the gate's own outputs
+    layer.gate.weight.grad, attached = None, layer.gate.weight.grad.clone()
+    _, indices, scores = layer.gate(x.view(-1, 32))
+    expected = sequence_balance_loss(scores / scores.sum(-1, keepdim=True), indices, n_seqs=2)
+    (0.5 * expected).backward()
+    torch.testing.assert_close(attached, plain_grad + layer.gate.weight.grad)
+    assert layer.balance_loss.total.item() == pytest.approx(0.5 * expected.item())
+    layer.eval()
+    layer.balance_loss.total.zero_()
+    layer(x)
+    assert layer.balance_loss.total.item() == 0
+
+
+def test_batches_label_each_position_with_the_next_token():
+    """labels[:, i] = tokens[:, i + 1]; MTP depth k's targets are t_{i+k+1} (report eq. 24)."""
+    window = torch.arange(2 * 9).view(2, 9)  # S = 6, depth 2
+    batch = TrainBatch.from_window(window, seq_len=6)
+    assert batch.depth == 2 and torch.equal(batch.inputs, window[:, :6])
+    assert torch.equal(batch.future_tokens, window[:, 6:8])
+    for k in range(3):
+        assert torch.equal(batch.targets(k), window[:, 1 + k : 7 + k])
+    batch.labels[0, :3] = IGNORE_INDEX  # e.g. an SFT prompt
+    assert batch.label_counts(2).tolist() == [9, 10, 11]
     vocab = 50
-    window = torch.randint(0, vocab, (1, 6 + 1 + 2))  # depth 2
-
-    def peaked(targets):  # logits that are right exactly for these targets
-        return torch.nn.functional.one_hot(targets, vocab).float() * 50
-
-    out = ModelOutput(logits=peaked(window[:, 1:7]), hidden=torch.zeros(1),
-                      mtp_logits=[peaked(window[:, 2:8]), peaked(window[:, 3:9])])
-    loss, mtp, _ = compute_losses(out, window, cfg, top_k=2)
-    assert loss < 1e-6 and mtp < 1e-6
-    wrong = ModelOutput(logits=out.logits, hidden=out.hidden, mtp_logits=[out.mtp_logits[1], out.mtp_logits[0]])
-    assert compute_losses(wrong, window, cfg, top_k=2)[1] > 1
+    peaked = torch.nn.functional.one_hot(batch.targets(1).clamp(min=0), vocab).float() * 50
+    assert cross_entropy_sum(peaked, batch.targets(1)) < 1e-6  # ignored positions add nothing
+    assert cross_entropy_sum(peaked, batch.targets(2).clamp(min=0)) > 1
 
 
 def test_model_feeds_mtp_the_next_token_embeddings():

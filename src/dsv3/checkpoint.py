@@ -227,8 +227,10 @@ def build_empty(config: ModelConfig, device: str | torch.device, dtype: torch.dt
         transform(model)
     model.to_empty(device=device)
     for module in model.modules():
-        if isinstance(module, Gate) and module.e_score_correction_bias is not None:
-            module.e_score_correction_bias = module.e_score_correction_bias.float()
+        if isinstance(module, Gate):
+            module.tokens_per_expert.zero_()
+            if module.e_score_correction_bias is not None:
+                module.e_score_correction_bias = module.e_score_correction_bias.float()
     model.rotary = RotaryEmbedding(config).to(device)  # non-persistent buffers are not in the checkpoint
     return model
 

@@ -27,7 +27,7 @@ _TRAIN_FLAGS = {
     "preset": str, "data": str, "tokenizer": str, "steps": int, "save_every": int, "out": str, "device": str,
     "seq_len": int, "batch_size": int, "micro_batch_size": int, "lr": float, "eval_every": int, "seed": int,
     "balance": str, "vocab_size": int, "stop_after": int, "keep_last": int, "fim_rate": float,
-    "cache_dir": str,
+    "cache_dir": str, "ep": int, "dp_shard": str,
 }
 _TRAIN_SWITCHES = ("fp8", "doc_mask", "bf16_moments", "compile")
 
@@ -73,14 +73,19 @@ def _data_error(command: str, e: Exception) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from .data import DataError
     from .train import train
+    from .train.parallel import close_distributed, world_from_env
 
     cfg = _train_config(args)
     try:
         result = train(cfg, resume=args.resume)
     except DataError as e:
         return _data_error("train", e)
+    finally:
+        close_distributed()
     if result.interrupted:
         return 130
+    if world_from_env()[0] != 0:  # under torchrun rank 0 reports
+        return 0
     print(f"\nrun directory: {result.run_dir}")
     print(f"steps {result.step}, tokens {result.tokens:,}")
     if result.val_loss is not None:
@@ -214,6 +219,17 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from .runs import export_run
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, None: None}[args.dtype]
+    out = export_run(args.run_dir, args.out, checkpoint=args.checkpoint, dtype=dtype)
+    print(f"exported (Hugging Face layout): {out}")
+    return 0
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     from .plot import plot_run
 
@@ -264,7 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-after", type=int, help="stop with a checkpoint after N steps of this invocation")
     p.add_argument("--out", help="run directory (default runs/<preset>-<time>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
-    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto; under torchrun cuda:LOCAL_RANK)")
+    p.add_argument("--dp-shard", choices=["fsdp", "zero1"],
+                   help="under torchrun: FSDP2 sharding (default) or ZeRO-1 (DDP + sharded AdamW states)")
+    p.add_argument("--ep", type=int, help="expert parallelism: split each MoE layer's experts over this many ranks")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
     p.add_argument("--cache-dir", help="tokenizer and token-file cache (default ~/.cache/dsv3 or $DSV3_CACHE)")
     p.add_argument("--set", action="append", metavar="FIELD=VALUE",
@@ -358,6 +377,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--vocab-size", type=int, default=4096)
     t.add_argument("--max-docs", type=int, default=None, help="read at most this many documents")
     t.set_defaults(func=cmd_tokenizer_train)
+
+    p = sub.add_parser("export", help="write a run's latest checkpoint in the Hugging Face layout",
+                       description="Export a `dsv3 train` run (one-process or sharded torchrun checkpoints) as a "
+                                   "Hugging Face layout directory with its tokenizer: loads in transformers and "
+                                   "dsv3.load_pretrained. Runs in one process.")
+    p.add_argument("run_dir", help="the run directory")
+    p.add_argument("out", help="output directory")
+    p.add_argument("--checkpoint", default=None, help="a checkpoint directory of the run (default: the latest)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="weights' dtype in the files (default: as trained, float32)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("plot", help="plot a run's metrics to PNG files",
                        description="Loss curves, expert-load heatmap and MaxVio of a `dsv3 train` run.")

@@ -10,12 +10,11 @@ from pathlib import Path
 
 import torch
 
-from . import build_model
-from .checkpoint import load_pretrained
-from .config import ModelConfig
+from .checkpoint import CheckpointError, load_pretrained, save_pretrained
 from .data import Tokenizer
 from .model import DeepSeekV3
-from .train.state import latest_checkpoint, read_checkpoint
+from .train.checkpointer import load_checkpoint_model
+from .train.state import latest_checkpoint
 
 
 def is_run_dir(path: str | Path) -> bool:
@@ -25,18 +24,28 @@ def is_run_dir(path: str | Path) -> bool:
 
 
 def load_run_or_checkpoint(path: str | Path, device: str = "cpu") -> tuple[DeepSeekV3, Tokenizer]:
-    """A model (in eval mode) and its tokenizer from a ``dsv3 train`` run directory (its latest checkpoint) or a
-    Hugging Face layout directory (with tokenizer.json beside the weights)."""
+    """A model (in eval mode) and its tokenizer from a ``dsv3 train`` run directory (its latest checkpoint, one
+    process or sharded) or a Hugging Face layout directory (with tokenizer.json beside the weights)."""
     p = Path(path)
     ckpt = latest_checkpoint(p)
     if ckpt is not None:
-        model_t, _, meta = read_checkpoint(ckpt)
-        config = ModelConfig.from_hf_dict(meta["model_config"])
-        model = build_model(config, device=device, dtype=torch.float32, seed=None)
-        model.load_state_dict(model_t)
-        return model.eval(), Tokenizer.load(p / "tokenizer")
+        return load_checkpoint_model(ckpt, device), Tokenizer.load(p / "tokenizer")
     model = load_pretrained(p, device=device, dtype=torch.float32 if device == "cpu" else torch.bfloat16)
     return model.eval(), Tokenizer.load(p)
+
+
+def export_run(run_dir: str | Path, out: str | Path, checkpoint: str | Path | None = None,
+               dtype: torch.dtype | None = None) -> Path:
+    """Write a run's model in the Hugging Face layout (loads in transformers and :func:`dsv3.load_pretrained`)
+    with its tokenizer, from its latest checkpoint (or ``checkpoint``), whichever backend wrote it."""
+    run_dir = Path(run_dir)
+    ckpt = Path(checkpoint) if checkpoint is not None else latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise CheckpointError(f"{run_dir}: no checkpoint to export (not a dsv3 train run directory?)")
+    model = load_checkpoint_model(ckpt)
+    save_pretrained(model, out, dtype=dtype)
+    Tokenizer.load(run_dir / "tokenizer").save(out)
+    return Path(out)
 
 
 def model_name(path: str | Path) -> str:

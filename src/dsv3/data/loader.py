@@ -196,7 +196,9 @@ class PackedLoader:
     def load_state_dict(self, state: dict) -> None:
         """Continue from ``state``; refuses a state saved with different settings or data."""
         mine = self.state_dict()
-        mismatched = [k for k in mine if k not in ("epoch", "position") and state.get(k) != mine[k]]
+        # the position counts windows of the global stream, so the micro-batch and the world size may change
+        free = ("epoch", "position", "batch_size", "world_size")
+        mismatched = [k for k in mine if k not in free and state.get(k) != mine[k]]
         if mismatched:
             details = ", ".join(f"{k}: saved {state.get(k)!r} != now {mine[k]!r}" for k in mismatched)
             raise ValueError(f"loader state does not match this loader ({details})")
@@ -213,14 +215,18 @@ def iter_eval_batches(
     return_doc_ids: bool = False,
     rank: int = 0,
     world_size: int = 1,
+    max_windows: int | None = None,
 ) -> Iterator[Batch]:
     """Fixed validation batches: windows in stream order, no FIM, one pass.
 
-    Rank ``r`` gets windows ``r, r + world_size, ...``; the last batch may be
-    smaller. Every call yields the same batches.
+    Rank ``r`` gets windows ``r, r + world_size, ...`` of the first
+    ``max_windows`` (default: all); the last batch may be smaller. Every call
+    yields the same batches.
     """
     stream = PackedStream(data)
     n_windows = max(0, (stream.n_tokens - n_future) // seq_len)
+    if max_windows is not None:
+        n_windows = min(n_windows, max_windows)
     windows = range(rank, n_windows, world_size)
     for n, first in enumerate(range(0, len(windows), batch_size)):
         if max_batches is not None and n >= max_batches:

@@ -6,33 +6,19 @@ parallelism can later replace dispatch and combine without touching the rest:
 1. :class:`Gate` picks K_r experts per token and their gate values (eq. 13-16, group-limited routing);
 2. :func:`dispatch` sorts the token copies by expert; :class:`Experts` runs each expert on its contiguous
    slice (a grouped GEMM on the GPU, a plain loop as the reference); :func:`combine` weights the outputs by
-   the gates and sums them back per token. No token is ever dropped.
+   the gates and sums them back per token. No token is ever dropped. (``MoE.send`` / ``MoE.receive`` are the
+   seam where expert parallelism moves the sorted copies to the ranks that hold their experts and back.)
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from .balance_loss import BalanceLoss
 from .ffn import MLP
-
-
-@dataclass
-class RouterStats:
-    """What training needs from one MoE layer's routing of a batch.
-
-    ``counts``: (E,) tokens routed to each expert (the load used by the bias update and MaxVio);
-    ``seq_counts``: (B, E) the same per sequence; ``seq_probs``: (B, E) the mean over each sequence's tokens of
-    the normalised affinities s_i / sum_j s_j (P_i of eq. 19, differentiable), or the softmax probabilities.
-    """
-
-    counts: torch.Tensor
-    seq_counts: torch.Tensor
-    seq_probs: torch.Tensor
 
 
 class Gate(nn.Module):
@@ -41,6 +27,8 @@ class Gate(nn.Module):
 
     The bias b (``e_score_correction_bias``, auxiliary-loss-free balancing) is a buffer, not a parameter: the
     trainer moves it by +-gamma after each step; it changes which experts are chosen, never the gate values.
+    In training the gate also counts the tokens it sends to each expert (``tokens_per_expert``, on the device,
+    no host sync) until the trainer reads and zeroes them: the load the bias update and MaxVio see.
     """
 
     def __init__(self, config: ModelConfig):
@@ -57,6 +45,7 @@ class Gate(nn.Module):
             self.register_buffer("e_score_correction_bias", torch.zeros(self.n_experts, dtype=torch.float32))
         else:
             self.e_score_correction_bias = None
+        self.register_buffer("tokens_per_expert", torch.zeros(self.n_experts, dtype=torch.long), persistent=False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (T, d) -> gate values (T, K) float32, expert indices (T, K), affinities s (T, E) float32."""
@@ -74,6 +63,8 @@ class Gate(nn.Module):
             group_mask = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
             choice = grouped.masked_fill(group_mask.unsqueeze(-1), float("-inf")).flatten(1)
         indices = choice.topk(self.top_k, dim=-1, sorted=False).indices  # order is irrelevant: no sort
+        if self.training:
+            self.tokens_per_expert.add_(expert_counts(indices.flatten(), self.n_experts))
         weights = scores.gather(1, indices)
         if self.norm_topk:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
@@ -188,7 +179,10 @@ def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 
 class MoE(nn.Module):
-    """One DeepSeekMoE layer (eq. 12): shared experts on every token plus K_r routed experts."""
+    """One DeepSeekMoE layer (eq. 12): shared experts on every token plus K_r routed experts.
+
+    ``balance_loss`` is None in the model as built; the trainer attaches a :class:`BalanceLoss` (eq. 17-20),
+    which then acts in training only."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -199,27 +193,27 @@ class MoE(nn.Module):
             MLP(config.hidden_size, config.n_shared_experts * config.moe_intermediate_size)
             if config.n_shared_experts > 0 else None
         )
+        self.balance_loss: BalanceLoss | None = None
 
-    def forward(self, x: torch.Tensor, with_stats: bool = False) -> tuple[torch.Tensor, RouterStats | None]:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, d = x.shape
         flat = x.reshape(-1, d)
         weights, indices, scores = self.gate(flat)
-        x_sorted, order, counts = dispatch(flat, indices, self.n_experts)
-        y = combine(self.experts(x_sorted, counts), order, weights).to(x.dtype)
+        x_sorted, counts, routing = self.send(flat, indices)
+        y = combine(self.receive(self.experts(x_sorted, counts), routing), routing[0], weights).to(x.dtype)
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
-        stats = None
-        if with_stats:
-            probs = scores / scores.sum(dim=-1, keepdim=True) if self.gate.score_func == "sigmoid" else scores
-            seq_counts = torch.zeros(b, self.n_experts, device=x.device, dtype=torch.float32)
-            seq_counts.scatter_add_(1, indices.view(b, -1), torch.ones_like(indices.view(b, -1), dtype=torch.float32))
-            stats = RouterStats(counts.detach(), seq_counts, probs.view(b, s, -1).mean(dim=1))
-        return y.view(b, s, d), stats
+        if self.balance_loss is not None and self.training:
+            y = self.balance_loss(y, scores, indices, b, normalise=self.gate.score_func == "sigmoid")
+        return y.view(b, s, d)
 
+    def send(self, flat: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+        """Bring each token copy to its expert: (copies sorted by expert, copies per expert (E,), the routing
+        that :meth:`receive` and :func:`combine` need, ``order`` first). Expert parallelism overrides the pair
+        (:mod:`dsv3.train.expert_parallel`); here every expert is local."""
+        x_sorted, order, counts = dispatch(flat, indices, self.n_experts)
+        return x_sorted, counts, (order,)
 
-def sequence_balance_loss(stats: RouterStats, top_k: int, seq_len: int) -> torch.Tensor:
-    """Complementary sequence-wise balance loss of eq. 17-20 *without* alpha: mean over sequences of
-    sum_i f_i P_i, with f_i = N_r / (K_r T) * (tokens of the sequence routed to i)."""
-    n_experts = stats.seq_counts.shape[-1]
-    f = stats.seq_counts * (n_experts / (top_k * seq_len))
-    return (f * stats.seq_probs).sum(dim=-1).mean()
+    def receive(self, y_sorted: torch.Tensor, routing: tuple) -> torch.Tensor:
+        """The experts' outputs back in :meth:`send`'s sorted order (nothing to do when all experts are here)."""
+        return y_sorted

@@ -43,3 +43,10 @@ class MTPModule(Block):
     def combine(self, h_prev: torch.Tensor, emb_next: torch.Tensor) -> torch.Tensor:
         """Eq. 21: project the concatenation of the normalised embedding and hidden state back to width d."""
         return self.eh_proj(torch.cat([self.enorm(emb_next), self.hnorm(h_prev)], dim=-1))
+
+    def forward(self, h_prev: torch.Tensor, emb_next: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eq. 21-23 up to the shared head: (h^k, the next depth's input; RMSNorm(h^k), the head's input).
+        All of the module's own weights are used inside this call (what FSDP's per-module hooks expect)."""
+        h = super().forward(self.combine(h_prev, emb_next), cos, sin, mask)
+        return h, self.shared_head.norm(h)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from .moe import Experts, Gate, RouterStats
+from .moe import Experts, Gate
 from .mtp import MTPModule
 from .norm import RMSNorm
 from .rope import RotaryEmbedding
@@ -18,13 +18,12 @@ from .transformer_block import Block
 @dataclass
 class ModelOutput:
     """``logits`` (B, S, V); ``mtp_logits[k-1]`` the depth-k predictions (of t_{i+k+1} at position i);
-    ``router_stats`` one entry per MoE layer of the main model, then of the MTP blocks (when asked);
-    ``hidden`` the final normalised hidden state (B, S, d)."""
+    ``hidden`` the final normalised hidden state (B, S, d). (The routing load of training is counted in the
+    gates, not returned: ``Gate.tokens_per_expert``.)"""
 
     logits: torch.Tensor
     hidden: torch.Tensor
     mtp_logits: list[torch.Tensor] = field(default_factory=list)
-    router_stats: list[RouterStats] = field(default_factory=list)
 
 
 def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
@@ -70,8 +69,10 @@ class DeepSeekV3(nn.Module):
                 module.down_proj.normal_(0.0, std, generator=generator)
             elif isinstance(module, RMSNorm):
                 module.weight.fill_(1.0)
-            if isinstance(module, Gate) and module.e_score_correction_bias is not None:
-                module.e_score_correction_bias.zero_()
+            if isinstance(module, Gate):
+                module.tokens_per_expert.zero_()
+                if module.e_score_correction_bias is not None:
+                    module.e_score_correction_bias.zero_()
 
     def forward(
         self,
@@ -80,7 +81,6 @@ class DeepSeekV3(nn.Module):
         future_tokens: torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None,
         with_mtp: bool = False,
-        with_stats: bool = False,
     ) -> ModelOutput:
         """tokens (B, S) -> :class:`ModelOutput`.
 
@@ -96,13 +96,10 @@ class DeepSeekV3(nn.Module):
         cos, sin = self.rotary(positions)
         mask = document_mask(doc_ids) if doc_ids is not None else None
         h = self.embed_tokens(tokens)
-        stats: list[RouterStats] = []
         for layer in self.layers:
-            h, st = layer(h, cos, sin, mask, with_stats)
-            if st is not None:
-                stats.append(st)
+            h = layer(h, cos, sin, mask)
         h = self.norm(h)
-        out = ModelOutput(logits=self.lm_head(h), hidden=h, router_stats=stats)
+        out = ModelOutput(logits=self.lm_head(h), hidden=h)
         if with_mtp and len(self.mtp) > 0:
             window = tokens if future_tokens is None else torch.cat([tokens, future_tokens], dim=1)
             h_prev = h
@@ -110,13 +107,10 @@ class DeepSeekV3(nn.Module):
                 n = min(s, window.shape[1] - k)  # positions i whose token t_{i+k} is known
                 if n <= 0:
                     break
-                x = module.combine(h_prev[:, :n], self.embed_tokens(window[:, k:k + n]))
                 sub_mask = mask[:, :, :n, :n] if mask is not None else None
-                x, st = module(x, cos[:n], sin[:n], sub_mask, with_stats)
-                if st is not None:
-                    stats.append(st)
-                out.mtp_logits.append(self.lm_head(module.shared_head.norm(x)))
-                h_prev = x
+                h_prev, normed = module(h_prev[:, :n], self.embed_tokens(window[:, k:k + n]), cos[:n], sin[:n],
+                                        sub_mask)
+                out.mtp_logits.append(self.lm_head(normed))
         return out
 
     def num_parameters(self, include_mtp: bool = True) -> int:

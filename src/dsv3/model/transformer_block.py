@@ -8,7 +8,7 @@ from torch import nn
 from ..config import ModelConfig
 from .attention import MLA
 from .ffn import MLP
-from .moe import MoE, RouterStats
+from .moe import MoE
 from .norm import RMSNorm
 
 
@@ -29,12 +29,6 @@ class Block(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         mask: torch.Tensor | None = None,
-        with_stats: bool = False,
-    ) -> tuple[torch.Tensor, RouterStats | None]:
+    ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
-        h = self.post_attention_layernorm(x)
-        if isinstance(self.mlp, MoE):
-            y, stats = self.mlp(h, with_stats)
-        else:
-            y, stats = self.mlp(h), None
-        return x + y, stats
+        return x + self.mlp(self.post_attention_layernorm(x))

@@ -1,23 +1,94 @@
-"""Load balancing of the routed experts (report §2.1.2) and the MaxVio metric.
+"""Load balancing of the routed experts in training (report §2.1.2) and the MaxVio metric.
 
-- Auxiliary-loss-free balancing: after each optimiser step, each expert's bias moves by gamma against its
-  load relative to the mean over the global batch (b_i -= gamma if overloaded, += gamma if underloaded).
-- Complementary sequence-wise balance loss (eq. 17-20), weight alpha (report: 0.0001).
-- Ablation: a conventional (GShard-style) auxiliary loss over the whole batch instead of the bias.
-- MaxVio = (max_i load_i - mean load) / mean load (Wang et al. 2024).
+- Auxiliary-loss-free balancing: the gates count the tokens they route during forward; once per optimiser step
+  the counts of every data-parallel rank are summed (the global batch, the report's "each training step") and
+  each expert's bias moves by gamma against its load: b_i -= gamma if overloaded, += gamma if underloaded.
+- The complementary sequence-wise balance loss (eq. 17-20, weight alpha = 0.0001) or, for the ablation, a
+  conventional batch-wise auxiliary loss: :class:`~dsv3.model.BalanceLoss` modules attached to the MoE layers.
+- MaxVio = (max_i load_i - mean load) / mean load (Wang et al. 2024), from the same global counts.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
-from ..model.moe import Gate, RouterStats, sequence_balance_loss
+from ..model import BalanceLoss, DeepSeekV3, Gate, MoE
+
+
+def moe_layers(model: torch.nn.Module) -> list[MoE]:
+    """The MoE layers of the model: main layers first, then the MTP blocks."""
+    return [m for m in model.modules() if isinstance(m, MoE)]
 
 
 def moe_gates(model: torch.nn.Module) -> list[Gate]:
-    """The gates in the order of ``ModelOutput.router_stats``: main layers first, then the MTP blocks."""
-    layers = list(model.layers) + list(model.mtp)
-    return [layer.mlp.gate for layer in layers if hasattr(layer.mlp, "gate")]
+    """The gates, in the order of :func:`moe_layers`."""
+    return [layer.gate for layer in moe_layers(model)]
+
+
+def attach_balance_losses(model: DeepSeekV3, kind: str) -> list[BalanceLoss]:
+    """Give every MoE layer a :class:`BalanceLoss` of ``kind`` ("sequence" or "batch"); returns them."""
+    losses = []
+    for layer in moe_layers(model):
+        layer.balance_loss = BalanceLoss(kind).to(layer.gate.weight.device)
+        losses.append(layer.balance_loss)
+    return losses
+
+
+class Balancer:
+    """The training side of balancing: the balance losses' weight and totals, the gates' global loads, the
+    bias update. ``group``: the data-parallel process group whose ranks see different tokens (None: one
+    process)."""
+
+    def __init__(self, model: torch.nn.Module, loss_kind: str, alpha: float, group: dist.ProcessGroup | None = None):
+        self.gates = moe_gates(model)
+        self.losses = attach_balance_losses(model, loss_kind) if alpha > 0 else []
+        self.alpha = alpha
+        self.group = group
+
+    def start_step(self, n_micro: int) -> None:
+        """Weight each micro-batch's balance loss by alpha / n_micro (the main losses' accumulation scale)."""
+        for loss in self.losses:
+            loss.weight.fill_(self.alpha / n_micro)
+
+    def take_loss(self) -> torch.Tensor:
+        """The weighted balance loss summed over layers and micro-batches since the last call (this rank's)."""
+        if not self.losses:
+            return torch.zeros((), dtype=torch.float64)
+        total = torch.stack([loss.total for loss in self.losses]).sum()
+        for loss in self.losses:
+            loss.total.zero_()
+        return total
+
+    def take_loads(self) -> torch.Tensor:
+        """(layers, experts) int64 tokens routed to each expert since the last call, summed over the
+        data-parallel ranks (one all-reduce); the gates' counters restart from zero."""
+        if not self.gates:
+            return torch.zeros(0, 0, dtype=torch.long)
+        loads = torch.stack([g.tokens_per_expert for g in self.gates])
+        for g in self.gates:
+            g.tokens_per_expert.zero_()
+        if self.group is not None:
+            dist.all_reduce(loads, group=self.group)
+        return loads
+
+    @torch.no_grad()
+    def update_bias(self, loads: torch.Tensor, gamma: float) -> None:
+        update_bias(self.gates, list(loads), gamma)
+
+    @torch.no_grad()
+    def check_replicated(self) -> None:
+        """Raise if the routing biases differ between the data-parallel ranks (they are buffers every rank
+        updates on its own from the same global loads; a difference would be a bug)."""
+        biases = [g.e_score_correction_bias for g in self.gates if g.e_score_correction_bias is not None]
+        if self.group is None or not biases:
+            return
+        mine = torch.cat(biases)
+        reference = mine.clone()
+        dist.broadcast(reference, src=dist.get_global_rank(self.group, 0), group=self.group)
+        if not torch.equal(mine, reference):
+            raise RuntimeError(f"routing biases differ between data-parallel ranks (rank {dist.get_rank()}, "
+                               f"max difference {(mine - reference).abs().max().item():.3g})")
 
 
 @torch.no_grad()
@@ -26,6 +97,8 @@ def update_bias(gates: list[Gate], loads: list[torch.Tensor], gamma: float) -> N
     if gamma == 0:
         return
     for gate, load in zip(gates, loads, strict=True):
+        if gate.e_score_correction_bias is None:
+            continue  # routing without a bias (the aux-loss ablation, DeepSeek-V2)
         load = load.float()
         gate.e_score_correction_bias.add_(gamma * torch.sign(load.mean() - load))
 
@@ -35,19 +108,3 @@ def max_violation(load: torch.Tensor) -> float:
     load = load.float()
     mean = load.mean()
     return float((load.max() - mean) / mean) if mean > 0 else 0.0
-
-
-def sequence_wise_loss(stats: list[RouterStats], top_k: int, seq_len: int) -> torch.Tensor:
-    """Sum over MoE layers of the sequence-wise balance term (multiply by alpha)."""
-    return sum(sequence_balance_loss(s, top_k, seq_len) for s in stats)
-
-
-def batch_aux_loss(stats: list[RouterStats], top_k: int, seq_len: int) -> torch.Tensor:
-    """GShard-style auxiliary loss: the same f_i P_i product computed over the whole batch rather than per
-    sequence (ablation baseline of the aux-loss-free method; multiply by its own alpha)."""
-    total = 0
-    for s in stats:
-        n_seq, n_experts = s.seq_counts.shape
-        f = s.seq_counts.sum(0) * (n_experts / (top_k * seq_len * n_seq))
-        total = total + (f * s.seq_probs.mean(0)).sum()
-    return total

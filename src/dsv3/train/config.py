@@ -88,6 +88,13 @@ class TrainConfig:
     save_every: int = 100
     keep_last: int = 3
     device: str = "auto"
+    """``auto`` (CUDA when there is a GPU), ``cpu`` or ``cuda``; under torchrun each rank takes cuda:LOCAL_RANK."""
+    dp_shard: str = "fsdp"
+    """How data parallelism (every torchrun rank) shards the training state: ``fsdp`` (FSDP2: parameters,
+    gradients and optimiser states) or ``zero1`` (DDP gradients + sharded AdamW states, the report's ZeRO-1)."""
+    ep: int = 1
+    """Expert parallelism: the routed experts of each MoE layer split over groups of this many ranks (it must
+    divide the world size and the number of experts)."""
     seed: int = 0
     fp8: bool = False
     """FP8 GEMMs for the Linear layers of attention and experts (report §3.3)."""
@@ -138,7 +145,7 @@ class TrainConfig:
             if isinstance(v, os.PathLike):
                 setattr(self, name, os.fspath(v))
             need(getattr(self, name) is None or isinstance(getattr(self, name), str), name, "a path (string)")
-        for name in ("preset", "balance", "device", "sample_prompt", "cache_dir"):
+        for name in ("preset", "balance", "device", "sample_prompt", "cache_dir", "dp_shard"):
             need(isinstance(getattr(self, name), str), name, "a string")
 
         for name in ("steps", "seq_len", "batch_size", "micro_batch_size", "vocab_size", "eval_batches",
@@ -167,13 +174,17 @@ class TrainConfig:
         need(0 <= self.fim_rate <= 1, "fim_rate", "in [0, 1]")
         need(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda"), "device",
              "'auto', 'cpu' or 'cuda[:N]'")
+        need(self.dp_shard in ("fsdp", "zero1"), "dp_shard", "'fsdp' or 'zero1'")
+        need(self.ep >= 1, "ep", "an integer >= 1")
         need(self.stop_after is None or self.stop_after >= 1, "stop_after", "None or >= 1")
         need(isinstance(self.model, dict), "model", "a mapping of ModelConfig fields")
         known = {f.name for f in dataclasses.fields(ModelConfig)}
         for key in self.model:
             if key not in known:
                 raise ConfigError(f"model.{key}: not a ModelConfig field")
-        self.model_config(vocab_size=self.vocab_size)  # validates preset and overrides
+        mcfg = self.model_config(vocab_size=self.vocab_size)  # validates preset and overrides
+        need(mcfg.n_routed_experts % self.ep == 0, "ep",
+             f"a divisor of the routed experts per layer ({mcfg.n_routed_experts})")
 
     def model_config(self, vocab_size: int) -> ModelConfig:
         overrides = {k: v for k, v in self.model.items() if k != "vocab_size"}
@@ -224,6 +235,6 @@ class TrainConfig:
 _FLOAT_FIELDS = ("lr", "warmup", "weight_decay", "beta1", "beta2", "grad_clip", "gamma", "seq_aux_alpha",
                  "aux_loss_alpha", "fim_rate", "sample_temperature")
 _INT_FIELDS = ("steps", "seq_len", "batch_size", "micro_batch_size", "vocab_size", "eval_every", "eval_batches",
-               "save_every", "keep_last", "seed", "sample_tokens", "sample_top_k", "stop_after")
+               "save_every", "keep_last", "seed", "sample_tokens", "sample_top_k", "stop_after", "ep")
 _BOOL_FIELDS = ("batch_ramp", "bf16_moments", "mtp", "doc_mask", "fp8", "compile")
 _PATH_FIELDS = ("data", "tokenizer", "out", "cache_dir")

@@ -40,12 +40,26 @@ class AdamWLowPrecisionMoments(torch.optim.Optimizer):
 
 
 def build_optimizer(model: torch.nn.Module, lr: float, betas: tuple[float, float], weight_decay: float,
-                    bf16_moments: bool = False) -> torch.optim.Optimizer:
-    """Decay matrices (and the embedding); not norms or other vectors."""
+                    bf16_moments: bool = False, zero1: bool = False) -> torch.optim.Optimizer:
+    """Decay matrices (and the embedding); not norms or other vectors. ``zero1``: AdamW's states sharded over the
+    data-parallel ranks (``ZeroRedundancyOptimizer``, report §3.2's ZeRO-1; needs the process group)."""
+    from torch.distributed.tensor import DTensor
+
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # FSDP2's sharded parameters (DTensors) and the expert-parallel experts (plain tensors) in separate groups:
+    # AdamW's multi-tensor kernels take one kind per call
+    groups = [{**g, "params": [p for p in g["params"] if isinstance(p, DTensor) == sharded]}
+              for g in groups for sharded in (False, True)]
+    groups = [g for g in groups if g["params"]]
+    if zero1:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        cls = AdamWLowPrecisionMoments if bf16_moments else torch.optim.AdamW
+        return ZeroRedundancyOptimizer(groups, optimizer_class=cls, lr=lr, betas=betas)
     if bf16_moments:
         return AdamWLowPrecisionMoments(groups, lr=lr, betas=betas)
-    fused = all(p.is_cuda for p in decay + no_decay)
+    sharded = any(isinstance(p, DTensor) for p in decay + no_decay)
+    fused = not sharded and all(p.is_cuda for p in decay + no_decay)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None, foreach=None if fused else True)

@@ -1,6 +1,7 @@
-"""Training checkpoints: model, optimiser, schedule position, routing biases, data position and RNG states.
+"""Training checkpoints of one process: model, optimiser, schedule position, routing biases, data position and
+RNG states, in safetensors files (the single-file backend; sharded runs use :mod:`dsv3.train.dcp_state`).
 
-Layout of a run directory::
+Layout of a run directory (both backends)::
 
     RUN/checkpoints/step_0000100/{model.safetensors, optimizer.safetensors, meta.json}
     RUN/checkpoints/latest           (name of the newest complete checkpoint)
@@ -61,17 +62,49 @@ def _optimizer_from_flat(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    meta: dict[str, Any], keep_last: int = 3) -> Path:
-    """Write checkpoint ``step`` atomically and drop all but the newest ``keep_last``."""
+def new_checkpoint_dir(run_dir: str | Path, step: int, writer: str | None = None) -> tuple[Path, Path]:
+    """(temporary directory to write checkpoint ``step`` into, its final name); the temporary one is empty.
+    ``writer`` names the temporary directory (default: this process's id; ranks writing one checkpoint
+    together agree on a name)."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:07d}"
-    final = root / name
-    tmp = root / f".tmp-{name}-{os.getpid()}"
+    tmp = root / f".tmp-{name}-{writer or os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
+    return tmp, root / name
+
+
+def write_meta(directory: Path, meta: dict[str, Any]) -> None:
+    with open(directory / "meta.json", "w") as f:
+        json.dump(meta, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def publish_checkpoint(tmp: Path, final: Path, keep_last: int) -> Path:
+    """Rename a complete checkpoint into place, point ``latest`` at it, drop all but the newest ``keep_last``
+    and what dead writers left behind."""
+    root = final.parent
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    latest_tmp = root / f".latest-{os.getpid()}"
+    latest_tmp.write_text(final.name + "\n")
+    os.replace(latest_tmp, root / "latest")
+    done = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
+    for old in done[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".tmp-step_*"):  # left by a process that died mid-write
+        shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    meta: dict[str, Any], keep_last: int = 3) -> Path:
+    """Write checkpoint ``step`` atomically and drop all but the newest ``keep_last``."""
+    tmp, final = new_checkpoint_dir(run_dir, step)
     model_state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(model_state, str(tmp / "model.safetensors"))
     opt_tensors, opt_meta = _optimizer_to_flat(optimizer)
@@ -80,26 +113,11 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, opti
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             opt_tensors[f"rng.cuda.{i}"] = s
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-    full_meta = {
+    write_meta(tmp, {
         "format": FORMAT, "step": step, **meta, "optimizer": opt_meta,
         "sha256": {f: _sha256(tmp / f) for f in ("model.safetensors", "optimizer.safetensors")},
-    }
-    with open(tmp / "meta.json", "w") as f:
-        json.dump(full_meta, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    latest_tmp = root / f".latest-{os.getpid()}"
-    latest_tmp.write_text(name + "\n")
-    os.replace(latest_tmp, root / "latest")
-    done = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
-    for old in done[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
-    for stale in root.glob(".tmp-step_*"):  # left by a process that died mid-write
-        shutil.rmtree(stale, ignore_errors=True)
-    return final
+    })
+    return publish_checkpoint(tmp, final, keep_last)
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -114,9 +132,8 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return steps[-1] if steps else None
 
 
-def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
-    """(model tensors, optimiser/RNG tensors, meta) of a checkpoint; :class:`CheckpointError` if it is
-    incomplete or corrupted (checksums are verified)."""
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """The meta.json of a checkpoint (either backend); :class:`CheckpointError` if absent or unreadable."""
     path = Path(path)
     meta_file = path / "meta.json"
     if not meta_file.is_file():
@@ -127,6 +144,16 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         raise CheckpointError(f"{path}: corrupted meta.json ({e})") from None
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: checkpoint format {meta.get('format')!r}, this dsv3 reads {FORMAT}")
+    return meta
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
+    """(model tensors, optimiser/RNG tensors, meta) of a single-file checkpoint; :class:`CheckpointError` if it
+    is incomplete or corrupted (checksums are verified)."""
+    path = Path(path)
+    meta = read_meta(path)
+    if meta.get("backend", "safetensors") != "safetensors":
+        raise CheckpointError(f"{path}: a sharded ({meta['backend']}) checkpoint: read it with dsv3.train.checkpointer")
     for fname, digest in meta.get("sha256", {}).items():
         file = path / fname
         if not file.is_file():

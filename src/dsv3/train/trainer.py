@@ -1,12 +1,18 @@
-"""The training loop, top to bottom: data -> model -> AdamW steps with the report's schedules, balancing,
-MTP loss, metrics, validation, checkpoints and export."""
+"""The training run: :class:`Trainer` builds the parts, :meth:`Trainer.fit` is the loop, top to bottom.
+
+One optimiser step (:meth:`Trainer.step`): the schedules give the learning rate, the global batch, lambda and
+gamma; this rank takes its micro-batches; :func:`~dsv3.train.step.forward_backward` runs them; the routed
+experts' gradients are reduced over their replicas; the gates' loads are summed over the data-parallel ranks;
+gradients are clipped; AdamW steps; the routing biases move on the global loads; metrics are logged by rank 0.
+
+The same code runs in one process and under ``torchrun`` (:mod:`dsv3.train.parallel`).
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import math
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -14,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from .. import build_model
 from ..checkpoint import CheckpointError, save_pretrained
@@ -22,13 +27,17 @@ from ..config import ConfigError, ModelConfig
 from ..data import DataError, PackedLoader, Tokenizer, iter_eval_batches, load_or_build, train_tokenizer
 from ..data.corpus import corpus_fingerprint
 from ..info import model_stats
-from ..model import DeepSeekV3
-from .balance import batch_aux_loss, max_violation, moe_gates, sequence_wise_loss, update_bias
+from .balance import Balancer, max_violation
+from .batch import TrainBatch
+from .checkpointer import Checkpointer, load_checkpoint_model
 from .config import TrainConfig
 from .optim import build_optimizer
+from .parallel import Distributed, clip_grad_norm, grad_sync_context, init_distributed, parallelize
 from .sample import generate
 from .schedules import Schedules
-from .state import latest_checkpoint, read_checkpoint, restore, save_checkpoint
+from .signals import StopFlag
+from .state import read_meta
+from .step import cross_entropy_sum, forward_backward
 
 # Dense bf16 peak of the GPUs we measure on (datasheet), for MFU.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12}
@@ -79,244 +88,286 @@ class RunResult:
     interrupted: bool
 
 
-class _StopFlag:
-    """SIGTERM/SIGINT ask the loop to stop after the current step, with a checkpoint."""
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self) -> "_StopFlag":
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.signal is not None:  # second signal: stop now
-            raise KeyboardInterrupt
-        self.signal = signum
-
-    def __exit__(self, *exc) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
+def _quiet(*args, **kwargs) -> None:
+    pass
 
 
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+class Trainer:
+    """A training run's parts, built from a :class:`TrainConfig` (and, under torchrun, the process group)."""
 
+    def __init__(self, cfg: TrainConfig, resume: bool = False, log=print):
+        self.cfg = cfg
+        self.env: Distributed = init_distributed(resolve_device(cfg.device), ep=cfg.ep, dp_shard=cfg.dp_shard)
+        env = self.env
+        self.device = env.device
+        self.log = log if env.is_main else _quiet
+        self.run_dir = self._run_dir()
+        self.checkpointer = Checkpointer(self.run_dir, env, keep_last=cfg.keep_last)
+        ckpt = self.checkpointer.latest() if resume else None
+        if resume and ckpt is None:
+            raise CheckpointError(f"--resume: no checkpoint in {self.run_dir}/checkpoints")
+        if not resume and self.checkpointer.latest() is not None:
+            raise CheckpointError(f"{self.run_dir} already holds checkpoints: pass --resume to continue it, "
+                                  f"or choose another --out")
+        micro_global = cfg.micro_batch_size * env.dims.dp
+        if cfg.batch_size % micro_global:
+            raise ConfigError(f"batch_size: {cfg.batch_size} sequences must be a multiple of micro_batch_size x "
+                              f"data-parallel ranks = {cfg.micro_batch_size} x {env.dims.dp} = {micro_global}")
+        torch.manual_seed(cfg.seed)
 
-def compute_losses(out, window: torch.Tensor, cfg: TrainConfig, top_k: int):
-    """(main loss, MTP loss, balance loss) of one micro-batch.
+        # ---- data (rank 0 trains the tokenizer and tokenises the corpus once; the others read its cache)
+        if env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            prepare_tokenizer(cfg, self.log)
+        env.barrier()
+        self.tokenizer = prepare_tokenizer(cfg, self.log)
+        cache = token_cache_dir(cfg, self.tokenizer)
+        if env.is_main:
+            load_or_build(self.tokenizer, cfg.data, "train", cache)
+            load_or_build(self.tokenizer, cfg.data, "val", cache)
+        env.barrier()
+        self.train_data = load_or_build(self.tokenizer, cfg.data, "train", cache)
+        self.val_data = load_or_build(self.tokenizer, cfg.data, "val", cache)
+        if self.val_data.n_tokens < cfg.seq_len + 1:  # else validation would average over no window at all
+            raise DataError(f"the validation split of {cfg.data or 'the stdlib corpus'} has {self.val_data.n_tokens} "
+                            f"tokens, too few for one window of {cfg.seq_len + 1}: use a shorter --seq-len or more data")
 
-    ``window`` (B, S + 1 + D) holds the inputs t_0..t_{S-1}, then the targets: the main head at position i
-    predicts t_{i+1}, MTP depth k predicts t_{i+k+1} (report eq. 24: L_MTP^k = CE over those targets), and
-    L_MTP = 1/D * sum_k L_MTP^k (eq. 25; the trainer multiplies it by lambda).
-    """
-    s = cfg.seq_len
-    loss = cross_entropy(out.logits, window[:, 1 : s + 1])
-    mtp_loss = torch.zeros((), device=window.device)
-    if out.mtp_logits:
-        mtp_loss = sum(cross_entropy(lg, window[:, k + 1 : k + 1 + s])
-                       for k, lg in enumerate(out.mtp_logits, start=1)) / len(out.mtp_logits)
-    bal = torch.zeros((), device=window.device)
-    if out.router_stats:
-        if cfg.balance == "aux_free":
-            bal = cfg.seq_aux_alpha * sequence_wise_loss(out.router_stats, top_k, s)
-        else:
-            bal = cfg.aux_loss_alpha * batch_aux_loss(out.router_stats, top_k, s)
-    return loss, mtp_loss, bal
+        # ---- model, parallelism, optimiser
+        mcfg: ModelConfig = cfg.model_config(vocab_size=self.tokenizer.vocab_size)
+        if not cfg.mtp:
+            mcfg = mcfg.replace(num_nextn_predict_layers=0)
+        if cfg.balance == "aux_loss":  # the ablation routes without the bias
+            mcfg = mcfg.replace(topk_method="greedy" if mcfg.n_group == 1 else "group_limited_greedy")
+        self.model_config = mcfg
+        self.depth = mcfg.num_nextn_predict_layers
+        self.model = build_model(mcfg, device=self.device, dtype=torch.float32, seed=cfg.seed)
+        self.balancer = Balancer(
+            self.model, "sequence" if cfg.balance == "aux_free" else "batch",
+            cfg.seq_aux_alpha if cfg.balance == "aux_free" else cfg.aux_loss_alpha, group=env.dp_group)
+        self.model.train()
+        self.forward = parallelize(self.model, env, fp8=cfg.fp8, compile=cfg.compile)
+        if cfg.fp8:
+            from ..fp8 import fp8_backends
 
+            self.log("FP8 GEMMs: " + ", ".join(f"{k} on {v}" for k, v in fp8_backends(self.model).items()))
+        self.grad_sync = grad_sync_context(self.forward, env)
+        self.optimizer = build_optimizer(self.model, cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay,
+                                         cfg.bf16_moments, zero1=env.dims.dp_shard == "zero1" and env.dims.distributed)
 
-@torch.no_grad()
-def evaluate(model: DeepSeekV3, val, cfg: TrainConfig, device: torch.device, autocast) -> float:
-    model.eval()
-    total, count = 0.0, 0
-    for batch in iter_eval_batches(val, cfg.seq_len, cfg.micro_batch_size, max_batches=cfg.eval_batches,
-                                   return_doc_ids=cfg.doc_mask):
-        tokens = batch.tokens.to(device)
-        doc_ids = batch.doc_ids[:, : cfg.seq_len].to(device) if batch.doc_ids is not None else None
-        with autocast():
-            logits = model(tokens[:, : cfg.seq_len], doc_ids=doc_ids).logits
-        total += cross_entropy(logits, tokens[:, 1 : cfg.seq_len + 1]).item() * tokens.shape[0]
-        count += tokens.shape[0]
-    model.train()
-    return total / max(count, 1)
+        # ---- data stream, schedules, progress
+        self.loader = PackedLoader(self.train_data, cfg.seq_len, cfg.micro_batch_size, n_future=1 + self.depth,
+                                   seed=cfg.seed, fim_rate=cfg.fim_rate if self.train_data.fim_tokens is not None else 0.0,
+                                   return_doc_ids=cfg.doc_mask, rank=env.rank, world_size=env.dims.dp)
+        self.total_tokens = cfg.steps * cfg.batch_size * cfg.seq_len
+        self.sched = Schedules.paper(self.total_tokens, peak_lr=cfg.lr, warmup_tokens=cfg.warmup * self.total_tokens,
+                                     batch_size=cfg.batch_size, batch_start=None if cfg.batch_ramp else cfg.batch_size,
+                                     gamma=cfg.gamma)
+        self.step_count, self.tokens_seen = 0, 0
+        self.metrics_file = self.run_dir / "metrics.jsonl"
+        if ckpt is not None:
+            self._resume(ckpt)
+        if env.is_main:
+            (self.run_dir / "train_config.json").write_text(cfg.to_json())
+            mcfg.to_json(self.run_dir / "config.json")
+            self.tokenizer.save(self.run_dir / "tokenizer")
+        self.stats = model_stats(mcfg, seq_len=cfg.seq_len)  # of the whole model, not this rank's shard
+        self.flops_per_token = 3 * self.stats.forward_flops_per_token
+        self.peak = peak_flops(self.device)
+
+    # ------------------------------------------------------------------------------------------ set-up
+    def _run_dir(self) -> Path:
+        name = self.cfg.out or f"runs/{self.cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if self.env.dims.distributed:  # one name for all ranks (their clocks may cross a second)
+            import torch.distributed as dist
+
+            box = [name]
+            dist.broadcast_object_list(box, src=0)
+            name = box[0]
+        return Path(name)
+
+    def _resume(self, ckpt: Path) -> None:
+        saved, ours = read_meta(ckpt)["model_config"], self.model_config.to_hf_dict()
+        if saved != ours:
+            diff = sorted(k for k in set(saved) | set(ours) if saved.get(k) != ours.get(k))
+            raise CheckpointError(f"{ckpt}: model config differs from this run's in {diff}")
+        meta = self.checkpointer.load(ckpt, self.model, self.optimizer)
+        try:
+            self.loader.load_state_dict(meta["loader"])
+        except ValueError as e:  # e.g. --seq-len or --micro-batch-size changed, or other data
+            raise CheckpointError(f"{ckpt}: cannot continue this run's data stream: {e}") from None
+        self.step_count, self.tokens_seen = meta["step"], meta["tokens"]
+        if self.env.is_main:
+            _truncate_metrics(self.metrics_file, self.step_count)
+        self.log(f"resumed {self.run_dir} at step {self.step_count} ({self.tokens_seen:,} tokens)")
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+
+    # ------------------------------------------------------------------------------------------ one step
+    def next_batches(self, n_micro: int) -> list[TrainBatch]:
+        """This rank's micro-batches of the next global batch, on the device."""
+        out = []
+        for _ in range(n_micro):
+            b = next(self.loader)  # non_blocking: a blocking copy would wait for the queued GPU work
+            out.append(TrainBatch.from_window(b.tokens, self.cfg.seq_len, b.doc_ids).to(self.device, non_blocking=True))
+        return out
+
+    def step(self) -> dict[str, Any]:
+        """One optimiser step; returns its metrics record (the same on every rank)."""
+        cfg, env = self.cfg, self.env
+        t0 = time.perf_counter()
+        batch_size = self.sched.batch_size(self.tokens_seen, cfg.micro_batch_size * env.dims.dp)
+        n_micro = batch_size // (cfg.micro_batch_size * env.dims.dp)
+        lr = self.sched.lr(self.tokens_seen)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        mtp_weight = self.sched.mtp_weight(self.tokens_seen) if self.depth else 0.0
+        batches = self.next_batches(n_micro)
+        # labelled positions of the global batch, per depth: the losses' denominators (one small all-reduce)
+        counts = env.all_reduce(torch.stack([b.label_counts(self.depth) for b in batches]).sum(0))
+        self.balancer.start_step(n_micro)
+        sums = forward_backward(self.forward, batches, depth=self.depth, mtp_weight=mtp_weight,
+                                denominators=counts.double().clamp(min=1) / env.dims.dp, autocast=self.autocast,
+                                grad_sync=self.grad_sync)
+        if env.dims.ep > 1:
+            from .expert_parallel import reduce_expert_grads
+
+            reduce_expert_grads(self.model, env)
+        loads = self.balancer.take_loads()
+        grad_norm = clip_grad_norm(self.model, cfg.grad_clip, env)  # read after the step: no host wait here
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        gamma = self.sched.bias_update_speed(self.tokens_seen) if cfg.balance == "aux_free" else 0.0
+        self.balancer.update_bias(loads, gamma)
+        # every number of the record summed over the ranks at once
+        totals = env.all_reduce(torch.cat([sums, self.balancer.take_loss().to(sums.device).view(1)])).tolist()
+        counts = counts.tolist()
+        self.step_count += 1
+        step_tokens = batch_size * cfg.seq_len
+        self.tokens_seen += step_tokens
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        dt = time.perf_counter() - t0
+        loss = totals[0] / max(counts[0], 1)
+        mtp_loss = sum(totals[k] / max(counts[k], 1) for k in range(1, 1 + self.depth)) / self.depth if self.depth else 0.0
+        record: dict[str, Any] = {
+            "step": self.step_count, "tokens": self.tokens_seen, "loss": round(loss, 6), "mtp_loss": round(mtp_loss, 6),
+            "balance_loss": round(totals[-1] / env.dims.dp, 6),
+            "grad_norm": round(grad_norm.item(), 5), "lr": lr, "batch_size": batch_size, "gamma": gamma,
+            "mtp_weight": mtp_weight, "tokens_per_s": round(step_tokens / dt, 1),
+            "maxvio": [round(max_violation(x), 4) for x in loads],
+            "expert_load": loads.tolist(),
+        }
+        if self.peak:
+            record["mfu"] = round(self.flops_per_token * step_tokens / env.dims.world / dt / self.peak, 4)
+        record["maxvio_mean"] = round(sum(record["maxvio"]) / max(len(loads), 1), 4)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss} at step {self.step_count}; lower --lr or check the data")
+        return record
+
+    # ------------------------------------------------------------------------------------------ the loop
+    def fit(self) -> RunResult:
+        cfg, env = self.cfg, self.env
+        self.log(f"model {cfg.preset}: {self.stats.total_params:,} parameters (+{self.stats.mtp_params:,} MTP), "
+                 f"{len(self.balancer.gates)} MoE layers, device {self.device}"
+                 + (f", {env.dims.dp} data-parallel ranks ({env.dims.dp_shard}), expert-parallel {env.dims.ep}"
+                    if env.dims.distributed else "") + f"; {self.total_tokens:,} tokens planned")
+        from tqdm import tqdm
+
+        bar = tqdm(total=self.total_tokens, initial=self.tokens_seen, unit="tok", unit_scale=True, dynamic_ncols=True,
+                   disable=None if env.is_main else True, file=sys.stderr)
+        val_loss, steps_this_run, interrupted = None, 0, False
+        metrics = open(self.metrics_file, "a") if env.is_main else None
+        try:
+            with StopFlag() as stop:
+                while self.tokens_seen < self.total_tokens:
+                    record = self.step()
+                    steps_this_run += 1
+                    last = self.tokens_seen >= self.total_tokens
+                    if (cfg.eval_every and self.step_count % cfg.eval_every == 0) or last:
+                        val_loss = self.evaluate()
+                        record["val_loss"] = round(val_loss, 5)
+                        record["val_ppl"] = round(math.exp(min(val_loss, 50)), 3)
+                    if metrics is not None:
+                        metrics.write(json.dumps(record) + "\n")
+                        metrics.flush()
+                    bar.update(record["batch_size"] * cfg.seq_len)
+                    bar.set_postfix_str(f"step {self.step_count} loss {record['loss']:.3f} lr {record['lr']:.2e} "
+                                        f"maxvio {record['maxvio_mean']:.2f}"
+                                        + (f" val {val_loss:.3f}" if "val_loss" in record else ""))
+                    stopping = stop.agreed(env) or bool(cfg.stop_after and steps_this_run >= cfg.stop_after)
+                    if (cfg.save_every and self.step_count % cfg.save_every == 0) or last or stopping:
+                        self.save()
+                    if stopping and not last:
+                        interrupted = True
+                        why = f"signal {stop.signal}" if stop.signal else f"--stop-after {cfg.stop_after}"
+                        self.log(f"\nstopped at step {self.step_count} ({why}); checkpoint saved, continue with "
+                                 f"--resume --out {self.run_dir}")
+                        break
+        finally:
+            bar.close()
+            if metrics is not None:
+                metrics.close()
+        result = RunResult(self.run_dir, self.step_count, self.tokens_seen, val_loss,
+                           math.exp(val_loss) if val_loss is not None else None, None, interrupted)
+        if not interrupted:
+            result.sample = self.export()
+        return result
+
+    def save(self) -> None:
+        self.balancer.check_replicated()
+        self.checkpointer.save(self.step_count, self.model, self.optimizer, {
+            "tokens": self.tokens_seen, "loader": self.loader.state_dict(),
+            "model_config": self.model_config.to_hf_dict(), "train_config": self.cfg.to_dict(),
+        })
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean cross-entropy over the first ``eval_batches x micro_batch_size`` validation windows, whatever the
+        world size: each rank takes every world-th window, and all ranks run the same number of forwards
+        (sharded and expert-parallel forwards are collective: a rank out of windows runs one that counts
+        nothing)."""
+        cfg, env = self.cfg, self.env
+        n_windows = min(cfg.eval_batches * cfg.micro_batch_size, (self.val_data.n_tokens - 1) // cfg.seq_len)
+        n_forwards = -(-(-(-n_windows // env.dims.dp)) // cfg.micro_batch_size)
+        mine = list(iter_eval_batches(self.val_data, cfg.seq_len, cfg.micro_batch_size, return_doc_ids=cfg.doc_mask,
+                                      rank=env.rank, world_size=env.dims.dp, max_windows=n_windows))
+        idle = next(iter_eval_batches(self.val_data, cfg.seq_len, 1, return_doc_ids=cfg.doc_mask, max_windows=1))
+        self.model.eval()
+        totals = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for i in range(n_forwards):
+            batch = mine[i] if i < len(mine) else idle
+            tb = TrainBatch.from_window(batch.tokens, cfg.seq_len, batch.doc_ids).to(self.device)
+            with self.autocast():
+                logits = self.forward(tb.inputs, doc_ids=tb.doc_ids).logits
+            if i < len(mine):
+                totals[0] += cross_entropy_sum(logits, tb.targets(0)).double()
+                totals[1] += tb.targets(0).numel()
+        if hasattr(self.model, "reshard"):  # FSDP2 keeps the root's parameters gathered after a forward
+            self.model.reshard()             # without backward: shard them again (optimiser, checkpoint)
+        self.model.train()
+        env.all_reduce(totals)
+        return (totals[0] / totals[1].clamp(min=1)).item()
+
+    def export(self) -> str | None:
+        """Write ``RUN/export`` (Hugging Face layout, with the tokenizer) and return the sample completion
+        (rank 0; a sharded run is exported from its final checkpoint)."""
+        cfg, env = self.cfg, self.env
+        sample = None
+        if env.is_main:
+            model = self.model if not env.dims.distributed else load_checkpoint_model(self.checkpointer.latest(),
+                                                                                       self.device)
+            save_pretrained(model, self.run_dir / "export")
+            self.tokenizer.save(self.run_dir / "export")
+            sample = generate(model, self.tokenizer, cfg.sample_prompt, cfg.sample_tokens,
+                              temperature=cfg.sample_temperature, top_k=cfg.sample_top_k or None, seed=cfg.seed)
+        env.barrier()
+        return sample
 
 
 def train(cfg: TrainConfig, resume: bool = False, log=print) -> RunResult:
-    device = resolve_device(cfg.device)
-    run_dir = Path(cfg.out or f"runs/{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}")
-    ckpt = latest_checkpoint(run_dir) if resume else None
-    if resume and ckpt is None:
-        raise CheckpointError(f"--resume: no checkpoint in {run_dir}/checkpoints")
-    if not resume and latest_checkpoint(run_dir) is not None:
-        raise CheckpointError(f"{run_dir} already holds checkpoints: pass --resume to continue it, "
-                              f"or choose another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-
-    # ---- data
-    tokenizer = prepare_tokenizer(cfg, log)
-    cache = token_cache_dir(cfg, tokenizer)
-    train_data = load_or_build(tokenizer, cfg.data, "train", cache)
-    val_data = load_or_build(tokenizer, cfg.data, "val", cache)
-    if val_data.n_tokens < cfg.seq_len + 1:  # else validation would average over no window at all
-        raise DataError(f"the validation split of {cfg.data or 'the stdlib corpus'} has {val_data.n_tokens} tokens, "
-                        f"too few for one window of {cfg.seq_len + 1}: use a shorter --seq-len or more data")
-    tokenizer.save(run_dir / "tokenizer")
-
-    # ---- model and optimiser
-    mcfg: ModelConfig = cfg.model_config(vocab_size=tokenizer.vocab_size)
-    if not cfg.mtp:
-        mcfg = mcfg.replace(num_nextn_predict_layers=0)
-    if cfg.balance == "aux_loss":  # the ablation routes without the bias
-        mcfg = mcfg.replace(topk_method="greedy" if mcfg.n_group == 1 else "group_limited_greedy")
-    model = build_model(mcfg, device=device, dtype=torch.float32, seed=cfg.seed)
-    if cfg.fp8:
-        from ..fp8 import apply_fp8_training, fp8_backends
-
-        apply_fp8_training(model)
-        log("FP8 GEMMs: " + ", ".join(f"{kind} on {name}" for kind, name in fp8_backends(model).items()))
-    model.train()
-    forward = torch.compile(model) if cfg.compile else model
-    optimizer = build_optimizer(model, cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay, cfg.bf16_moments)
-    gates = moe_gates(model)
-    depth = mcfg.num_nextn_predict_layers
-    loader = PackedLoader(train_data, cfg.seq_len, cfg.micro_batch_size, n_future=1 + depth, seed=cfg.seed,
-                          fim_rate=cfg.fim_rate if train_data.fim_tokens is not None else 0.0,
-                          return_doc_ids=cfg.doc_mask)
-    total_tokens = cfg.steps * cfg.batch_size * cfg.seq_len
-    sched = Schedules.paper(total_tokens, peak_lr=cfg.lr, warmup_tokens=cfg.warmup * total_tokens,
-                            batch_size=cfg.batch_size,
-                            batch_start=None if cfg.batch_ramp else cfg.batch_size, gamma=cfg.gamma)
-    step, tokens_seen = 0, 0
-    metrics_file = run_dir / "metrics.jsonl"
-    if ckpt is not None:
-        model_t, opt_t, meta = read_checkpoint(ckpt)
-        if meta["model_config"] != mcfg.to_hf_dict():
-            diff = sorted(k for k in set(meta["model_config"]) | set(mcfg.to_hf_dict())
-                          if meta["model_config"].get(k) != mcfg.to_hf_dict().get(k))
-            raise CheckpointError(f"{ckpt}: model config differs from this run's in {diff}")
-        restore(model, optimizer, model_t, opt_t, meta)
-        try:
-            loader.load_state_dict(meta["loader"])
-        except ValueError as e:  # e.g. --seq-len or --micro-batch-size changed, or other data
-            raise CheckpointError(f"{ckpt}: cannot continue this run's data stream: {e}") from None
-        step, tokens_seen = meta["step"], meta["tokens"]
-        _truncate_metrics(metrics_file, step)
-        log(f"resumed {run_dir} at step {step} ({tokens_seen:,} tokens)")
-    (run_dir / "train_config.json").write_text(cfg.to_json())
-    mcfg.to_json(run_dir / "config.json")
-
-    flops_per_token = 3 * model_stats(mcfg, seq_len=cfg.seq_len).forward_flops_per_token
-    peak = peak_flops(device)
-    use_bf16 = device.type == "cuda"
-
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
-
-    n_params = model.num_parameters(include_mtp=False)
-    log(f"model {cfg.preset}: {n_params:,} parameters (+{model.num_parameters() - n_params:,} MTP), "
-        f"{len(gates)} MoE layers, device {device}; {total_tokens:,} tokens planned")
-
-    from tqdm import tqdm
-
-    bar = tqdm(total=total_tokens, initial=tokens_seen, unit="tok", unit_scale=True, dynamic_ncols=True,
-               disable=None, file=sys.stderr)
-    val_loss = None
-    steps_this_run = 0
-    interrupted = False
-    with _StopFlag() as stop, open(metrics_file, "a") as metrics:
-        while tokens_seen < total_tokens:
-            t0 = time.perf_counter()
-            batch_size = sched.batch_size(tokens_seen, cfg.micro_batch_size)
-            n_micro = batch_size // cfg.micro_batch_size
-            lr = sched.lr(tokens_seen)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            mtp_weight = sched.mtp_weight(tokens_seen) if depth else 0.0
-            loads = [torch.zeros(g.n_experts, device=device) for g in gates]
-            # Summed on the device and read once per step: an .item() per micro-batch would make the host wait
-            # for each forward and backward before queueing the next, so the GPU idles while it launches.
-            sums = {k: torch.zeros((), dtype=torch.float64, device=device)
-                    for k in ("loss", "mtp_loss", "balance_loss")}
-            for _ in range(n_micro):
-                batch = next(loader)
-                window = batch.tokens.to(device, non_blocking=True)
-                inputs = window[:, : cfg.seq_len]
-                doc_ids = batch.doc_ids
-                if doc_ids is not None:  # non_blocking: a blocking copy would wait for the queued GPU work
-                    doc_ids = doc_ids[:, : cfg.seq_len].to(device, non_blocking=True)
-                with autocast():
-                    out = forward(inputs, future_tokens=window[:, cfg.seq_len : cfg.seq_len + depth],
-                                  doc_ids=doc_ids, with_mtp=depth > 0, with_stats=True)
-                    loss, mtp_loss, bal = compute_losses(out, window, cfg, mcfg.num_experts_per_tok)
-                    total = loss + mtp_weight * mtp_loss + bal
-                sums["mtp_loss"] += mtp_loss.detach().double() / n_micro
-                sums["balance_loss"] += bal.detach().double() / n_micro
-                (total / n_micro).backward()
-                sums["loss"] += loss.detach().double() / n_micro
-                for acc, st in zip(loads, out.router_stats):
-                    acc += st.counts
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)  # read after the step
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            gamma = sched.bias_update_speed(tokens_seen) if cfg.balance == "aux_free" else 0.0
-            update_bias(gates, loads, gamma)
-            grad_norm = grad_norm.item()
-            sums = {k: v.item() for k, v in sums.items()}
-            step += 1
-            steps_this_run += 1
-            step_tokens = batch_size * cfg.seq_len
-            tokens_seen += step_tokens
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            dt = time.perf_counter() - t0
-            record: dict[str, Any] = {
-                "step": step, "tokens": tokens_seen, **{k: round(v, 6) for k, v in sums.items()},
-                "grad_norm": round(grad_norm, 5), "lr": lr, "batch_size": batch_size, "gamma": gamma,
-                "mtp_weight": mtp_weight, "tokens_per_s": round(step_tokens / dt, 1),
-                "maxvio": [round(max_violation(x), 4) for x in loads],
-                "expert_load": [x.long().tolist() for x in loads],
-            }
-            if peak:
-                record["mfu"] = round(flops_per_token * step_tokens / dt / peak, 4)
-            record["maxvio_mean"] = round(sum(record["maxvio"]) / max(len(loads), 1), 4)
-            if not math.isfinite(sums["loss"]):
-                raise FloatingPointError(f"loss is {sums['loss']} at step {step}; lower --lr or check the data")
-            last = tokens_seen >= total_tokens
-            if (cfg.eval_every and step % cfg.eval_every == 0) or last:
-                val_loss = evaluate(model, val_data, cfg, device, autocast)
-                record["val_loss"] = round(val_loss, 5)
-                record["val_ppl"] = round(math.exp(min(val_loss, 50)), 3)
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
-            bar.update(step_tokens)
-            bar.set_postfix_str(f"step {step} loss {sums['loss']:.3f} lr {lr:.2e} maxvio {record['maxvio_mean']:.2f}"
-                                + (f" val {val_loss:.3f}" if "val_loss" in record else ""))
-            stopping = stop.signal is not None or (cfg.stop_after and steps_this_run >= cfg.stop_after)
-            if (cfg.save_every and step % cfg.save_every == 0) or last or stopping:
-                save_checkpoint(run_dir, step, model, optimizer, {
-                    "tokens": tokens_seen, "loader": loader.state_dict(), "model_config": mcfg.to_hf_dict(),
-                    "train_config": cfg.to_dict(),
-                }, keep_last=cfg.keep_last)
-            if stopping and not last:
-                interrupted = True
-                why = f"signal {stop.signal}" if stop.signal else f"--stop-after {cfg.stop_after}"
-                log(f"\nstopped at step {step} ({why}); checkpoint saved, continue with --resume --out {run_dir}")
-                break
-    bar.close()
-    result = RunResult(run_dir, step, tokens_seen, val_loss, math.exp(val_loss) if val_loss is not None else None,
-                       None, interrupted)
-    if not interrupted:
-        save_pretrained(model, run_dir / "export")
-        tokenizer.save(run_dir / "export")
-        result.sample = generate(model, tokenizer, cfg.sample_prompt, cfg.sample_tokens,
-                                 temperature=cfg.sample_temperature, top_k=cfg.sample_top_k or None, seed=cfg.seed)
-    return result
+    """Run (or, with ``resume``, continue) the training ``cfg`` describes; see :class:`Trainer`."""
+    return Trainer(cfg, resume=resume, log=log).fit()
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

@@ -1,0 +1,112 @@
+"""Expert parallelism (report §3.2): each rank of an expert-parallel group holds 1/EP of every MoE layer's
+routed experts, and token copies travel to their expert's rank and back by all-to-all.
+
+For one MoE layer on one rank (T tokens, K experts each, E experts, EP ranks, L = E / EP local experts):
+
+1. the copies are sorted by expert (:func:`~dsv3.model.moe.dispatch`), which groups them by destination rank;
+2. the per-expert counts are exchanged (an all-to-all of E integers on the device), and the split sizes are read
+   on the host once (the one host sync of the layer);
+3. ``all_to_all_single`` (with autograd) sends the copies; what arrives is ordered by source rank, then local
+   expert, and is regrouped by local expert for the grouped GEMM;
+4. the outputs go back the same way and are combined with the gate values as without parallelism.
+
+Gradients: a local expert's gradient already sums the contributions of every rank of its group (the all-to-all's
+backward brings them). :func:`reduce_expert_grads` sums it over the ranks holding the same experts and divides
+by the data-parallel size, the average FSDP2 applies to every other gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+from torch import nn
+
+from ..model import MoE
+from ..model.moe import dispatch, unsort
+from .parallel import Distributed, expert_parameters
+
+
+def _all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group: dist.ProcessGroup) -> torch.Tensor:
+    return funcol.wait_tensor(funcol.all_to_all_single_autograd(x, out_splits, in_splits, group))
+
+
+class ExpertParallelMoE(MoE):
+    """A :class:`~dsv3.model.MoE` whose ``experts`` hold experts ``first_expert .. first_expert + L - 1`` only,
+    the others being on the other ranks of ``group`` (see the module docstring)."""
+
+    group: dist.ProcessGroup
+    ep: int
+    first_expert: int
+
+    @classmethod
+    def from_moe(cls, moe: MoE, group: dist.ProcessGroup, ep: int, ep_rank: int) -> "ExpertParallelMoE":
+        """Take ``moe``'s modules (the same objects) and keep this rank's slice of its experts."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.n_experts = moe.n_experts
+        new.gate, new.experts, new.shared_experts, new.balance_loss = (
+            moe.gate, moe.experts, moe.shared_experts, moe.balance_loss)
+        local = moe.n_experts // ep
+        new.group, new.ep, new.first_expert = group, ep, ep_rank * local
+        experts = moe.experts
+        with torch.no_grad():
+            for name in ("gate_up_proj", "down_proj"):
+                full = getattr(experts, name)
+                setattr(experts, name, nn.Parameter(full[new.first_expert:new.first_expert + local].clone(),
+                                                    requires_grad=full.requires_grad))
+        experts.n_experts = local
+        new.train(moe.training)
+        return new
+
+    def send(self, flat: torch.Tensor, indices: torch.Tensor):
+        x_sorted, order, counts = dispatch(flat, indices, self.n_experts)
+        local = self.n_experts // self.ep
+        recv_counts = torch.empty_like(counts)
+        dist.all_to_all_single(recv_counts, counts, group=self.group)  # (source rank, local expert) counts
+        recv_counts = recv_counts.view(self.ep, local)
+        splits = torch.cat([counts.view(self.ep, local).sum(1), recv_counts.sum(1)]).tolist()  # the host read
+        send_splits, recv_splits = splits[: self.ep], splits[self.ep:]
+        x_recv = _all_to_all(x_sorted, recv_splits, send_splits, self.group)
+        # regroup what arrived (source-major) by local expert, keeping the source order within an expert
+        expert_of_row = torch.repeat_interleave(torch.arange(local, device=flat.device).repeat(self.ep),
+                                                recv_counts.flatten(), output_size=sum(recv_splits))
+        regroup = expert_of_row.argsort(stable=True)
+        return x_recv[regroup], recv_counts.sum(0), (order, regroup, send_splits, recv_splits)
+
+    def receive(self, y_local: torch.Tensor, routing: tuple) -> torch.Tensor:
+        _, regroup, send_splits, recv_splits = routing
+        return _all_to_all(unsort(y_local, regroup), send_splits, recv_splits, self.group)
+
+    def extra_repr(self) -> str:
+        local = self.n_experts // self.ep
+        return f"experts {self.first_expert}..{self.first_expert + local - 1} of {self.n_experts} (EP {self.ep})"
+
+
+def apply_expert_parallel(model: nn.Module, env: Distributed) -> None:
+    """Replace every MoE layer by an :class:`ExpertParallelMoE` holding this rank's experts."""
+    ep, group = env.dims.ep, env.ep_group
+    ep_rank = env.ep_mesh["ep"].get_local_rank()
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, MoE) and not isinstance(child, ExpertParallelMoE):
+                if child.n_experts % ep:
+                    raise ValueError(f"ep {ep} does not divide the {child.n_experts} routed experts")
+                setattr(module, name, ExpertParallelMoE.from_moe(child, group, ep, ep_rank))
+
+
+@torch.no_grad()
+def reduce_expert_grads(model: nn.Module, env: Distributed) -> None:
+    """Sum each local expert's gradient over the ranks holding the same experts and divide by the data-parallel
+    size (so that it is the gradient of the global batch's mean loss, as FSDP2 / DDP make the others)."""
+    grads = [p.grad for p in expert_parameters(model) if p.grad is not None]
+    if not grads:
+        return
+    if env.dp_outer_group is not None:  # one flat buffer, in the same (module) order on every rank
+        flat = torch.cat([g.flatten() for g in grads])
+        dist.all_reduce(flat, group=env.dp_outer_group)
+        torch._foreach_copy_(grads, [t.view_as(g) for t, g in zip(flat.split([g.numel() for g in grads]), grads)])
+    torch._foreach_div_(grads, float(env.dims.dp))
+
+
+__all__ = ["ExpertParallelMoE", "apply_expert_parallel", "reduce_expert_grads"]
