@@ -7,9 +7,13 @@ set -euo pipefail
 out=$1; shift
 export PYTHONPATH=${PYTHONPATH:-src}
 common=(train --device cuda --eval-every 0 --save-every 0 --set sample_tokens=8 --set batch_ramp=false "$@")
+torchrun=(python -m torch.distributed.run --standalone --nproc_per_node 1 -m dsv3)
 python -m dsv3 "${common[@]}" --out "$out/one" > "$out.one.log" 2>&1
-python -m torch.distributed.run --standalone --nproc_per_node 1 -m dsv3 "${common[@]}" --out "$out/fsdp" > "$out.fsdp.log" 2>&1
-python -m torch.distributed.run --standalone --nproc_per_node 1 -m dsv3 "${common[@]}" --dp-shard zero1 --out "$out/zero1" > "$out.zero1.log" 2>&1
+rm -rf "$out/one/checkpoints" "$out/one/export"  # a large model's checkpoints would fill the disk
+"${torchrun[@]}" "${common[@]}" --out "$out/fsdp" > "$out.fsdp.log" 2>&1
+rm -rf "$out/fsdp/checkpoints" "$out/fsdp/export"
+"${torchrun[@]}" "${common[@]}" --dp-shard zero1 --out "$out/zero1" > "$out.zero1.log" 2>&1
+rm -rf "$out/zero1/checkpoints" "$out/zero1/export"
 python - "$out" <<'PY'
 import json, statistics, sys
 root = sys.argv[1]
