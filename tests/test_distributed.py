@@ -130,12 +130,13 @@ def test_expert_parallel_matches_one_process(setup, launch, nproc):
 
 
 def test_kill_and_resume_under_torchrun_and_in_one_process(setup, launch):
-    """kill -9 of the whole torchrun job after a checkpoint; --resume under torchrun finishes the run as if
-    uninterrupted. The same sharded checkpoint also resumes in one process (2 ranks -> 1)."""
+    """kill -9 of the whole expert-parallel torchrun job after a checkpoint; --resume under torchrun finishes the
+    run as if uninterrupted. The same sharded checkpoint also resumes in one process (2 ranks -> 1, the experts
+    reassembled, without repeating --ep: the layout is the launch's)."""
     root, common = setup
-    uninterrupted, _ = launch("dp2", 2)
+    uninterrupted, _ = launch("ep2-dp2", 2, "--ep", "2")
     out = root / "killed"
-    proc = subprocess.Popen(torchrun_cmd(2, *common, "--set", "save_every=1", "--out", str(out)),
+    proc = subprocess.Popen(torchrun_cmd(2, *common, "--ep", "2", "--set", "save_every=1", "--out", str(out)),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env(), start_new_session=True)
     deadline = time.time() + TIMEOUT
     ckpts = out / "checkpoints"
@@ -149,12 +150,12 @@ def test_kill_and_resume_under_torchrun_and_in_one_process(setup, launch):
     import shutil
 
     shutil.copytree(out, root / "killed-copy")
-    resumed = torchrun(2, *common, "--out", str(out), "--resume")
+    resumed = torchrun(2, *common, "--out", str(out), "--resume", "--ep", "2")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_run(out, uninterrupted)
     a, b = records(out), records(uninterrupted)
     assert all(ra["loss"] == rb["loss"] and ra["grad_norm"] == rb["grad_norm"] for ra, rb in zip(a, b))
-    # 2 ranks -> 1 process: the sharded checkpoint (model and AdamW states) continues in one process
+    # 2 ranks -> 1 process: the sharded checkpoint (model, experts and AdamW states) continues in one process
     one = subprocess.run([sys.executable, "-m", "dsv3", "train", *common, "--out", str(root / "killed-copy"),
                           "--resume"], capture_output=True, text=True, timeout=TIMEOUT, env=env())
     assert one.returncode == 0, one.stderr[-3000:]

@@ -60,7 +60,8 @@ def _train_config(args: argparse.Namespace):
         return TrainConfig.from_file(args.config, **overrides)
     if args.resume and args.out and (Path(args.out) / "train_config.json").is_file():
         base = json.loads((Path(args.out) / "train_config.json").read_text())
-        base.pop("stop_after", None)
+        for launch_only in ("stop_after", "ep", "dp_shard"):  # this invocation's, not the run's: a sharded
+            base.pop(launch_only, None)                       # run may continue in one process, or on more ranks
     model = {**base.get("model", {}), **overrides.pop("model", {})}
     return TrainConfig.from_dict({**base, **overrides, "model": model})
 
@@ -351,7 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="Hugging Face layout directory or `dsv3 train` run directory")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--model-name", default=None, help="the model's id in the API (default: directory name)")
+    p.add_argument("--model-name", default=None,
+                   help="the model's id in the API (default: the directory's name; a run's name for its export/)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (default 8)")
     p.add_argument("--max-seq-len", type=int, default=None,
