@@ -19,41 +19,20 @@ import pytest
 import torch
 
 import dsv3
-from conftest import SRC
+from conftest import TORCHRUN_TIMEOUT as TIMEOUT
+from conftest import assert_same_run, make_corpus, records, torchrun, torchrun_cmd
+from conftest import torchrun_env as env
 
-TIMEOUT = 240
 ARGS = ["--vocab-size", "300", "--steps", "10", "--seq-len", "32", "--batch-size", "8", "--micro-batch-size", "2",
         "--eval-every", "5", "--save-every", "5", "--device", "cpu", "--set", "batch_ramp=false",
         "--set", "sample_tokens=4", "--set", "model.num_hidden_layers=2", "--set", "model.hidden_size=64"]
-
-
-def env() -> dict:
-    return {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
-
-
-def torchrun_cmd(nproc: int, *args: str, script: str | None = None) -> list[str]:
-    target = [script] if script else ["-m", "dsv3"]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *target,
-            "train", *args]
-
-
-def torchrun(nproc: int, *args: str, script: str | None = None) -> subprocess.CompletedProcess:
-    proc = subprocess.run(torchrun_cmd(nproc, *args, script=script), capture_output=True, text=True,
-                          timeout=TIMEOUT, env=env())
-    return proc
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """The corpus, a shared cache, and the one-process reference run (one thread, as each torchrun rank)."""
     root = tmp_path_factory.mktemp("dist")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
-    g = torch.Generator().manual_seed(0)
-    for i in range(30):
-        idx = torch.randint(0, len(words), (400,), generator=g).tolist()
-        (corpus / f"doc{i:02d}.txt").write_text(" ".join(words[j] for j in idx) + "\n")
+    corpus = make_corpus(root / "corpus")
     common = ["--data", str(corpus), "--cache-dir", str(root / "cache"), *ARGS]
     ref = subprocess.run([sys.executable, "-m", "dsv3", "train", *common, "--out", str(root / "one")],
                          capture_output=True, text=True, timeout=TIMEOUT, env=env())
@@ -76,28 +55,6 @@ def launch(setup):
         return done[name]
 
     return get
-
-
-def records(run: Path) -> list[dict]:
-    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def assert_same_run(run: Path, reference: Path, rel: float = 1e-4) -> None:
-    """Per-step losses within ``rel``; expert loads, and the exported routing biases, identical."""
-    a, b = records(run), records(reference)
-    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 11))
-    for ra, rb in zip(a, b):
-        for key in ("loss", "mtp_loss", "grad_norm", "val_loss"):
-            if key in rb:
-                assert ra[key] == pytest.approx(rb[key], rel=rel), (ra["step"], key)
-        assert ra["expert_load"] == rb["expert_load"], ra["step"]
-    ma = dsv3.load_pretrained(run / "export", dtype=torch.float32).state_dict()
-    mb = dsv3.load_pretrained(reference / "export", dtype=torch.float32).state_dict()
-    biases = [k for k in mb if k.endswith("e_score_correction_bias")]
-    assert biases and all(torch.equal(ma[k], mb[k]) for k in biases)
-    assert any(mb[k].abs().sum() > 0 for k in biases)  # the biases moved
-    for k in mb:  # AdamW's normalised steps amplify rounding on weights with tiny gradients: compare norms
-        assert (ma[k] - mb[k]).norm() <= 1e-4 * mb[k].norm() + 1e-6, k
 
 
 @pytest.mark.parametrize("name, nproc, extra", [("dp2", 2, []), ("dp4", 4, []), ("zero1-dp2", 2, ["--dp-shard", "zero1"])])

@@ -27,7 +27,7 @@ _TRAIN_FLAGS = {
     "preset": str, "data": str, "tokenizer": str, "steps": int, "save_every": int, "out": str, "device": str,
     "seq_len": int, "batch_size": int, "micro_batch_size": int, "lr": float, "eval_every": int, "seed": int,
     "balance": str, "vocab_size": int, "stop_after": int, "keep_last": int, "fim_rate": float,
-    "cache_dir": str, "ep": int, "dp_shard": str,
+    "cache_dir": str, "ep": int, "dp_shard": str, "pp": int, "pp_schedule": str,
 }
 _TRAIN_SWITCHES = ("fp8", "doc_mask", "bf16_moments", "compile")
 
@@ -60,8 +60,9 @@ def _train_config(args: argparse.Namespace):
         return TrainConfig.from_file(args.config, **overrides)
     if args.resume and args.out and (Path(args.out) / "train_config.json").is_file():
         base = json.loads((Path(args.out) / "train_config.json").read_text())
-        for launch_only in ("stop_after", "ep", "dp_shard"):  # this invocation's, not the run's: a sharded
-            base.pop(launch_only, None)                       # run may continue in one process, or on more ranks
+        # this invocation's, not the run's: a sharded run may continue in one process, or on more ranks
+        for launch_only in ("stop_after", "ep", "dp_shard", "pp", "pp_schedule"):
+            base.pop(launch_only, None)
     model = {**base.get("model", {}), **overrides.pop("model", {})}
     return TrainConfig.from_dict({**base, **overrides, "model": model})
 
@@ -282,9 +283,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run directory (default runs/<preset>-<time>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto; under torchrun cuda:LOCAL_RANK)")
-    p.add_argument("--dp-shard", choices=["fsdp", "zero1"],
-                   help="under torchrun: FSDP2 sharding (default) or ZeRO-1 (DDP + sharded AdamW states)")
+    p.add_argument("--dp-shard", choices=["auto", "fsdp", "zero1"],
+                   help="under torchrun: FSDP2 sharding or ZeRO-1 (gradient all-reduce + sharded AdamW states); "
+                        "default auto: FSDP2, ZeRO-1 with --pp")
     p.add_argument("--ep", type=int, help="expert parallelism: split each MoE layer's experts over this many ranks")
+    p.add_argument("--pp", type=int, help="pipeline parallelism: cut the model into stages over this many ranks")
+    p.add_argument("--pp-schedule", choices=["1f1b", "dualpipev", "dualpipe"],
+                   help="pipeline schedule (default 1f1b; DualPipe / DualPipeV need an even count of >= 2 x pp "
+                        "micro-batches per rank and step)")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
     p.add_argument("--cache-dir", help="tokenizer and token-file cache (default ~/.cache/dsv3 or $DSV3_CACHE)")
     p.add_argument("--set", action="append", metavar="FIELD=VALUE",

@@ -91,10 +91,7 @@ class DeepSeekV3(nn.Module):
         """
         if tokens.dim() != 2:
             raise ValueError(f"tokens must have shape (batch, seq), got {tuple(tokens.shape)}")
-        b, s = tokens.shape
-        positions = torch.arange(s, device=tokens.device)
-        cos, sin = self.rotary(positions)
-        mask = document_mask(doc_ids) if doc_ids is not None else None
+        cos, sin, mask = self.position_inputs(tokens.shape[1], tokens.device, doc_ids)
         h = self.embed_tokens(tokens)
         for layer in self.layers:
             h = layer(h, cos, sin, mask)
@@ -102,16 +99,29 @@ class DeepSeekV3(nn.Module):
         out = ModelOutput(logits=self.lm_head(h), hidden=h)
         if with_mtp and len(self.mtp) > 0:
             window = tokens if future_tokens is None else torch.cat([tokens, future_tokens], dim=1)
-            h_prev = h
-            for k, module in enumerate(self.mtp, start=1):
-                n = min(s, window.shape[1] - k)  # positions i whose token t_{i+k} is known
-                if n <= 0:
-                    break
-                sub_mask = mask[:, :, :n, :n] if mask is not None else None
-                h_prev, normed = module(h_prev[:, :n], self.embed_tokens(window[:, k:k + n]), cos[:n], sin[:n],
-                                        sub_mask)
-                out.mtp_logits.append(self.lm_head(normed))
+            out.mtp_logits = self.mtp_forward(h, window, cos, sin, mask)
         return out
+
+    def position_inputs(self, seq_len: int, device: torch.device, doc_ids: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """RoPE's cos and sin for positions 0..seq_len-1, and the document mask (None without ``doc_ids``)."""
+        cos, sin = self.rotary(torch.arange(seq_len, device=device))
+        return cos, sin, document_mask(doc_ids) if doc_ids is not None else None
+
+    def mtp_forward(self, h: torch.Tensor, window: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    mask: torch.Tensor | None) -> list[torch.Tensor]:
+        """The MTP modules' logits (eq. 21-23) from the main model's final hidden state ``h`` (B, S, d) and the
+        tokens ``window`` (B, >= S): module k at position i embeds t_{i+k} and predicts t_{i+k+1}."""
+        s = h.shape[1]
+        logits, h_prev = [], h
+        for k, module in enumerate(self.mtp, start=1):
+            n = min(s, window.shape[1] - k)  # positions i whose token t_{i+k} is known
+            if n <= 0:
+                break
+            sub_mask = mask[:, :, :n, :n] if mask is not None else None
+            h_prev, normed = module(h_prev[:, :n], self.embed_tokens(window[:, k:k + n]), cos[:n], sin[:n], sub_mask)
+            logits.append(self.lm_head(normed))
+        return logits
 
     def num_parameters(self, include_mtp: bool = True) -> int:
         n = sum(p.numel() for name, p in self.named_parameters() if include_mtp or not name.startswith("mtp."))

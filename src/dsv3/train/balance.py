@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..model import BalanceLoss, DeepSeekV3, Gate, MoE
+from ..model import BalanceLoss, Block, DeepSeekV3, Gate, MoE
 
 
 def moe_layers(model: torch.nn.Module) -> list[MoE]:
@@ -37,14 +37,22 @@ def attach_balance_losses(model: DeepSeekV3, kind: str) -> list[BalanceLoss]:
 
 class Balancer:
     """The training side of balancing: the balance losses' weight and totals, the gates' global loads, the
-    bias update. ``group``: the data-parallel process group whose ranks see different tokens (None: one
-    process)."""
+    bias update. ``group``: the ranks whose counts together make the global batch's (None: one process; every
+    rank under torchrun, as a pipeline rank counts only its own layers); ``replica_group``: ranks that must hold
+    equal biases for the same layers (the data-parallel ranks)."""
 
-    def __init__(self, model: torch.nn.Module, loss_kind: str, alpha: float, group: dist.ProcessGroup | None = None):
-        self.gates = moe_gates(model)
+    def __init__(self, model: torch.nn.Module, loss_kind: str, alpha: float, group: dist.ProcessGroup | None = None,
+                 replica_group: dist.ProcessGroup | None = None):
+        config = model.config
+        # (layer id, MoE) of the layers this rank holds; a pipeline rank holds some, one process all
+        held = sorted((m.layer_id, m.mlp) for m in model.modules() if isinstance(m, Block) and isinstance(m.mlp, MoE))
+        every = [i for i in range(config.num_hidden_layers + config.num_nextn_predict_layers) if config.is_moe_layer(i)]
+        self.slots = [every.index(layer_id) for layer_id, _ in held]
+        self.n_layers, self.n_experts = len(every), config.n_routed_experts
+        self.gates = [moe.gate for _, moe in held]
         self.losses = attach_balance_losses(model, loss_kind) if alpha > 0 else []
         self.alpha = alpha
-        self.group = group
+        self.group, self.replica_group = group, replica_group
 
     def start_step(self, n_micro: int) -> None:
         """Weight each micro-batch's balance loss by alpha / n_micro (the main losses' accumulation scale)."""
@@ -61,31 +69,31 @@ class Balancer:
         return total
 
     def take_loads(self) -> torch.Tensor:
-        """(layers, experts) int64 tokens routed to each expert since the last call, summed over the
-        data-parallel ranks (one all-reduce); the gates' counters restart from zero."""
-        if not self.gates:
-            return torch.zeros(0, 0, dtype=torch.long)
-        loads = torch.stack([g.tokens_per_expert for g in self.gates])
-        for g in self.gates:
-            g.tokens_per_expert.zero_()
+        """(MoE layers of the model, experts) int64 tokens routed to each expert since the last call, summed over
+        ``group`` (one all-reduce); the gates' counters restart from zero."""
+        device = self.gates[0].tokens_per_expert.device if self.gates else None
+        loads = torch.zeros(self.n_layers, self.n_experts, dtype=torch.long, device=device)
+        for slot, gate in zip(self.slots, self.gates):
+            loads[slot] = gate.tokens_per_expert
+            gate.tokens_per_expert.zero_()
         if self.group is not None:
             dist.all_reduce(loads, group=self.group)
         return loads
 
     @torch.no_grad()
     def update_bias(self, loads: torch.Tensor, gamma: float) -> None:
-        update_bias(self.gates, list(loads), gamma)
+        update_bias(self.gates, [loads[slot] for slot in self.slots], gamma)
 
     @torch.no_grad()
     def check_replicated(self) -> None:
         """Raise if the routing biases differ between the data-parallel ranks (they are buffers every rank
         updates on its own from the same global loads; a difference would be a bug)."""
         biases = [g.e_score_correction_bias for g in self.gates if g.e_score_correction_bias is not None]
-        if self.group is None or not biases:
+        if self.replica_group is None or not biases:
             return
         mine = torch.cat(biases)
         reference = mine.clone()
-        dist.broadcast(reference, src=dist.get_global_rank(self.group, 0), group=self.group)
+        dist.broadcast(reference, src=dist.get_global_rank(self.replica_group, 0), group=self.replica_group)
         if not torch.equal(mine, reference):
             raise RuntimeError(f"routing biases differ between data-parallel ranks (rank {dist.get_rank()}, "
                                f"max difference {(mine - reference).abs().max().item():.3g})")

@@ -89,12 +89,19 @@ class TrainConfig:
     keep_last: int = 3
     device: str = "auto"
     """``auto`` (CUDA when there is a GPU), ``cpu`` or ``cuda``; under torchrun each rank takes cuda:LOCAL_RANK."""
-    dp_shard: str = "fsdp"
-    """How data parallelism (every torchrun rank) shards the training state: ``fsdp`` (FSDP2: parameters,
-    gradients and optimiser states) or ``zero1`` (DDP gradients + sharded AdamW states, the report's ZeRO-1)."""
+    dp_shard: str = "auto"
+    """How data parallelism (the torchrun ranks of one pipeline stage) shards the training state: ``fsdp`` (FSDP2:
+    parameters, gradients and optimiser states), ``zero1`` (gradient all-reduce + sharded AdamW states, the
+    report's ZeRO-1) or ``auto`` (FSDP2 without a pipeline, ZeRO-1 with one)."""
     ep: int = 1
     """Expert parallelism: the routed experts of each MoE layer split over groups of this many ranks (it must
-    divide the world size and the number of experts)."""
+    divide the data-parallel size and the number of experts)."""
+    pp: int = 1
+    """Pipeline parallelism: the model cut into stages over this many ranks (world = pp x data-parallel)."""
+    pp_schedule: str = "1f1b"
+    """``1f1b``, ``dualpipev`` (P ranks hold 2P stages; first and last stage on rank 0) or ``dualpipe`` (two
+    copies of the model fed from both ends; parameters 2x); the DualPipes need an even number of at least 2 x pp
+    micro-batches per rank and step."""
     seed: int = 0
     fp8: bool = False
     """FP8 GEMMs for the Linear layers of attention and experts (report §3.3)."""
@@ -145,7 +152,8 @@ class TrainConfig:
             if isinstance(v, os.PathLike):
                 setattr(self, name, os.fspath(v))
             need(getattr(self, name) is None or isinstance(getattr(self, name), str), name, "a path (string)")
-        for name in ("preset", "balance", "device", "sample_prompt", "cache_dir", "dp_shard"):
+        for name in ("preset", "balance", "device", "sample_prompt", "cache_dir", "dp_shard",
+                     "pp_schedule"):
             need(isinstance(getattr(self, name), str), name, "a string")
 
         for name in ("steps", "seq_len", "batch_size", "micro_batch_size", "vocab_size", "eval_batches",
@@ -174,8 +182,10 @@ class TrainConfig:
         need(0 <= self.fim_rate <= 1, "fim_rate", "in [0, 1]")
         need(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda"), "device",
              "'auto', 'cpu' or 'cuda[:N]'")
-        need(self.dp_shard in ("fsdp", "zero1"), "dp_shard", "'fsdp' or 'zero1'")
+        need(self.dp_shard in ("auto", "fsdp", "zero1"), "dp_shard", "'auto', 'fsdp' or 'zero1'")
         need(self.ep >= 1, "ep", "an integer >= 1")
+        need(self.pp >= 1, "pp", "an integer >= 1")
+        need(self.pp_schedule in ("1f1b", "dualpipev", "dualpipe"), "pp_schedule", "'1f1b', 'dualpipev' or 'dualpipe'")
         need(self.stop_after is None or self.stop_after >= 1, "stop_after", "None or >= 1")
         need(isinstance(self.model, dict), "model", "a mapping of ModelConfig fields")
         known = {f.name for f in dataclasses.fields(ModelConfig)}
@@ -235,6 +245,6 @@ class TrainConfig:
 _FLOAT_FIELDS = ("lr", "warmup", "weight_decay", "beta1", "beta2", "grad_clip", "gamma", "seq_aux_alpha",
                  "aux_loss_alpha", "fim_rate", "sample_temperature")
 _INT_FIELDS = ("steps", "seq_len", "batch_size", "micro_batch_size", "vocab_size", "eval_every", "eval_batches",
-               "save_every", "keep_last", "seed", "sample_tokens", "sample_top_k", "stop_after", "ep")
+               "save_every", "keep_last", "seed", "sample_tokens", "sample_top_k", "stop_after", "ep", "pp")
 _BOOL_FIELDS = ("batch_ramp", "bf16_moments", "mtp", "doc_mask", "fp8", "compile")
 _PATH_FIELDS = ("data", "tokenizer", "out", "cache_dir")

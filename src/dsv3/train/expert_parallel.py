@@ -24,7 +24,7 @@ from torch import nn
 
 from ..model import MoE
 from ..model.moe import dispatch, unsort
-from .parallel import Distributed, expert_parameters
+from .parallel import Distributed, all_reduce_flat, expert_parameters
 
 
 def _all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group: dist.ProcessGroup) -> torch.Tensor:
@@ -102,10 +102,8 @@ def reduce_expert_grads(model: nn.Module, env: Distributed) -> None:
     grads = [p.grad for p in expert_parameters(model) if p.grad is not None]
     if not grads:
         return
-    if env.dp_outer_group is not None:  # one flat buffer, in the same (module) order on every rank
-        flat = torch.cat([g.flatten() for g in grads])
-        dist.all_reduce(flat, group=env.dp_outer_group)
-        torch._foreach_copy_(grads, [t.view_as(g) for t, g in zip(flat.split([g.numel() for g in grads]), grads)])
+    if env.dp_outer_group is not None:
+        all_reduce_flat(grads, env.dp_outer_group)
     torch._foreach_div_(grads, float(env.dims.dp))
 
 

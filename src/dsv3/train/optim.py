@@ -40,9 +40,9 @@ class AdamWLowPrecisionMoments(torch.optim.Optimizer):
 
 
 def build_optimizer(model: torch.nn.Module, lr: float, betas: tuple[float, float], weight_decay: float,
-                    bf16_moments: bool = False, zero1: bool = False) -> torch.optim.Optimizer:
-    """Decay matrices (and the embedding); not norms or other vectors. ``zero1``: AdamW's states sharded over the
-    data-parallel ranks (``ZeroRedundancyOptimizer``, report §3.2's ZeRO-1; needs the process group)."""
+                    bf16_moments: bool = False, zero1_group=None) -> torch.optim.Optimizer:
+    """Decay matrices (and the embedding); not norms or other vectors. ``zero1_group``: AdamW's states sharded
+    over these data-parallel ranks (``ZeroRedundancyOptimizer``, report §3.2's ZeRO-1)."""
     from torch.distributed.tensor import DTensor
 
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
@@ -53,11 +53,11 @@ def build_optimizer(model: torch.nn.Module, lr: float, betas: tuple[float, float
     groups = [{**g, "params": [p for p in g["params"] if isinstance(p, DTensor) == sharded]}
               for g in groups for sharded in (False, True)]
     groups = [g for g in groups if g["params"]]
-    if zero1:
+    if zero1_group is not None:
         from torch.distributed.optim import ZeroRedundancyOptimizer
 
         cls = AdamWLowPrecisionMoments if bf16_moments else torch.optim.AdamW
-        return ZeroRedundancyOptimizer(groups, optimizer_class=cls, lr=lr, betas=betas)
+        return ZeroRedundancyOptimizer(groups, optimizer_class=cls, process_group=zero1_group, lr=lr, betas=betas)
     if bf16_moments:
         return AdamWLowPrecisionMoments(groups, lr=lr, betas=betas)
     sharded = any(isinstance(p, DTensor) for p in decay + no_decay)

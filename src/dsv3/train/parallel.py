@@ -36,34 +36,52 @@ from torch import nn
 from ..config import ConfigError
 from ..model import Block, DeepSeekV3
 
-DP_SHARD_MODES = ("fsdp", "zero1")
+DP_SHARD_MODES = ("auto", "fsdp", "zero1")
 
 
 @dataclass(frozen=True)
 class ParallelDims:
-    """The parallel layout of a run: ``dp`` data-parallel ranks in groups of ``ep`` for the experts."""
+    """The parallel layout of a run: ``pp`` pipeline ranks times ``dp`` data-parallel ranks, the data-parallel
+    ranks in groups of ``ep`` for the experts."""
 
     dp: int = 1
     ep: int = 1
-    dp_shard: str = "fsdp"
-    """``fsdp``: FSDP2 shards parameters, gradients and optimiser states; ``zero1``: DDP + sharded AdamW states."""
+    dp_shard: str = "auto"
+    """``fsdp``: FSDP2 shards parameters, gradients and optimiser states; ``zero1``: data-parallel gradient
+    all-reduce + sharded AdamW states; ``auto``: FSDP2, or ZeRO-1 with a pipeline (the report's layout)."""
     launched: bool = False
     """Started by torchrun: the distributed code paths run, even on a world of one (a single GPU tests them)."""
+    pp: int = 1
+    """Pipeline ranks (each holds one or two stages of the model, see :mod:`dsv3.pipeline`)."""
 
     def __post_init__(self) -> None:
-        if self.dp < 1 or self.ep < 1:
-            raise ConfigError(f"parallel sizes must be >= 1, got dp={self.dp}, ep={self.ep}")
+        if self.dp < 1 or self.ep < 1 or self.pp < 1:
+            raise ConfigError(f"parallel sizes must be >= 1, got pp={self.pp}, dp={self.dp}, ep={self.ep}")
         if self.dp % self.ep:
-            raise ConfigError(f"ep: {self.ep} must divide the data-parallel size {self.dp} (the world size): "
+            raise ConfigError(f"ep: {self.ep} must divide the data-parallel size {self.dp} (world / pp): "
                               f"expert-parallel groups are subsets of the data-parallel ranks")
         if self.dp_shard not in DP_SHARD_MODES:
             raise ConfigError(f"dp_shard: must be one of {DP_SHARD_MODES}, got {self.dp_shard!r}")
         if self.dp_shard == "zero1" and self.ep > 1:
-            raise ConfigError("dp_shard zero1 with ep > 1 is not supported yet: use --dp-shard fsdp with --ep")
+            raise ConfigError("dp_shard zero1 with ep > 1 is not supported yet: use --dp-shard fsdp with --ep, or "
+                              "with --pp leave --dp-shard at auto")
+        if self.dp_shard == "fsdp" and self.pp > 1:
+            raise ConfigError("dp_shard fsdp with pp > 1 is not supported yet: a pipeline shards data-parallel "
+                              "state with ZeRO-1 (leave --dp-shard at auto)")
+
+    @property
+    def shard(self) -> str:
+        """How data parallelism runs: ``fsdp``, ``zero1`` or, under a pipeline with expert parallelism,
+        ``replicate`` (gradients all-reduced, AdamW states not sharded)."""
+        if self.dp_shard != "auto":
+            return self.dp_shard
+        if self.pp == 1:
+            return "fsdp"
+        return "zero1" if self.ep == 1 else "replicate"
 
     @property
     def world(self) -> int:
-        return self.dp
+        return self.pp * self.dp
 
     @property
     def dp_outer(self) -> int:
@@ -77,24 +95,42 @@ class ParallelDims:
 
 @dataclass
 class Distributed:
-    """This process's place in the run: its rank, the world, its device, the mesh (None in one process)."""
+    """This process's place in the run: its ranks, its device, the meshes (None in one process)."""
 
     dims: ParallelDims
     rank: int
     device: torch.device
-    dp_mesh: "dist.device_mesh.DeviceMesh | None" = None
-    """1-D over all ranks (None in one process)."""
+    mesh: "dist.device_mesh.DeviceMesh | None" = None
+    """2-D ``("pp", "dp")`` over all ranks (None in one process): rank = pp_rank * dp + dp_rank."""
     ep_mesh: "dist.device_mesh.DeviceMesh | None" = None
-    """2-D ``("dp_outer", "ep")`` when the experts are split (else None)."""
+    """2-D ``("dp_outer", "ep")`` over this pipeline rank's data-parallel ranks, when the experts are split."""
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
     @property
+    def pp_rank(self) -> int:
+        return self.rank // self.dims.dp
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank % self.dims.dp
+
+    @property
+    def dp_mesh(self) -> "dist.device_mesh.DeviceMesh | None":
+        """1-D over this pipeline rank's data-parallel ranks (what FSDP2 shards over)."""
+        return self.mesh["dp"] if self.mesh is not None else None
+
+    @property
     def dp_group(self) -> dist.ProcessGroup | None:
-        """All data-parallel ranks (None in one process)."""
-        return dist.group.WORLD if self.dims.distributed else None
+        """The data-parallel ranks that run the same stages on other data (None in one process)."""
+        return self.mesh.get_group("dp") if self.mesh is not None else None
+
+    @property
+    def pp_group(self) -> dist.ProcessGroup | None:
+        """The pipeline ranks of this data-parallel replica (None without a pipeline)."""
+        return self.mesh.get_group("pp") if self.mesh is not None and self.dims.pp > 1 else None
 
     @property
     def ep_group(self) -> dist.ProcessGroup | None:
@@ -110,10 +146,10 @@ class Distributed:
         if self.dims.distributed:
             dist.barrier()
 
-    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        """Sum over the data-parallel ranks, in place; returns ``t``."""
+    def all_reduce(self, t: torch.Tensor, over: str = "world") -> torch.Tensor:
+        """Sum in place over all ranks (``over="world"``) or this rank's data-parallel group (``"dp"``)."""
         if self.dims.distributed:
-            dist.all_reduce(t)
+            dist.all_reduce(t, group=self.dp_group if over == "dp" else None)
         return t
 
 
@@ -126,12 +162,14 @@ def launched_by_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
 
 
-def init_distributed(device: torch.device, ep: int = 1, dp_shard: str = "fsdp") -> Distributed:
-    """Join the process group torchrun describes (NCCL on CUDA, gloo on the CPU) and build the mesh.
+def init_distributed(device: torch.device, ep: int = 1, dp_shard: str = "auto", pp: int = 1) -> Distributed:
+    """Join the process group torchrun describes (NCCL on CUDA, gloo on the CPU) and build the meshes.
 
     ``device`` is the device the run asked for; under torchrun a CUDA run takes ``cuda:LOCAL_RANK``."""
     rank, local_rank, world = world_from_env()
-    dims = ParallelDims(dp=world, ep=ep, dp_shard=dp_shard, launched=launched_by_torchrun())
+    if world % pp:
+        raise ConfigError(f"pp: {pp} must divide the world size {world}")
+    dims = ParallelDims(dp=world // pp, ep=ep, dp_shard=dp_shard, launched=launched_by_torchrun(), pp=pp)
     if not dims.distributed:
         return Distributed(dims, 0, device)
     if device.type == "cuda":
@@ -142,11 +180,12 @@ def init_distributed(device: torch.device, ep: int = 1, dp_shard: str = "fsdp") 
         dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
     from torch.distributed.device_mesh import init_device_mesh
 
-    dp_mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("dp",))
+    mesh = init_device_mesh(device.type, (dims.pp, dims.dp), mesh_dim_names=("pp", "dp"))
     ep_mesh = None
     if dims.ep > 1:
-        ep_mesh = init_device_mesh(device.type, (dims.dp_outer, dims.ep), mesh_dim_names=("dp_outer", "ep"))
-    return Distributed(dims, rank, device, dp_mesh, ep_mesh)
+        ep_mesh = init_device_mesh(device.type, (dims.pp, dims.dp_outer, dims.ep),
+                                   mesh_dim_names=("pp", "dp_outer", "ep"))["dp_outer", "ep"]
+    return Distributed(dims, rank, device, mesh, ep_mesh)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -169,8 +208,11 @@ def parallelize(model: DeepSeekV3, env: Distributed, *, fp8: bool = False, compi
         return torch.compile(model) if compile else model
     if compile:
         for block in blocks(model):
-            block.compile()
-    if env.dims.dp_shard == "fsdp":
+            if isinstance(block, Block):  # a pipeline rank's other blocks are empty placeholders
+                block.compile()
+    if env.dims.pp > 1:  # the pipeline calls the stages; data-parallel gradients are reduced after the step
+        return model
+    if env.dims.shard == "fsdp":
         _fully_shard(model, env)
         return model
     from torch.nn.parallel import DistributedDataParallel
@@ -208,7 +250,7 @@ def grad_sync_context(module: nn.Module, env: Distributed):
     def sync(last: bool):
         if not env.dims.distributed:
             return contextlib.nullcontext()
-        if env.dims.dp_shard == "zero1":
+        if env.dims.shard == "zero1":
             return contextlib.nullcontext() if last else module.no_sync()
         module.set_requires_gradient_sync(last)  # FSDP2: reduce-scatter with the last backward only
         return contextlib.nullcontext()
@@ -217,48 +259,57 @@ def grad_sync_context(module: nn.Module, env: Distributed):
 
 
 @torch.no_grad()
-def clip_grad_norm(model: nn.Module, max_norm: float, env: Distributed) -> torch.Tensor:
+def clip_grad_norm(model: nn.Module, max_norm: float, env: Distributed,
+                   holders: dict[int, int] | None = None) -> torch.Tensor:
     """Scale the gradients so that their global 2-norm is at most ``max_norm``; returns the norm before
     clipping (a device tensor, the same on every rank; read it after the optimiser step to avoid a host wait).
 
     Sharded (FSDP2 DTensor) gradients are summed over the data-parallel ranks, the experts' over an
-    expert-parallel group (each expert once: a column holds copies), replicated ones counted once."""
+    expert-parallel group (each expert once: a column holds copies), replicated ones counted once; under a
+    pipeline every rank's share is summed over the pipeline ranks, a parameter that ``holders`` (by ``id``) says
+    several pipeline ranks hold counting once."""
     from torch.distributed.tensor import DTensor
 
     experts = {id(p) for p in expert_parameters(model)} if env.dims.ep > 1 else set()
-    grads, sharded, plain, expert = [], [], [], []
+    holders = holders or {}
+    grads: list[torch.Tensor] = []
+    parts: dict[str, list[torch.Tensor]] = {"plain": [], "sharded": [], "expert": []}
     for p in model.parameters():
         if p.grad is None:
             continue
-        g = p.grad
-        if isinstance(g, DTensor):
-            g = g.to_local()
-            sharded.append(g)
-        elif id(p) in experts:
-            expert.append(g)
-        else:
-            plain.append(g)
+        g = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+        kind = "sharded" if isinstance(p.grad, DTensor) else "expert" if id(p) in experts else "plain"
+        parts[kind].append(g.float().square().sum() / holders.get(id(p), 1))
         grads.append(g)
 
-    def sum_sq(ts: list[torch.Tensor]) -> torch.Tensor:
-        if not ts:
-            return torch.zeros((), device=env.device)
-        return torch.stack([t.float().square().sum() for t in ts]).sum()
+    def total(kind: str) -> torch.Tensor:
+        return torch.stack(parts[kind]).sum() if parts[kind] else torch.zeros((), device=env.device)
 
-    total = sum_sq(plain)
-    if sharded:
-        part = sum_sq(sharded)
-        dist.all_reduce(part, group=env.dp_group)
-        total = total + part
-    if expert:
-        part = sum_sq(expert)
+    sq = total("plain")
+    if parts["sharded"]:
+        sq = sq + env.all_reduce(total("sharded"), over="dp")
+    if env.dims.ep > 1:
+        part = total("expert")
         dist.all_reduce(part, group=env.ep_group)
-        total = total + part
-    norm = total.sqrt()
+        sq = sq + part
+    if env.pp_group is not None:
+        dist.all_reduce(sq, group=env.pp_group)
+    norm = sq.sqrt()
     if grads:
         coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
         torch._foreach_mul_(grads, coef)
     return norm
+
+
+@torch.no_grad()
+def all_reduce_flat(grads: list[torch.Tensor], group: dist.ProcessGroup | None) -> None:
+    """Sum ``grads`` over ``group`` in place, as one flat buffer (callers list them in the same order on every
+    rank: module order)."""
+    if not grads:
+        return
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat, group=group)
+    torch._foreach_copy_(grads, [t.view_as(g) for t, g in zip(flat.split([g.numel() for g in grads]), grads)])
 
 
 def close_distributed() -> None:

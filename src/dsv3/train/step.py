@@ -26,12 +26,25 @@ def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
                            reduction="sum")
 
 
+def token_losses(logits: list[torch.Tensor], batch: TrainBatch) -> list[torch.Tensor]:
+    """[main CE sum, MTP depth-1 CE sum, ...] (report eq. 24 per depth) from the head's logits and each depth's."""
+    return [cross_entropy_sum(lg, batch.targets(k)) for k, lg in enumerate(logits)]
+
+
 def step_losses(model: nn.Module, batch: TrainBatch, depth: int) -> list[torch.Tensor]:
-    """Forward one micro-batch: [main CE sum, MTP depth-1 CE sum, ...] (report eq. 24 per depth)."""
+    """Forward one micro-batch: [main CE sum, MTP depth-1 CE sum, ...]."""
     out = model(batch.inputs, future_tokens=batch.future_tokens if depth else None, doc_ids=batch.doc_ids,
                 with_mtp=depth > 0)
-    return [cross_entropy_sum(out.logits, batch.targets(0))] + [
-        cross_entropy_sum(logits, batch.targets(k)) for k, logits in enumerate(out.mtp_logits, start=1)]
+    return token_losses([out.logits, *out.mtp_logits], batch)
+
+
+def combine_losses(losses: list[torch.Tensor], denominators: torch.Tensor, mtp_weight: float) -> torch.Tensor:
+    """L = CE_main / n_0 + lambda / D * sum_k CE_k / n_k (eq. 25), n = ``denominators``."""
+    loss = losses[0] / denominators[0]
+    depth = len(losses) - 1
+    if depth:
+        loss = loss + mtp_weight / depth * sum(ce / denominators[k] for k, ce in enumerate(losses[1:], 1))
+    return loss
 
 
 def forward_backward(
@@ -46,16 +59,13 @@ def forward_backward(
 ) -> torch.Tensor:
     """Forward and backward of every micro-batch; returns (1 + depth,) float64 summed token losses (detached).
 
-    Per micro-batch: L = CE_main / n_0 + lambda / D * sum_k CE_k / n_k (eq. 25), n = ``denominators``.
-    ``grad_sync(last)`` wraps each micro-batch: data-parallel gradients are reduced with the last one only."""
+    Per micro-batch: :func:`combine_losses` of its token losses. ``grad_sync(last)`` wraps each micro-batch:
+    data-parallel gradients are reduced with the last one only."""
     sums = torch.zeros(1 + depth, dtype=torch.float64, device=denominators.device)
     for i, batch in enumerate(batches):
         with grad_sync(i == len(batches) - 1):
             with autocast():
                 losses = step_losses(model, batch, depth)
-            loss = losses[0] / denominators[0]
-            if depth:
-                loss = loss + mtp_weight / depth * sum(ce / denominators[k] for k, ce in enumerate(losses[1:], 1))
-            loss.backward()
+            combine_losses(losses, denominators, mtp_weight).backward()
         sums += torch.stack(losses).detach().double()
     return sums

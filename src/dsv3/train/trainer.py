@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from .. import build_model
 from ..checkpoint import CheckpointError, save_pretrained
@@ -97,7 +98,8 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, resume: bool = False, log=print):
         self.cfg = cfg
-        self.env: Distributed = init_distributed(resolve_device(cfg.device), ep=cfg.ep, dp_shard=cfg.dp_shard)
+        self.env: Distributed = init_distributed(resolve_device(cfg.device), ep=cfg.ep, dp_shard=cfg.dp_shard,
+                                                 pp=cfg.pp)
         env = self.env
         self.device = env.device
         self.log = log if env.is_main else _quiet
@@ -141,23 +143,38 @@ class Trainer:
         self.model_config = mcfg
         self.depth = mcfg.num_nextn_predict_layers
         self.model = build_model(mcfg, device=self.device, dtype=torch.float32, seed=cfg.seed)
+        self.pipeline = None
+        if env.dims.pp > 1:  # keeps only this rank's stages of the model
+            from .pipeline_parallel import Pipeline
+
+            self.pipeline = Pipeline(self.model, env, cfg.pp_schedule, self.depth)
+            self.pipeline.check_microbatches(self._microbatch_counts())
         self.balancer = Balancer(
             self.model, "sequence" if cfg.balance == "aux_free" else "batch",
-            cfg.seq_aux_alpha if cfg.balance == "aux_free" else cfg.aux_loss_alpha, group=env.dp_group)
+            cfg.seq_aux_alpha if cfg.balance == "aux_free" else cfg.aux_loss_alpha,
+            group=dist.group.WORLD if env.dims.distributed else None, replica_group=env.dp_group)
         self.model.train()
         self.forward = parallelize(self.model, env, fp8=cfg.fp8, compile=cfg.compile)
+        self.holders = None
+        if self.pipeline is not None:
+            if self.pipeline.zero_bubble:
+                from ..pipeline.weight_grad import defer_weight_gradients
+
+                defer_weight_gradients(self.model, self.pipeline.store)
+            self.holders = self.pipeline.holders()
         if cfg.fp8:
             from ..fp8 import fp8_backends
 
             self.log("FP8 GEMMs: " + ", ".join(f"{k} on {v}" for k, v in fp8_backends(self.model).items()))
         self.grad_sync = grad_sync_context(self.forward, env)
+        zero1 = env.dims.distributed and env.dims.shard == "zero1"
         self.optimizer = build_optimizer(self.model, cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay,
-                                         cfg.bf16_moments, zero1=env.dims.dp_shard == "zero1" and env.dims.distributed)
+                                         cfg.bf16_moments, zero1_group=env.dp_group if zero1 else None)
 
         # ---- data stream, schedules, progress
         self.loader = PackedLoader(self.train_data, cfg.seq_len, cfg.micro_batch_size, n_future=1 + self.depth,
                                    seed=cfg.seed, fim_rate=cfg.fim_rate if self.train_data.fim_tokens is not None else 0.0,
-                                   return_doc_ids=cfg.doc_mask, rank=env.rank, world_size=env.dims.dp)
+                                   return_doc_ids=cfg.doc_mask, rank=env.dp_rank, world_size=env.dims.dp)
         self.total_tokens = cfg.steps * cfg.batch_size * cfg.seq_len
         self.sched = Schedules.paper(self.total_tokens, peak_lr=cfg.lr, warmup_tokens=cfg.warmup * self.total_tokens,
                                      batch_size=cfg.batch_size, batch_start=None if cfg.batch_ramp else cfg.batch_size,
@@ -184,6 +201,13 @@ class Trainer:
             dist.broadcast_object_list(box, src=0)
             name = box[0]
         return Path(name)
+
+    def _microbatch_counts(self) -> set[int]:
+        """The micro-batches per rank a step can have over the run (the batch ramp moves in whole multiples)."""
+        cfg = self.cfg
+        unit = cfg.micro_batch_size * self.env.dims.dp
+        start = cfg.batch_size if not cfg.batch_ramp else Schedules.paper(1.0, batch_size=cfg.batch_size).batch_start
+        return set(range(max(1, start // unit), cfg.batch_size // unit + 1))
 
     def _resume(self, ckpt: Path) -> None:
         saved, ours = read_meta(ckpt)["model_config"], self.model_config.to_hf_dict()
@@ -224,17 +248,22 @@ class Trainer:
         mtp_weight = self.sched.mtp_weight(self.tokens_seen) if self.depth else 0.0
         batches = self.next_batches(n_micro)
         # labelled positions of the global batch, per depth: the losses' denominators (one small all-reduce)
-        counts = env.all_reduce(torch.stack([b.label_counts(self.depth) for b in batches]).sum(0))
+        counts = env.all_reduce(torch.stack([b.label_counts(self.depth) for b in batches]).sum(0), over="dp")
+        denominators = counts.double().clamp(min=1) / env.dims.dp
         self.balancer.start_step(n_micro)
-        sums = forward_backward(self.forward, batches, depth=self.depth, mtp_weight=mtp_weight,
-                                denominators=counts.double().clamp(min=1) / env.dims.dp, autocast=self.autocast,
-                                grad_sync=self.grad_sync)
+        if self.pipeline is not None:
+            sums = self.pipeline.forward_backward(batches, mtp_weight=mtp_weight, denominators=denominators,
+                                                  autocast=self.autocast)
+            self.pipeline.reduce_grads()
+        else:
+            sums = forward_backward(self.forward, batches, depth=self.depth, mtp_weight=mtp_weight,
+                                    denominators=denominators, autocast=self.autocast, grad_sync=self.grad_sync)
         if env.dims.ep > 1:
             from .expert_parallel import reduce_expert_grads
 
             reduce_expert_grads(self.model, env)
         loads = self.balancer.take_loads()
-        grad_norm = clip_grad_norm(self.model, cfg.grad_clip, env)  # read after the step: no host wait here
+        grad_norm = clip_grad_norm(self.model, cfg.grad_clip, env, self.holders)  # read after the step
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         gamma = self.sched.bias_update_speed(self.tokens_seen) if cfg.balance == "aux_free" else 0.0
@@ -270,8 +299,8 @@ class Trainer:
         cfg, env = self.cfg, self.env
         self.log(f"model {cfg.preset}: {self.stats.total_params:,} parameters (+{self.stats.mtp_params:,} MTP), "
                  f"{len(self.balancer.gates)} MoE layers, device {self.device}"
-                 + (f", {env.dims.dp} data-parallel ranks ({env.dims.dp_shard}), expert-parallel {env.dims.ep}"
-                    if env.dims.distributed else "") + f"; {self.total_tokens:,} tokens planned")
+                 + (f", pipeline {env.dims.pp} ({cfg.pp_schedule}) x {env.dims.dp} data-parallel ranks "
+                    f"({env.dims.shard}), expert-parallel {env.dims.ep}" if env.dims.distributed else "") + f"; {self.total_tokens:,} tokens planned")
         from tqdm import tqdm
 
         bar = tqdm(total=self.total_tokens, initial=self.tokens_seen, unit="tok", unit_scale=True, dynamic_ncols=True,
@@ -331,10 +360,15 @@ class Trainer:
         n_windows = min(cfg.eval_batches * cfg.micro_batch_size, (self.val_data.n_tokens - 1) // cfg.seq_len)
         n_forwards = -(-(-(-n_windows // env.dims.dp)) // cfg.micro_batch_size)
         mine = list(iter_eval_batches(self.val_data, cfg.seq_len, cfg.micro_batch_size, return_doc_ids=cfg.doc_mask,
-                                      rank=env.rank, world_size=env.dims.dp, max_windows=n_windows))
+                                      rank=env.dp_rank, world_size=env.dims.dp, max_windows=n_windows))
         idle = next(iter_eval_batches(self.val_data, cfg.seq_len, 1, return_doc_ids=cfg.doc_mask, max_windows=1))
         self.model.eval()
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)
+        if self.pipeline is not None:
+            batches = [TrainBatch.from_window(b.tokens, cfg.seq_len, b.doc_ids).to(self.device)
+                       for b in (mine + [idle] * n_forwards)[:n_forwards]]
+            totals += self.pipeline.evaluate(batches, self.autocast, counted=len(mine))
+            n_forwards = 0
         for i in range(n_forwards):
             batch = mine[i] if i < len(mine) else idle
             tb = TrainBatch.from_window(batch.tokens, cfg.seq_len, batch.doc_ids).to(self.device)

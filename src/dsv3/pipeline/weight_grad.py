@@ -1,0 +1,182 @@
+"""Splitting a backward into its input-gradient and weight-gradient halves (zero-bubble pipelining, report
+§3.2.1: "backward for input" and "backward for weights").
+
+Nothing downstream waits for a weight gradient, so a pipeline may compute dX = dY W first (the ``I`` chunk, which
+the previous stage needs) and dW = dY^T X later (the ``W`` chunk, in what would be a bubble). Autograd computes
+both in one pass; :func:`defer_weight_gradients` swaps, from outside the model, every ``nn.Linear`` of the blocks
+and every routed :class:`~dsv3.model.moe.Experts` for versions whose backward hands the dW work to a
+:class:`WeightGradStore` while the store is deferring, and does it at once otherwise. Other weights (norms, the
+gate, the embedding: little work) get their gradients in the ``I`` chunk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..model.moe import Experts
+
+
+class WeightGradStore:
+    """Weight-gradient work put aside by backward passes run inside :meth:`deferring`, replayed by :meth:`run`."""
+
+    def __init__(self) -> None:
+        self.enabled = False
+        self._pending: list[Callable[[], None]] = []
+        self._queued: dict[object, list[Callable[[], None]]] = {}
+
+    @contextlib.contextmanager
+    def deferring(self, key: object) -> Iterator[None]:
+        """Backward passes in this block leave their weight gradients under ``key``."""
+        self.enabled = True
+        try:
+            yield
+        finally:
+            self.enabled = False
+            self._queued[key] = self._pending
+            self._pending = []
+
+    def put(self, work: Callable[[], None]) -> None:
+        if self.enabled:
+            self._pending.append(work)
+        else:
+            work()
+
+    def run(self, key: object) -> None:
+        """Compute the weight gradients put aside under ``key``."""
+        for work in self._queued.pop(key):
+            work()
+
+    def __len__(self) -> int:
+        return len(self._queued)
+
+
+def _accumulate(param: torch.Tensor, grad: torch.Tensor) -> None:
+    grad = grad.to(param.dtype)
+    if param.grad is None:
+        param.grad = grad
+    else:
+        param.grad.add_(grad)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype autocast would run a matmul in here (the input's own dtype without autocast)."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+class _LinearFn(torch.autograd.Function):
+    """y = x W^T whose weight gradient goes through a store."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, store: WeightGradStore) -> torch.Tensor:
+        dtype = _compute_dtype(x)
+        xc, wc = x.to(dtype), weight.to(dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            y = F.linear(xc, wc)
+        ctx.save_for_backward(xc, wc)
+        ctx.store, ctx.weight, ctx.x_dtype = store, weight, x.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, gy: torch.Tensor):
+        xc, wc = ctx.saved_tensors
+        gy = gy.to(wc.dtype)
+        gx = (gy @ wc).to(ctx.x_dtype)
+        if ctx.needs_input_grad[1]:
+            weight = ctx.weight
+
+            def weight_grad() -> None:
+                _accumulate(weight, gy.reshape(-1, gy.shape[-1]).t() @ xc.reshape(-1, xc.shape[-1]))
+
+            ctx.store.put(weight_grad)
+        return gx, None, None
+
+
+class DeferredLinear(nn.Linear):
+    """``nn.Linear`` (no bias) whose weight gradient can be deferred; shares the original's parameters."""
+
+    store: WeightGradStore
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, store: WeightGradStore) -> "DeferredLinear":
+        if linear.bias is not None:
+            raise ValueError("DeferredLinear: layers with a bias are not used by dsv3's blocks")
+        new = cls(linear.in_features, linear.out_features, bias=False, device="meta")
+        new.weight, new.store = linear.weight, store
+        new.train(linear.training)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _LinearFn.apply(x, self.weight, self.store)
+
+
+class _GroupedFn(torch.autograd.Function):
+    """y[rows of e] = x[rows of e] W_e^T for every expert e, weight gradients through a store."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, sizes: list[int], store: WeightGradStore) -> torch.Tensor:
+        dtype = _compute_dtype(x)
+        xc, wc = x.to(dtype), weight.to(dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            y = torch.cat([chunk @ wc[e].t() for e, chunk in enumerate(xc.split(sizes))]) if sizes else xc
+        ctx.save_for_backward(xc, wc)
+        ctx.sizes, ctx.store, ctx.weight, ctx.x_dtype = sizes, store, weight, x.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, gy: torch.Tensor):
+        xc, wc = ctx.saved_tensors
+        gy = gy.to(wc.dtype)
+        sizes = ctx.sizes
+        gx = torch.cat([g @ wc[e] for e, g in enumerate(gy.split(sizes))]).to(ctx.x_dtype)
+        if ctx.needs_input_grad[1]:
+            weight = ctx.weight
+
+            def weight_grad() -> None:
+                grad = torch.stack([g.t() @ x for g, x in zip(gy.split(sizes), xc.split(sizes))])
+                _accumulate(weight, grad)
+
+            ctx.store.put(weight_grad)
+        return gx, None, None, None
+
+
+class DeferredExperts(Experts):
+    """Routed experts (one matmul per expert) whose weight gradients can be deferred; shares the parameters."""
+
+    store: WeightGradStore
+
+    @classmethod
+    def from_experts(cls, experts: Experts, store: WeightGradStore) -> "DeferredExperts":
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.n_experts, new.inter_dim, new.implementation = experts.n_experts, experts.inter_dim, "loop"
+        new.gate_up_proj, new.down_proj, new.store = experts.gate_up_proj, experts.down_proj, store
+        new.train(experts.training)
+        return new
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        sizes = counts.tolist()
+        h = _GroupedFn.apply(x, self.gate_up_proj, sizes, self.store)
+        gate, up = h.split(self.inter_dim, dim=-1)
+        return _GroupedFn.apply(F.silu(gate) * up, self.down_proj, sizes, self.store)
+
+
+def defer_weight_gradients(model: nn.Module, store: WeightGradStore) -> nn.Module:
+    """Swap the blocks' Linear layers and routed experts for their deferring versions (in place; the same
+    parameters). FP8 layers are refused: their weight gradients are not deferred yet."""
+    from ..fp8 import FP8Experts, FP8Linear
+
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, (FP8Linear, FP8Experts)):
+                raise ValueError("zero-bubble schedules with FP8 GEMMs are not supported yet (use --pp-schedule 1f1b)")
+            if type(child) is nn.Linear:
+                setattr(module, name, DeferredLinear.from_linear(child, store))
+            elif type(child) is Experts:
+                setattr(module, name, DeferredExperts.from_experts(child, store))
+    return model
