@@ -386,6 +386,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-docs", type=int, default=None, help="read at most this many documents")
     t.set_defaults(func=cmd_tokenizer_train)
 
+    from .plan.cli import add_plan_parser
+
+    add_plan_parser(sub)
+
     p = sub.add_parser("export", help="write a run's latest checkpoint in the Hugging Face layout",
                        description="Export a `dsv3 train` run (one-process or sharded torchrun checkpoints) as a "
                                    "Hugging Face layout directory with its tokenizer: loads in transformers and "
