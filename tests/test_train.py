@@ -21,7 +21,7 @@ from dsv3.train.balance import max_violation, moe_gates, update_bias
 from dsv3.train.batch import IGNORE_INDEX, TrainBatch
 from dsv3.train.step import cross_entropy_sum
 
-from conftest import SRC, run_cli
+from conftest import SRC, make_corpus, run_cli
 
 
 # ---------------------------------------------------------------------------------------------- schedules
@@ -133,13 +133,7 @@ def test_model_feeds_mtp_the_next_token_embeddings():
 # ---------------------------------------------------------------------------------------------- runs
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
-    g = torch.Generator().manual_seed(0)
-    for i in range(30):
-        idx = torch.randint(0, len(words), (400,), generator=g).tolist()
-        (root / f"doc{i:02d}.txt").write_text(" ".join(words[j] for j in idx) + "\n")
-    return root
+    return make_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 def small_config(corpus, out, **changes) -> TrainConfig:
