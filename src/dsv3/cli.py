@@ -28,6 +28,7 @@ _TRAIN_FLAGS = {
     "seq_len": int, "batch_size": int, "micro_batch_size": int, "lr": float, "eval_every": int, "seed": int,
     "balance": str, "vocab_size": int, "stop_after": int, "keep_last": int, "fim_rate": float,
     "cache_dir": str, "ep": int, "dp_shard": str, "pp": int, "pp_schedule": str,
+    "pp_overlap": str,
 }
 _TRAIN_SWITCHES = ("fp8", "doc_mask", "bf16_moments", "compile")
 
@@ -61,7 +62,7 @@ def _train_config(args: argparse.Namespace):
     if args.resume and args.out and (Path(args.out) / "train_config.json").is_file():
         base = json.loads((Path(args.out) / "train_config.json").read_text())
         # this invocation's, not the run's: a sharded run may continue in one process, or on more ranks
-        for launch_only in ("stop_after", "ep", "dp_shard", "pp", "pp_schedule"):
+        for launch_only in ("stop_after", "ep", "dp_shard", "pp", "pp_schedule", "pp_overlap"):
             base.pop(launch_only, None)
     model = {**base.get("model", {}), **overrides.pop("model", {})}
     return TrainConfig.from_dict({**base, **overrides, "model": model})
@@ -291,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pp-schedule", choices=["1f1b", "dualpipev", "dualpipe"],
                    help="pipeline schedule (default 1f1b; DualPipe / DualPipeV need an even count of >= 2 x pp "
                         "micro-batches per rank and step)")
+    p.add_argument("--pp-overlap", choices=["auto", "on", "off"],
+                   help="DualPipe: run each overlapped forward-backward pair on two CUDA streams at once "
+                        "(default off; auto: on with CUDA)")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
     p.add_argument("--cache-dir", help="tokenizer and token-file cache (default ~/.cache/dsv3 or $DSV3_CACHE)")
     p.add_argument("--set", action="append", metavar="FIELD=VALUE",

@@ -7,8 +7,8 @@ so it knows that order, and a message that arrives before it is needed waits in 
 output to a stage on the same rank (the turn of DualPipeV's V) skips the network. A schedule that the simulator
 runs without deadlock therefore runs here without one.
 
-Overlapped pairs run their two halves one after the other (no overlap on the CPU; on a GPU the overlap of one
-micro-batch's communication with the other's computation is future work).
+An overlapped pair runs its two halves one after the other on the CPU; on a GPU, given :class:`ChunkStreams`, the
+two halves run on two CUDA streams at the same time (:mod:`dsv3.pipeline.overlap`).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.distributed as dist
 
+from .overlap import ChunkStreams
 from .schedule import Action, Schedule, flat_actions
 from .stages import PipelineStage
 from .weight_grad import WeightGradStore
@@ -33,9 +34,11 @@ class PipelineExecutor:
     """This pipeline rank's part of ``schedule``: ``stages`` maps each virtual stage it holds to its module."""
 
     def __init__(self, schedule: Schedule, rank: int, stages: dict[int, PipelineStage],
-                 group: dist.ProcessGroup | None, store: WeightGradStore | None = None):
+                 group: dist.ProcessGroup | None, store: WeightGradStore | None = None,
+                 streams: ChunkStreams | None = None):
         self.schedule, self.rank, self.stages, self.group = schedule, rank, stages, group
         self.store = store or WeightGradStore()
+        self.streams = streams
         self._sends: list[tuple[dist.Work, torch.Tensor]] = []
 
     # ------------------------------------------------------------------------------------------ messages
@@ -54,7 +57,8 @@ class PipelineExecutor:
                     for msg, dst in self._sends_of(a):
                         if dst == self.rank:
                             self.channels.setdefault(src, deque()).append(msg)
-        self.mailbox: dict[Message, torch.Tensor] = {}
+        # a message that arrived (or was produced here) before it is needed, and the event after which it is ready
+        self.mailbox: dict[Message, tuple[torch.Tensor, torch.cuda.Event | None]] = {}
 
     def _neighbour(self, stage: int, microbatch: int, offset: int) -> int | None:
         path = self.paths[microbatch]
@@ -75,7 +79,7 @@ class PipelineExecutor:
     def _send(self, msg: Message, dst: int, tensor: torch.Tensor) -> None:
         tensor = tensor.detach()
         if dst == self.rank:
-            self.mailbox[msg] = tensor
+            self.mailbox[msg] = (tensor, self.streams.ready() if self.streams else None)
             return
         tensor = tensor.contiguous()
         self._sends.append((dist.isend(tensor, dst=self._global(dst), group=self.group), tensor))
@@ -88,8 +92,9 @@ class PipelineExecutor:
             shape, dtype, device = hidden(nxt[2])
             buf = torch.empty(shape, dtype=dtype, device=device)
             dist.recv(buf, src=self._global(src), group=self.group)
-            self.mailbox[nxt] = buf
-        return self.mailbox.pop(msg)
+            self.mailbox[nxt] = (buf, self.streams.ready() if self.streams else None)
+        tensor, event = self.mailbox.pop(msg)
+        return self.streams.receive(tensor, event) if self.streams else tensor
 
     def _finish_sends(self) -> None:
         for work, _ in self._sends:
@@ -106,15 +111,28 @@ class PipelineExecutor:
         s = self.schedule
         self._plan_channels(s.steps, s.paths)
         saved: dict[tuple[int, int], tuple[torch.Tensor | None, torch.Tensor]] = {}
+        if self.streams:
+            self.streams.begin()
         for step in s.steps[self.rank]:
-            for a in flat_actions(step):
-                if a.kind == "F":
-                    saved[(a.stage, a.microbatch)] = self._forward(a, batches, hidden, loss_fn, with_mtp, autocast)
-                elif a.kind in ("B", "I"):
-                    x, out = saved.pop((a.stage, a.microbatch))
-                    self._backward(a, x, out, hidden)
-                else:
-                    self.store.run((a.stage, a.microbatch))
+            actions = flat_actions(step)
+            if self.streams:
+                self.streams.next_step()
+                for a in actions:
+                    if a.kind == "F":
+                        partner = [(b.stage, b.microbatch) for b in actions if b is not a]
+                        self.streams.assign_forward((a.stage, a.microbatch), partner[0] if partner else None)
+            for a in actions:
+                key = (a.stage, a.microbatch)
+                with self.streams.use(key) if self.streams else contextlib.nullcontext():
+                    if a.kind == "F":
+                        saved[key] = self._forward(a, batches, hidden, loss_fn, with_mtp, autocast)
+                    elif a.kind in ("B", "I"):
+                        x, out = saved.pop(key)
+                        self._backward(a, x, out, hidden)
+                    else:
+                        self.store.run(key)
+        if self.streams:
+            self.streams.end()
         self._finish_sends()
         if saved or len(self.store):
             raise RuntimeError(f"pipeline rank {self.rank}: chunks left after the step ({sorted(saved)})")

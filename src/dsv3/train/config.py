@@ -102,6 +102,10 @@ class TrainConfig:
     """``1f1b``, ``dualpipev`` (P ranks hold 2P stages; first and last stage on rank 0) or ``dualpipe`` (two
     copies of the model fed from both ends; parameters 2x); the DualPipes need an even number of at least 2 x pp
     micro-batches per rank and step."""
+    pp_overlap: str = "off"
+    """Run the forward and the backward of each overlapped pair of a DualPipe schedule on two CUDA streams at once
+    (``on``), one after the other (``off``), or ``auto``: on with CUDA, off on the CPU (which has no streams).
+    Off by default: on one GPU the overlap gained nothing and cost memory (docs/parallelism.md)."""
     seed: int = 0
     fp8: bool = False
     """FP8 GEMMs for the Linear layers of attention and experts (report §3.3)."""
@@ -152,8 +156,10 @@ class TrainConfig:
             if isinstance(v, os.PathLike):
                 setattr(self, name, os.fspath(v))
             need(getattr(self, name) is None or isinstance(getattr(self, name), str), name, "a path (string)")
+        if isinstance(self.pp_overlap, bool):  # YAML reads on / off as booleans
+            self.pp_overlap = "on" if self.pp_overlap else "off"
         for name in ("preset", "balance", "device", "sample_prompt", "cache_dir", "dp_shard",
-                     "pp_schedule"):
+                     "pp_schedule", "pp_overlap"):
             need(isinstance(getattr(self, name), str), name, "a string")
 
         for name in ("steps", "seq_len", "batch_size", "micro_batch_size", "vocab_size", "eval_batches",
@@ -186,6 +192,9 @@ class TrainConfig:
         need(self.ep >= 1, "ep", "an integer >= 1")
         need(self.pp >= 1, "pp", "an integer >= 1")
         need(self.pp_schedule in ("1f1b", "dualpipev", "dualpipe"), "pp_schedule", "'1f1b', 'dualpipev' or 'dualpipe'")
+        need(self.pp_overlap in ("auto", "on", "off"), "pp_overlap", "'auto', 'on' or 'off'")
+        need(self.pp_overlap != "on" or (self.pp > 1 and self.pp_schedule != "1f1b"), "pp_overlap",
+             "'on' only with --pp > 1 and a DualPipe schedule (the others have no overlapped pairs)")
         need(self.stop_after is None or self.stop_after >= 1, "stop_after", "None or >= 1")
         need(isinstance(self.model, dict), "model", "a mapping of ModelConfig fields")
         known = {f.name for f in dataclasses.fields(ModelConfig)}

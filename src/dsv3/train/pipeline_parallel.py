@@ -7,7 +7,8 @@ With ``--pp P`` the world is P pipeline ranks times the data-parallel ranks. :cl
 2. with a zero-bubble schedule (DualPipe, DualPipeV) defers the weight gradients of the blocks' Linear layers and
    experts to the schedule's W chunks (:mod:`dsv3.pipeline.weight_grad`);
 3. runs each step's micro-batches in the schedule's order (:class:`dsv3.pipeline.executor.PipelineExecutor`),
-   the loss at the last stage (main head and MTP, as without a pipeline);
+   the loss at the last stage (main head and MTP, as without a pipeline), on a GPU the two halves of each
+   overlapped pair on two CUDA streams at once (:class:`dsv3.pipeline.overlap.ChunkStreams`);
 4. after the step sums the gradients of what two pipeline ranks both hold (DualPipe's two copies of every stage;
    1F1B's embedding, which the last rank's MTP module needs too) and averages over the data-parallel ranks.
 
@@ -24,6 +25,7 @@ from ..config import ConfigError
 from ..model import DeepSeekV3
 from ..pipeline import Schedule, build_schedule
 from ..pipeline.executor import PipelineExecutor
+from ..pipeline.overlap import chunk_streams
 from ..pipeline.stages import (
     PipelineStage,
     held_model_stages,
@@ -40,8 +42,12 @@ from .step import combine_losses, cross_entropy_sum, token_losses
 class Pipeline:
     """This rank's share of a pipeline-parallel model (see the module docstring)."""
 
-    def __init__(self, model: DeepSeekV3, env: Distributed, schedule: str, depth: int):
+    def __init__(self, model: DeepSeekV3, env: Distributed, schedule: str, depth: int, overlap: str = "auto"):
         self.env, self.name, self.depth = env, schedule, depth
+        try:
+            self.streams = chunk_streams(env.device, overlap)
+        except ValueError as e:
+            raise ConfigError(f"pp_overlap: {e}") from None
         p = env.dims.pp
         self.layout = self.schedule(2 * p)  # stage placement does not depend on the micro-batch count
         try:
@@ -113,7 +119,8 @@ class Pipeline:
             sums.add_(torch.stack(losses).detach().double())
             return combine_losses(losses, denominators, mtp_weight)
 
-        executor = PipelineExecutor(sched, self.env.pp_rank, self.stages(), self.env.pp_group, self.store)
+        executor = PipelineExecutor(sched, self.env.pp_rank, self.stages(), self.env.pp_group, self.store,
+                                    self.streams)
         executor.run(batches, hidden=self._hidden(batches), loss_fn=loss_fn, with_mtp=self.depth > 0,
                      autocast=autocast)
         return sums

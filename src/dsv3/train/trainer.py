@@ -147,7 +147,7 @@ class Trainer:
         if env.dims.pp > 1:  # keeps only this rank's stages of the model
             from .pipeline_parallel import Pipeline
 
-            self.pipeline = Pipeline(self.model, env, cfg.pp_schedule, self.depth)
+            self.pipeline = Pipeline(self.model, env, cfg.pp_schedule, self.depth, cfg.pp_overlap)
             self.pipeline.check_microbatches(self._microbatch_counts())
         self.balancer = Balancer(
             self.model, "sequence" if cfg.balance == "aux_free" else "batch",
@@ -299,7 +299,9 @@ class Trainer:
         cfg, env = self.cfg, self.env
         self.log(f"model {cfg.preset}: {self.stats.total_params:,} parameters (+{self.stats.mtp_params:,} MTP), "
                  f"{len(self.balancer.gates)} MoE layers, device {self.device}"
-                 + (f", pipeline {env.dims.pp} ({cfg.pp_schedule}) x {env.dims.dp} data-parallel ranks "
+                 + (f", pipeline {env.dims.pp} ({cfg.pp_schedule}"
+                    + (", F&B pairs overlapped on two CUDA streams" if self.pipeline and self.pipeline.streams else "")
+                    + f") x {env.dims.dp} data-parallel ranks "
                     f"({env.dims.shard}), expert-parallel {env.dims.ep}" if env.dims.distributed else "") + f"; {self.total_tokens:,} tokens planned")
         from tqdm import tqdm
 
