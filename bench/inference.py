@@ -5,10 +5,11 @@ holding the same weight tensors and against the HBM roofline, all measured in on
     python bench/inference.py [--batches 1,8,32] [--prompt 512] [--new 128] [--hf-new 128] [--skip-peer]
 
 Decode tokens/s = batch x (new - 1) / time from the first generated token to the last (the prefill and the
-first token excluded), the same for both: for dsv3 around the engine's scheduler steps, for transformers
+first token excluded), the same for both: for dsv3 around the engine's steps (also with temperature 0.8 /
+top-p 0.95 sampling, on the device inside the same CUDA graphs), for transformers
 from a logits processor that stamps the time of every generated token inside ``model.generate``.
 Prefill tokens/s = batch x prompt / time of one forward over the prompts (last-token logits only; dsv3
-``Engine.prefill_batch``, which also fills the latent cache; transformers ``model(ids, logits_to_keep=1)``).
+``ModelRunner.prefill_batch``, which also fills the latent cache; transformers ``model(ids, logits_to_keep=1)``).
 Roofline: the bytes one decode step must read (activated weights: the experts that a batch touches,
 expected under uniform routing, plus the latent cache) over the measured device-to-device copy bandwidth.
 """
@@ -67,25 +68,30 @@ def step_bytes(config: dsv3.ModelConfig, batch: int, context: int) -> float:
 
 def dsv3_prefill(engine: Engine, prompts: list[list[int]]) -> float:
     def run():
-        slots = [engine.new_sequence() for _ in prompts]
-        engine.prefill_batch(slots, prompts)
+        slots = [engine.cache.new_sequence() for _ in prompts]
+        engine.runner.prefill_batch(slots, prompts)
         torch.cuda.synchronize()
         for slot in slots:
-            engine.free(slot)
+            engine.cache.free(slot)
 
     return timed(run)
 
 
-def dsv3_decode(engine: Engine, prompts: list[list[int]], new: int) -> tuple[float, list[list[int]]]:
-    """Seconds for steps 2 .. new of a greedy generation of ``new`` tokens per prompt, and the tokens."""
-    params = SamplingParams(max_new_tokens=new, temperature=0, ignore_eos=True)
-    sched = engine.scheduler
-    results = [sched.submit(GenerationRequest(p, params)) for p in prompts]
-    sched.step()  # admits every prompt: prefill and first token
+SAMPLED = dict(temperature=0.8, top_p=0.95, seed=0)
+"""The sampled rows' settings (a typical chat request)."""
+
+
+def dsv3_decode(engine: Engine, prompts: list[list[int]], new: int, sampled: bool = False
+                ) -> tuple[float, list[list[int]]]:
+    """Seconds for steps 2 .. new of a greedy (or sampled) generation of ``new`` tokens per prompt, and the
+    tokens."""
+    params = SamplingParams(max_new_tokens=new, ignore_eos=True, **(SAMPLED if sampled else {"temperature": 0}))
+    results = [engine.submit(GenerationRequest(p, params)) for p in prompts]
+    engine.step()  # admits every prompt: prefill and first token
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    while sched.has_work:
-        sched.step()  # each step reads its greedy tokens back: the host clock is in step with the GPU
+    while engine.scheduler.has_work:
+        engine.step()  # each step reads its greedy tokens back: the host clock is in step with the GPU
     torch.cuda.synchronize()
     return time.perf_counter() - t0, [r.tokens for r in results]
 
@@ -183,7 +189,7 @@ def main() -> None:
     t = time.perf_counter()
     model = dsv3.build_model(config, device="cuda", dtype=torch.bfloat16, seed=0)
     engine = Engine(model, max_batch=max(batches), max_seq_len=args.prompt + args.new, page_size=16)
-    print(f"built in {time.perf_counter() - t:.0f} s; CUDA graphs: {engine.graphs is not None}", flush=True)
+    print(f"built in {time.perf_counter() - t:.0f} s; CUDA graphs: {engine.runner.graphs is not None}", flush=True)
     g = torch.Generator().manual_seed(0)
     all_prompts = torch.randint(0, config.vocab_size, (max(batches), args.prompt), generator=g).tolist()
     rows = {}
@@ -194,9 +200,28 @@ def main() -> None:
         dsv3_decode(engine, prompts, 4)  # warm-up: captures this batch's graph
         secs, _ = dsv3_decode(engine, prompts, args.new)
         r["decode"] = b * (args.new - 1) / secs
+        dsv3_decode(engine, prompts, 4, sampled=True)  # warm-up of the sampling graph
+        secs, _ = dsv3_decode(engine, prompts, args.new, sampled=True)
+        r["sampled"] = b * (args.new - 1) / secs
         r["roofline"] = b * bw / step_bytes(config, b, args.prompt + args.new // 2)
-        print(f"dsv3 batch {b}: decode {r['decode']:.1f} tok/s, prefill {r['prefill']:.0f} tok/s "
-              f"({len(engine.graphs.steps) if engine.graphs else 0} graphs)", flush=True)
+        print(f"dsv3 batch {b}: decode {r['decode']:.1f} tok/s (sampled {r['sampled']:.1f}), "
+              f"prefill {r['prefill']:.0f} tok/s "
+              f"({len(engine.runner.graphs.steps) if engine.runner.graphs else 0} graphs)", flush=True)
+    # Engine.generate end to end (admission, batched prefill, every step, detokenization-free results) for the
+    # largest batch, against the raw prefill + decode time of the same batch measured above
+    big = max(batches)
+    for sampled in (False, True):
+        params = SamplingParams(max_new_tokens=args.new, ignore_eos=True,
+                                **(SAMPLED if sampled else {"temperature": 0}))
+        t0 = time.perf_counter()
+        engine.generate(all_prompts[:big], params)
+        torch.cuda.synchronize()
+        secs = time.perf_counter() - t0
+        decode_rate = rows[big]["sampled" if sampled else "decode"]
+        raw = big * args.prompt / rows[big]["prefill"] + big * args.new / decode_rate
+        rows[big]["generate_sampled" if sampled else "generate"] = (secs, raw)
+        print(f"Engine.generate of {big} requests ({'sampled' if sampled else 'greedy'}): {secs:.2f} s, raw prefill "
+              f"+ decode {raw:.2f} s ({secs / raw - 1:+.0%})", flush=True)
     if not args.no_eager:
         eager = Engine(model, max_batch=1, max_seq_len=args.prompt + args.new, page_size=16, cuda_graph=False)
         secs, _ = dsv3_decode(eager, all_prompts[:1], 32)
@@ -222,9 +247,9 @@ def main() -> None:
         _, theirs_tok = hf_generate(hf, ids_all[:1], n_check)
         theirs_tok = theirs_tok[0].tolist()
         same = next((i for i, (a, c) in enumerate(zip(ours_tok[0], theirs_tok)) if a != c), n_check)
-        slot = engine.new_sequence()
-        _, ours_logits = engine.prefill(slot, all_prompts[0])
-        engine.free(slot)
+        slot = engine.cache.new_sequence()
+        _, ours_logits = engine.runner.prefill(slot, all_prompts[0])
+        engine.cache.free(slot)
         with torch.inference_mode():
             theirs_logits = hf(ids_all[:1], logits_to_keep=1).logits[0]
         diff = (ours_logits.float() - theirs_logits.float()).norm() / theirs_logits.float().norm()
@@ -239,17 +264,24 @@ def main() -> None:
           f"{args.hf_new}), greedy; copy bandwidth {bw / 1e12:.2f} TB/s")
     print()
     print("| batch | dsv3 decode tok/s | transformers decode tok/s | dsv3 / transformers | roofline tok/s | "
-          "dsv3 % of roofline | dsv3 prefill tok/s | transformers prefill tok/s | prefill ratio |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "dsv3 % of roofline | dsv3 sampled decode tok/s | sampled / greedy | dsv3 prefill tok/s | "
+          "transformers prefill tok/s | prefill ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for b, r in rows.items():
         hd, hp = r.get("hf_decode"), r.get("hf_prefill")
         peer = [f"{hd:.1f}", f"{r['decode'] / hd:.1f}x"] if hd else ["-", "-"]
         peer_prefill = [f"{hp / 1e3:.1f}K", f"{r['prefill'] / hp:.2f}x"] if hp else ["-", "-"]
         cells = [str(b), f"{r['decode']:.1f}", *peer, f"{r['roofline']:.0f}", f"{r['decode'] / r['roofline']:.0%}",
-                 f"{r['prefill'] / 1e3:.1f}K", *peer_prefill]
+                 f"{r['sampled']:.1f}", f"{r['sampled'] / r['decode']:.0%}", f"{r['prefill'] / 1e3:.1f}K",
+                 *peer_prefill]
         print("| " + " | ".join(cells) + " |")
     if "eager" in rows.get(1, {}):
         print(f"\ndsv3 batch 1 without CUDA graphs (Engine(cuda_graph=False)): {rows[1]['eager']:.1f} tok/s")
+    for key, what in (("generate", "greedy"), ("generate_sampled", "sampled")):
+        if key in rows[big]:
+            secs, raw = rows[big][key]
+            print(f"Engine.generate, {big} requests, {what}: {secs:.2f} s against {raw:.2f} s of raw prefill + "
+                  f"decode ({secs / raw - 1:+.0%})")
     if agree:
         print(agree)
 

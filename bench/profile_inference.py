@@ -156,15 +156,15 @@ def main() -> None:
               decode_experts=args.decode_experts)
     graphed = Engine(model, **kw)
     eager = Engine(model, cuda_graph=False, **kw)
-    print(f"decode experts: {graphed.decode_experts}")
+    print(f"decode experts: {graphed.runner.decode_experts}")
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, config.vocab_size, (max_batch, args.prompt), generator=g).tolist()
     for b in batches:
         for eng in (graphed, eager):
-            slots = [eng.new_sequence() for _ in range(b)]
-            eng.prefill_batch(slots, [p[:-8] for p in prompts[:b]])  # the step's position is mid-page
+            slots = [eng.cache.new_sequence() for _ in range(b)]
+            eng.runner.prefill_batch(slots, [p[:-8] for p in prompts[:b]])  # the step's position is mid-page
             tokens = [[p[-1]] for p in prompts[:b]]
-            step = lambda: (eng.decode_step(slots, tokens), [eng.cache.truncate(s, args.prompt - 8) for s in slots])
+            step = lambda: (eng.runner.decode_step(slots, tokens), [eng.cache.truncate(s, args.prompt - 8) for s in slots])
             t0 = time.perf_counter()
             step()
             torch.cuda.synchronize()
@@ -179,7 +179,7 @@ def main() -> None:
                     first, count = (int(v) for v in args.sequence.split(","))
                     print(kernel_sequence(step, first, count))
             for s in slots:
-                eng.free(s)
+                eng.cache.free(s)
     for b in prefills:
         def run():
             got = [eager.new_sequence() for _ in range(b)]

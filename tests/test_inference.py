@@ -95,11 +95,11 @@ def test_absorbed_decode_matches_full_forward(model, variant):
     tokens = rand_tokens(14, 0)
     ref = full_logits(model, tokens)
     engine = Engine(model, max_batch=1, max_seq_len=32, page_size=4)
-    slot = engine.new_sequence()
-    _, logits = engine.prefill(slot, tokens[:1])
+    slot = engine.cache.new_sequence()
+    _, logits = engine.runner.prefill(slot, tokens[:1])
     got = [logits[0]]
     for t in tokens[1:]:
-        _, logits = engine.decode([slot], [t])
+        _, logits = engine.runner.decode([slot], [t])
         got.append(logits[0, 0])
     torch.testing.assert_close(torch.stack(got), ref, atol=TOL, rtol=0)
 
@@ -108,13 +108,13 @@ def test_incremental_prefill_continuation_and_multi_token_decode(model):
     tokens = rand_tokens(17, 1)
     ref = full_logits(model, tokens)
     engine = Engine(model, max_batch=2, max_seq_len=32, page_size=4)
-    slot = engine.new_sequence()
-    _, a = engine.prefill(slot, tokens[:5], all_logits=True)
-    _, b = engine.prefill(slot, tokens[5:11], all_logits=True)  # prefix continuation
-    _, c = engine.decode([slot], [tokens[11:13]])  # two tokens at once (as speculative verification does)
+    slot = engine.cache.new_sequence()
+    _, a = engine.runner.prefill(slot, tokens[:5], all_logits=True)
+    _, b = engine.runner.prefill(slot, tokens[5:11], all_logits=True)  # prefix continuation
+    _, c = engine.runner.decode([slot], [tokens[11:13]])  # two tokens at once (as speculative verification does)
     rest = []
     for t in tokens[13:]:
-        rest.append(engine.decode([slot], [t])[1][0])
+        rest.append(engine.runner.decode([slot], [t])[1][0])
     got = torch.cat([a, b, c[0]] + rest)
     torch.testing.assert_close(got, ref, atol=TOL, rtol=0)
     assert engine.cache.lengths[slot] == 17
@@ -123,18 +123,18 @@ def test_incremental_prefill_continuation_and_multi_token_decode(model):
 def test_paged_batch_of_mixed_lengths_equals_each_alone(model):
     seqs = [rand_tokens(n, 10 + n) for n in (12, 7, 15)]
     engine = Engine(model, max_batch=3, max_seq_len=24, page_size=4)
-    slots = [engine.new_sequence() for _ in seqs]
+    slots = [engine.cache.new_sequence() for _ in seqs]
     # interleave the prefills so that every sequence's pages are scattered through the pool
     prefix = [3, 1, 6]
     for slot, toks, n in zip(slots, seqs, prefix):
-        engine.prefill(slot, toks[:n])
+        engine.runner.prefill(slot, toks[:n])
     for slot, toks, n in zip(slots, seqs, prefix):
-        engine.prefill(slot, toks[n:n + 2])
+        engine.runner.prefill(slot, toks[n:n + 2])
     assert engine.cache.pages[slots[0]] == [0, 4]  # not contiguous
     # batched decode of all three, each at its own length
     pos = [n + 2 for n in prefix]
     for _ in range(3):
-        _, logits = engine.decode(slots, [toks[p] for toks, p in zip(seqs, pos)])
+        _, logits = engine.runner.decode(slots, [toks[p] for toks, p in zip(seqs, pos)])
         for row, (toks, p) in enumerate(zip(seqs, pos)):
             torch.testing.assert_close(logits[row, 0], full_logits(model, toks[:p + 1])[-1], atol=TOL, rtol=0)
         pos = [p + 1 for p in pos]
@@ -282,18 +282,19 @@ def test_speculative_accepts_correct_drafts(model, monkeypatch):
     truth = {tuple(p): r.tokens for p, r in zip(PROMPTS, plain)}
     engine = Engine(model, max_batch=3, max_seq_len=64, page_size=4, speculative=True)
     spec = engine.speculator
-    original = spec._set_draft
+    original = spec._set_drafts
     calls = {"n": 0}
 
-    def oracle(seq, logits):
-        original(seq, logits)
-        calls["n"] += 1
-        done = len(seq.result.tokens)
-        ref = truth[tuple(seq.prompt)]
-        if calls["n"] % 2 and done < len(ref):
-            seq.draft = ref[done]
+    def oracle(seqs, logits):
+        original(seqs, logits)
+        for seq in seqs:
+            calls["n"] += 1
+            done = len(seq.result.tokens)
+            ref = truth[tuple(seq.prompt)]
+            if calls["n"] % 2 and done < len(ref):
+                seq.draft = ref[done]
 
-    monkeypatch.setattr(spec, "_set_draft", oracle)
+    monkeypatch.setattr(spec, "_set_drafts", oracle)
     results = engine.generate(PROMPTS, params)
     for a, b in zip(plain, results):
         assert b.tokens == a.tokens
@@ -337,10 +338,10 @@ def test_scheduler_runs_more_requests_than_max_batch(model):
     prompts = [rand_tokens(n, 40 + n) for n in (2, 7, 3, 12, 5)]
     engine = Engine(model, max_batch=2, max_seq_len=32, page_size=4, num_pages=9)
     sched = engine.scheduler
-    results = [sched.submit(GenerationRequest(p, params)) for p in prompts]
+    results = [engine.submit(GenerationRequest(p, params)) for p in prompts]
     max_running = 0
     while sched.has_work:
-        sched.step()
+        engine.step()
         max_running = max(max_running, len(sched.running))
         assert engine.cache.num_free_pages >= 0
     assert max_running == 2
@@ -356,19 +357,19 @@ def test_scheduler_cancel_frees_pages(model):
     engine = Engine(model, max_batch=2, max_seq_len=32, page_size=4)
     sched = engine.scheduler
     reqs = [GenerationRequest(rand_tokens(6, 50 + i), params) for i in range(3)]
-    results = [sched.submit(r) for r in reqs]
-    sched.step()
-    sched.step()
+    results = [engine.submit(r) for r in reqs]
+    engine.step()
+    engine.step()
     assert len(sched.running) == 2 and len(sched.waiting) == 1
     assert engine.cache.num_free_pages < engine.cache.num_pages
-    sched.cancel(reqs[0].request_id)  # running
-    sched.cancel(reqs[2].request_id)  # still waiting
-    events = sched.step()
+    engine.cancel(reqs[0].request_id)  # running
+    engine.cancel(reqs[2].request_id)  # still waiting
+    events = engine.step()
     assert {e.request_id for e in events if e.finish_reason == "cancelled"} == {reqs[0].request_id, reqs[2].request_id}
     assert results[0].finish_reason == results[2].finish_reason == "cancelled"
     assert len(sched.running) == 1 and not sched.waiting
     while sched.has_work:
-        sched.step()
+        engine.step()
     assert results[1].finish_reason == "length" and len(results[1].tokens) == 20
     assert engine.cache.num_free_pages == engine.cache.num_pages
     assert engine.cache.num_free_slots == 2
@@ -377,9 +378,9 @@ def test_scheduler_cancel_frees_pages(model):
 def test_scheduler_rejects_requests_that_cannot_fit(model):
     engine = Engine(model, max_batch=2, max_seq_len=32, page_size=4, num_pages=3)
     with pytest.raises(CacheFullError):
-        engine.scheduler.submit(GenerationRequest(rand_tokens(6, 0), SamplingParams(max_new_tokens=20)))
+        engine.submit(GenerationRequest(rand_tokens(6, 0), SamplingParams(max_new_tokens=20)))
     with pytest.raises(ValueError, match="max_seq_len"):
-        engine.scheduler.submit(GenerationRequest(rand_tokens(40, 0), SamplingParams()))
+        engine.submit(GenerationRequest(rand_tokens(40, 0), SamplingParams()))
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -389,16 +390,16 @@ def test_batched_prefill_equals_one_at_a_time(model):
     prompts = [rand_tokens(n, 60 + n) for n in (9, 3, 14)]
     one = Engine(model, max_batch=3, max_seq_len=32, page_size=4)
     batch = Engine(model, max_batch=3, max_seq_len=32, page_size=4)
-    slots = [batch.new_sequence() for _ in prompts]
-    got = batch.prefill_batch(slots, prompts)
+    slots = [batch.cache.new_sequence() for _ in prompts]
+    got = batch.runner.prefill_batch(slots, prompts)
     for slot, p, (h, logits) in zip(slots, prompts, got):
-        ref_h, ref_logits = one.prefill(one.new_sequence(), p)
+        ref_h, ref_logits = one.runner.prefill(one.cache.new_sequence(), p)
         torch.testing.assert_close(h, ref_h, atol=TOL, rtol=0)
         torch.testing.assert_close(logits, ref_logits, atol=TOL, rtol=0)
         assert batch.cache.lengths[slot] == len(p)
     # the padding wrote to the scratch page only: decoding continues exactly as after separate prefills
     nxt = [p[0] for p in prompts]
-    torch.testing.assert_close(batch.decode(slots, nxt)[1], one.decode([0, 1, 2], nxt)[1], atol=TOL, rtol=0)
+    torch.testing.assert_close(batch.runner.decode(slots, nxt)[1], one.runner.decode([0, 1, 2], nxt)[1], atol=TOL, rtol=0)
 
 
 def test_padded_step_matches_plain_decode_and_writes_only_scratch(model):
@@ -407,17 +408,18 @@ def test_padded_step_matches_plain_decode_and_writes_only_scratch(model):
     seqs = [rand_tokens(n, 70 + n) for n in (5, 11, 2)]
     engines = [Engine(model, max_batch=6, max_seq_len=40, page_size=4, cuda_graph=g) for g in (False, True)]
     plain, padded = engines
-    assert plain.graphs is None and padded.graphs.batch_sizes == [1, 2, 4, 6]
+    assert plain.runner.graphs is None and padded.runner.graphs.batch_sizes == [1, 2, 4, 6]
     for eng in engines:
         for toks in seqs:
-            eng.prefill(eng.new_sequence(), toks[:-1])
+            eng.runner.prefill(eng.cache.new_sequence(), toks[:-1])
     slots, last = [0, 1, 2], [toks[-1] for toks in seqs]
     before = padded.cache.latent.clone()
-    _, ref = plain.decode(slots, last)
-    h, logits, greedy = padded.decode_step(slots, last)
-    assert logits.shape == ref.shape and (4, 1, 16) in padded.graphs.steps  # batch 4, keys 16 (max length 12)
+    _, ref = plain.runner.decode(slots, last)
+    h, logits, greedy = padded.runner.decode_step(slots, last)
+    # batch 4, keys 16 (max length 12)
+    assert logits.shape == ref.shape and (4, 1, 16, "greedy") in padded.runner.graphs.steps
     torch.testing.assert_close(logits, ref, atol=TOL, rtol=0)
-    assert greedy.tolist() == ref.argmax(-1).tolist()
+    assert greedy.tolist() == ref[:, -1].argmax(-1).tolist()
     cache = padded.cache
     changed = (padded.cache.latent != before).any(-1).any(0)  # (pages + 1, page_size)
     expected = torch.zeros_like(changed)
@@ -458,7 +460,7 @@ def test_cuda_graph_decode_matches_plain_float32():
     ref = plain.generate(prompts, params)
     got = graphed.generate(prompts, params)
     assert [r.tokens for r in got] == [r.tokens for r in ref]
-    assert any(step.graph is not None for step in graphed.graphs.steps.values())
+    assert any(step.graph is not None for step in graphed.runner.graphs.steps.values())
     assert graphed.cache.num_free_pages == graphed.cache.num_pages
     spec = Engine(model, max_batch=4, max_seq_len=64, page_size=8, speculative=True, cuda_graph=True)
     assert [r.tokens for r in spec.generate(prompts, params)] == [r.tokens for r in ref]
@@ -469,17 +471,17 @@ def test_cuda_graph_decode_bf16_logits_close_and_used_by_default():
     model = dsv3.build_model("tiny", seed=0, device="cuda", dtype=torch.bfloat16)
     plain, graphed = _gpu_engines(model)
     hopper = torch.cuda.get_device_capability() >= (9, 0)
-    assert (Engine(model, max_batch=2, max_seq_len=32).graphs is not None) == hopper  # automatic on Hopper
-    assert graphed.decode_experts == ("few_rows" if hopper else "module")
+    assert (Engine(model, max_batch=2, max_seq_len=32).runner.graphs is not None) == hopper  # automatic on Hopper
+    assert graphed.runner.decode_experts == ("few_rows" if hopper else "module")
     prompts = [rand_tokens(n, 100 + n) for n in (5, 8)]
-    prefilled = [[eng.prefill(eng.new_sequence(), p) for p in prompts] for eng in (plain, graphed)]
-    assert graphed.prefill_graphs.steps[(1, 16)].graph is not None  # both prompts padded to 16 tokens
+    prefilled = [[eng.runner.prefill(eng.cache.new_sequence(), p) for p in prompts] for eng in (plain, graphed)]
+    assert graphed.runner.prefill_graphs.steps[(1, 16)].graph is not None  # both prompts padded to 16 tokens
     for (h_ref, l_ref), (h, logits) in zip(*prefilled):
         assert h.shape == h_ref.shape
         torch.testing.assert_close(logits.float(), l_ref.float(), atol=0.05, rtol=0.02)
-    _, ref = plain.decode([0, 1], [3, 4])
-    _, got = graphed.decode([0, 1], [3, 4])
-    assert graphed.graphs.steps[(2, 1, 16)].graph is not None
+    _, ref = plain.runner.decode([0, 1], [3, 4])
+    _, got = graphed.runner.decode([0, 1], [3, 4])
+    assert graphed.runner.graphs.steps[(2, 1, 16, "greedy")].graph is not None
     torch.testing.assert_close(got.float(), ref.float(), atol=0.05, rtol=0.02)
 
 
@@ -504,10 +506,10 @@ def test_compiled_decode_matches_plain(model):
     compiled = Engine(model, max_batch=4, max_seq_len=40, page_size=4, cuda_graph=True, compile=True)
     for eng in (plain, compiled):
         for p in prompts:
-            eng.prefill(eng.new_sequence(), p)
+            eng.runner.prefill(eng.cache.new_sequence(), p)
     for tokens in ([3, 4, 5], [6, 7, 8]):
-        _, ref = plain.decode([0, 1, 2], tokens)
-        _, got = compiled.decode([0, 1, 2], tokens)
+        _, ref = plain.runner.decode([0, 1, 2], tokens)
+        _, got = compiled.runner.decode([0, 1, 2], tokens)
         torch.testing.assert_close(got, ref, atol=TOL, rtol=0)
     live = slice(0, compiled.cache.null_page)  # the padded row (batch 3 -> 4) wrote to the scratch page
     torch.testing.assert_close(compiled.cache.latent[:, live], plain.cache.latent[:, live], atol=TOL, rtol=0)

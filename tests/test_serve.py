@@ -131,13 +131,13 @@ def wait_idle(engine: Engine, timeout: float = 20.0) -> None:
 def slowed(engine: Engine, seconds: float = 0.005):
     """Make each decode step of the server's engine ``seconds`` longer (so that clients can drop requests
     before they finish) and record the ids the server cancels."""
-    cancelled, advance, cancel = [], engine.advance, engine.scheduler.cancel
-    engine.advance = lambda seqs: (time.sleep(seconds), advance(seqs))[1]
-    engine.scheduler.cancel = lambda rid: (cancelled.append(rid), cancel(rid))[1]
+    cancelled, step, cancel = [], engine._plain_step, engine.cancel
+    engine._plain_step = lambda plan: (time.sleep(seconds), step(plan))[1]
+    engine.cancel = lambda rid: (cancelled.append(rid), cancel(rid))[1]
     try:
         yield cancelled
     finally:
-        del engine.advance, engine.scheduler.cancel
+        del engine._plain_step, engine.cancel
 
 
 GREEDY = {"temperature": 0, "extra_body": {"ignore_eos": True}}
@@ -194,6 +194,12 @@ def test_completions_greedy_usage_and_length(client, reference):
     # token-id prompts work too
     ids = client.completions.create(model=MODEL, prompt=[5, 6, 7], max_tokens=3, **GREEDY)
     assert ids.usage.prompt_tokens == 3 and ids.usage.completion_tokens == 3
+    # a prompt seen before: its full cache pages (two of 8 tokens) come from the prefix cache, the same text
+    long = list(range(5, 25))
+    first = client.completions.create(model=MODEL, prompt=long, max_tokens=4, **GREEDY)
+    again = client.completions.create(model=MODEL, prompt=long, max_tokens=4, **GREEDY)
+    assert first.choices[0].text == again.choices[0].text
+    assert again.usage.prompt_tokens_details.cached_tokens == 16 > first.usage.prompt_tokens_details.cached_tokens
 
 
 def test_completions_stream_n_and_stop(client, reference):
@@ -310,16 +316,16 @@ def test_malformed_requests_give_openai_errors(server, client):
 def test_engine_failure_fails_requests_and_keeps_serving(server, client):
     url, engine = server
 
-    def broken(seqs):
+    def broken(plan):
         raise RuntimeError("boom")
 
-    engine.advance = broken
+    engine._plain_step = broken
     try:
         r = httpx.post(url + "/v1/completions", timeout=30,
                        json={"model": MODEL, "prompt": "fox", "max_tokens": 5, "ignore_eos": True})
         assert r.status_code == 500 and "boom" in r.json()["error"]["message"]
     finally:
-        del engine.advance
+        del engine._plain_step
     wait_idle(engine)
     out = client.completions.create(model=MODEL, prompt="fox", max_tokens=3, **GREEDY)
     assert out.usage.completion_tokens == 3
@@ -391,6 +397,10 @@ def test_cli_generate_and_chat(checkpoint, loaded):
                 timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("The quick") and "tokens/s" in r.stderr
+    spec = run_cli("generate", str(checkpoint), "--prompt", "The quick", "--max-new-tokens", "6", "--threads", "1",
+                   "--speculative", "--no-echo", timeout=120)
+    assert spec.returncode == 0, spec.stderr
+    assert r.stdout.endswith(spec.stdout) and "MTP drafts accepted" in spec.stderr  # greedy: the same text
 
     # two turns from a pipe; the model is random, so EOS may end a turn early: expect the engine's own answers
     r = run_cli("chat", str(checkpoint), "--temperature", "0", "--max-new-tokens", "5", "--threads", "1",

@@ -22,6 +22,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+# EngineConfig fields offered as flags (generated from its docstrings)
+_ONE_SEQUENCE_FLAGS = ("max_seq_len", "prefix_caching", "speculative", "compile", "cuda_graph", "decode_experts")
+_SERVER_FLAGS = ("max_batch", "max_seq_len", "page_size", "num_pages", "prefix_caching", "speculative", "compile",
+                 "cuda_graph", "decode_experts", "graph_batch_sizes", "max_prefill_graph_tokens")
+
 # flag -> TrainConfig field, for the flags that map one to one
 _TRAIN_FLAGS = {
     "preset": str, "data": str, "tokenizer": str, "steps": int, "save_every": int, "out": str, "device": str,
@@ -113,14 +118,15 @@ def _engine_from_args(args: argparse.Namespace):
     """Model, tokenizer and a one-sequence :class:`Engine` for ``generate`` / ``chat``."""
     import torch
 
-    from .inference import Engine
+    from .config_flags import values
+    from .inference import Engine, EngineConfig
     from .runs import default_cpu_threads, load_run_or_checkpoint
 
     model, tokenizer = load_run_or_checkpoint(args.checkpoint, args.device)
     if next(model.parameters()).device.type == "cpu":
         torch.set_num_threads(args.threads or default_cpu_threads(model))
-    engine = Engine(model, tokenizer, max_batch=1, max_seq_len=args.max_seq_len, speculative=args.speculative,
-                    compile=args.compile)
+    engine = Engine(model, tokenizer, EngineConfig(max_batch=1, **values(args, EngineConfig, _ONE_SEQUENCE_FLAGS)))
+    print(f"engine: {engine.describe()}", file=sys.stderr)
     return engine, tokenizer
 
 
@@ -155,7 +161,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     _, reason, n = _stream_to_stdout(engine, args.prompt, params)
     dt = time.perf_counter() - t0
     print(flush=True)
-    print(f"[{n} tokens in {dt:.2f} s, {n / max(dt, 1e-9):.1f} tokens/s, finish: {reason}]", file=sys.stderr)
+    spec = engine.speculator
+    drafts = (f", MTP drafts accepted {spec.accepted}/{spec.drafted} ({spec.accepted / max(spec.drafted, 1):.0%}), "
+              f"{n / (spec.drafted + 1):.2f} tokens per forward" if spec is not None else "")
+    print(f"[{n} tokens in {dt:.2f} s, {n / max(dt, 1e-9):.1f} tokens/s{drafts}, finish: {reason}]", file=sys.stderr)
     return 0
 
 
@@ -204,10 +213,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError as e:
         print(f"dsv3 serve: needs FastAPI and uvicorn ({e}): pip install 'dsv3[serve]'", file=sys.stderr)
         return 2
+    from .config_flags import values
+    from .inference import EngineConfig
+
     serve(args.checkpoint, args.host, args.port, model_name=args.model_name, device=args.device,
-          max_batch=args.max_batch, max_seq_len=args.max_seq_len, page_size=args.page_size,
-          num_pages=args.num_pages, speculative=args.speculative, num_threads=args.threads,
-          max_pending=args.max_pending, log_level=args.log_level, compile=args.compile)
+          engine=EngineConfig(**values(args, EngineConfig, _SERVER_FLAGS)), num_threads=args.threads,
+          max_pending=args.max_pending, log_level=args.log_level)
     return 0
 
 
@@ -313,11 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_sample)
 
-    def compile_arg(p: argparse.ArgumentParser, default: bool | None) -> None:
-        what = "off" if default is False else "on with a CUDA device"
-        p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=default,
-                       help="torch.compile the engine's blocks on a GPU: faster steps after a compilation of "
-                            f"seconds to minutes at the first request of each shape (default {what})")
+    from .config_flags import add_arguments
+    from .inference.config import EngineConfig
 
     def engine_args(p: argparse.ArgumentParser, temperature: float, seed: int | None, max_new: int) -> None:
         p.add_argument("checkpoint", help="Hugging Face layout directory (tokenizer.json beside the weights) or "
@@ -328,10 +336,6 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
         p.add_argument("--seed", type=int, default=seed, help=f"sampling seed (default {seed})")
         p.add_argument("--stop", action="append", metavar="TEXT", help="stop at this text (repeatable)")
-        p.add_argument("--speculative", action="store_true",
-                       help="draft one token per step with the MTP module and verify it (same outputs)")
-        p.add_argument("--max-seq-len", type=int, default=None,
-                       help="tokens of prompt + completion (default min(max_position_embeddings, 4096))")
         p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
         p.add_argument("--threads", type=int, default=None,
                        help="CPU intra-op threads (default 1 for models under 50M parameters, else torch's)")
@@ -340,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Complete a prompt with the cached inference engine (dsv3.inference), "
                                    "printing tokens as they come; speed on stderr.")
     engine_args(p, temperature=0.0, seed=0, max_new=128)
-    compile_arg(p, False)  # one request: a compilation would not pay for itself
+    add_arguments(p, EngineConfig, _ONE_SEQUENCE_FLAGS, {"compile": False})  # one request: compiling won't pay
     p.add_argument("--prompt", required=True)
     p.add_argument("--no-echo", action="store_true", help="print only the completion, not the prompt")
     p.set_defaults(func=cmd_generate)
@@ -351,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "chat template (tokenizer_config.json) or DeepSeek-V3's format. /reset "
                                    "starts over; /exit or end of input quits.")
     engine_args(p, temperature=0.7, seed=None, max_new=512)
-    compile_arg(p, None)
+    add_arguments(p, EngineConfig, _ONE_SEQUENCE_FLAGS)
     p.add_argument("--system", default=None, help="system prompt")
     p.set_defaults(func=cmd_chat)
 
@@ -365,16 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", default=None,
                    help="the model's id in the API (default: the directory's name; a run's name for its export/)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
-    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (default 8)")
-    p.add_argument("--max-seq-len", type=int, default=None,
-                   help="tokens of prompt + completion per sequence (default min(max_position_embeddings, 4096))")
-    p.add_argument("--page-size", type=int, default=16, help="tokens per cache page (default 16)")
-    p.add_argument("--num-pages", type=int, default=None,
-                   help="cache pages shared by all sequences (default: max-batch full-length sequences)")
+    add_arguments(p, EngineConfig, _SERVER_FLAGS)
     p.add_argument("--max-pending", type=int, default=None,
                    help="requests queued or running before the server answers 429 (default unbounded)")
-    p.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
-    compile_arg(p, None)
     p.add_argument("--threads", type=int, default=None,
                    help="CPU intra-op threads (default 1 for models under 50M parameters, else torch's)")
     p.add_argument("--log-level", default="info", help="uvicorn log level (default info)")

@@ -7,13 +7,14 @@ OpenAI's request and response shapes, streaming as server-sent events (``data: {
 Threads: the engine and its :class:`~dsv3.inference.Scheduler` are synchronous and are touched by exactly one
 thread, the :class:`EngineLoop`'s. HTTP handlers run on the asyncio event loop; they hand a submission (a
 function that builds the prompt's token ids, and one :class:`SamplingParams` per choice) to the engine thread
-through a queue and await its results; the engine thread tokenizes, submits to the scheduler, runs
-``scheduler.step()`` while there is work, and passes every :class:`TokenEvent` back to the handler's
+through a queue and await its results; the engine thread tokenizes, submits to the engine, runs
+``engine.step()`` while there is work, and passes every :class:`TokenEvent` back to the handler's
 ``asyncio.Queue`` with ``loop.call_soon_threadsafe``. Cancelling (a client that disconnects) only calls the
-scheduler's thread-safe :meth:`~dsv3.inference.Scheduler.cancel`; the pages are freed at the next step.
+engine's thread-safe :meth:`~dsv3.inference.Engine.cancel`; the pages are freed at the next step.
 
-Concurrency is bounded by the engine: at most ``max_batch`` sequences run at once and admission reserves each
-one's worst-case pages; further requests wait in the scheduler's queue (first come, first served), and beyond
+Concurrency is bounded by the engine: at most ``max_batch`` sequences run at once, taking cache pages as they
+grow (the latest admitted is preempted and recomputed when pages run out); further requests wait in the
+scheduler's queue (first come, first served), and beyond
 ``max_pending`` waiting or running requests the server answers 429.
 
 Choice i of a request with ``seed`` s samples with seed s + i. ``max_tokens`` defaults to 16 for completions (as
@@ -27,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import json
 import queue
+import sys
 import threading
 import time
 import uuid
@@ -41,7 +43,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .inference import CacheFullError, Engine, GenerationRequest, GenerationResult, SamplingParams, TokenEvent
+from .inference import CacheFullError, Engine, EngineConfig, GenerationRequest, GenerationResult, SamplingParams, TokenEvent
 from .inference.chat import ChatTemplate
 
 # ----------------------------------------------------------------------------------------------------
@@ -147,7 +149,7 @@ class _Submission:
 
 
 class EngineLoop:
-    """The one thread that drives ``engine.scheduler``: takes submissions from a queue, steps while there is
+    """The one thread that drives the engine: takes submissions from a queue, steps while there is
     work, and delivers events to the asyncio queues of the requests. ``num_threads`` sets torch's intra-op
     threads on this thread (on a CPU, 1 is fastest for small models)."""
 
@@ -185,7 +187,7 @@ class EngineLoop:
     async def submit(self, jobs: list[Job]) -> tuple[list[GenerationResult], asyncio.Queue]:
         """Queue one request per prompt and choice of ``jobs``, all or none; returns their results in order
         (filled in as tokens come) and the one queue that receives their :class:`TokenEvent` s. Raises what
-        tokenizing or ``scheduler.submit`` raised (``ValueError``, :class:`CacheFullError`)."""
+        tokenizing or ``engine.submit`` raised (``ValueError``, :class:`CacheFullError`)."""
         loop = asyncio.get_running_loop()
         listener = _Listener(loop, asyncio.Queue())
         future = loop.create_future()
@@ -196,7 +198,7 @@ class EngineLoop:
     def cancel(self, request_ids: list[str]) -> None:
         """Stop requests (thread-safe); their pages are freed at the engine's next step."""
         for rid in request_ids:
-            self.scheduler.cancel(rid)
+            self.engine.cancel(rid)
         self._wake.set()
 
     # -- on the engine thread ----------------------------------------------------------------------
@@ -210,7 +212,7 @@ class EngineLoop:
                 self._wake.clear()
                 continue
             try:
-                events = self.scheduler.step()
+                events = self.engine.step()
             except Exception as e:  # a failed step: fail the requests in flight, keep serving
                 self.error = e
                 events = self._fail_all(e)
@@ -232,7 +234,7 @@ class EngineLoop:
                     prompt = build_prompt()
                     for params in choices:
                         request = GenerationRequest(prompt=prompt, params=params)
-                        results.append(self.scheduler.submit(request))
+                        results.append(self.engine.submit(request))
                         submitted.append(request.request_id)
                         self._listeners[request.request_id] = sub.listener
             except Exception as e:
@@ -245,7 +247,7 @@ class EngineLoop:
     def _drop(self, request_ids: list[str]) -> None:
         for rid in request_ids:
             self._listeners.pop(rid, None)
-            self.scheduler.cancel(rid)
+            self.engine.cancel(rid)
 
     def _deliver(self, event: TokenEvent) -> None:
         listener = self._listeners.get(event.request_id)
@@ -254,13 +256,13 @@ class EngineLoop:
         if event.finish_reason is not None:
             del self._listeners[event.request_id]
         if not _call_soon(listener.loop, listener.queue.put_nowait, event):
-            self.scheduler.cancel(event.request_id)
+            self.engine.cancel(event.request_id)
 
     def _fail_all(self, error: BaseException) -> list[TokenEvent]:
         """Cancel every request with a listener and tell each one ``error`` (as an ``"error"`` finish)."""
         ids = list(self._listeners)
         for rid in ids:
-            self.scheduler.cancel(rid)
+            self.engine.cancel(rid)
         message = f"{type(error).__name__}: {error}"
         return [TokenEvent(rid, None, message, "error") for rid in ids]
 
@@ -400,10 +402,13 @@ def create_app(
     def finished(results: list[GenerationResult]) -> None:
         driver.pending -= len(results)
 
-    def usage(results: list[GenerationResult], prompt_counts: int) -> dict:
+    def usage(results: list[GenerationResult], prompt_counts: int, n: int = 1) -> dict:
+        """OpenAI's usage; the prompt counted once per prompt (not per choice), its cached tokens those the
+        first choice of each prompt found in the prefix cache."""
         completion = sum(r.completion_tokens for r in results)
+        cached = sum(r.cached_tokens for r in results[::n])
         return {"prompt_tokens": prompt_counts, "completion_tokens": completion,
-                "total_tokens": prompt_counts + completion}
+                "total_tokens": prompt_counts + completion, "prompt_tokens_details": {"cached_tokens": cached}}
 
     async def wait_all(request: Request, results: list[GenerationResult], events: asyncio.Queue) -> None:
         """Await every result's end; cancel them all if the client goes away first."""
@@ -510,12 +515,12 @@ def create_app(
                 return {**base, "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": reason}]}
 
             return stream(results, events, chunk, [],
-                          (lambda: usage(results, prompt_tokens)) if include_usage else None, base)
+                          (lambda: usage(results, prompt_tokens, body.n)) if include_usage else None, base)
 
         await wait_all(request, results, events)
         choices = [{"index": i, "text": r.text or "", "logprobs": None, "finish_reason": r.finish_reason}
                    for i, r in enumerate(results)]
-        return {**base, "choices": choices, "usage": usage(results, prompt_tokens)}
+        return {**base, "choices": choices, "usage": usage(results, prompt_tokens, body.n)}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatBody, request: Request):
@@ -546,12 +551,12 @@ def create_app(
                                                  "logprobs": None, "finish_reason": None}]}
                      for i in range(len(results))]
             return stream(results, events, chunk, first,
-                          (lambda: usage(results, prompt_tokens)) if include_usage else None, chunk_base)
+                          (lambda: usage(results, prompt_tokens, body.n)) if include_usage else None, chunk_base)
 
         await wait_all(request, results, events)
         choices = [{"index": i, "message": {"role": "assistant", "content": r.text or ""}, "logprobs": None,
                     "finish_reason": r.finish_reason} for i, r in enumerate(results)]
-        return {**base, "choices": choices, "usage": usage(results, prompt_tokens)}
+        return {**base, "choices": choices, "usage": usage(results, prompt_tokens, body.n)}
 
     return app
 
@@ -580,32 +585,26 @@ def serve(
     *,
     model_name: str | None = None,
     device: str = "cpu",
-    max_batch: int = 8,
-    max_seq_len: int | None = None,
-    page_size: int = 16,
-    num_pages: int | None = None,
-    speculative: bool = False,
+    engine: EngineConfig | None = None,
     num_threads: int | None = None,
     max_pending: int | None = None,
     log_level: str = "info",
-    compile: bool | None = None,
 ) -> None:
-    """Load ``checkpoint`` (a Hugging Face layout directory or a ``dsv3 train`` run directory) and serve it
-    on http://host:port until interrupted. The chat template comes from its tokenizer_config.json when it has
-    one. On a CPU, ``num_threads`` defaults to :func:`dsv3.runs.default_cpu_threads`; the model's id defaults
-    to :func:`dsv3.runs.model_name` (the run's name for a run's ``export/``). ``compile``: as
-    :class:`~dsv3.inference.Engine`'s (default: on with a CUDA device)."""
+    """Load ``checkpoint`` (a Hugging Face layout directory or a ``dsv3 train`` run directory) onto ``device``
+    and serve it on http://host:port until interrupted, with an engine configured by ``engine``
+    (:class:`~dsv3.inference.EngineConfig`). The chat template comes from its tokenizer_config.json when it
+    has one. On a CPU, ``num_threads`` defaults to :func:`dsv3.runs.default_cpu_threads`; the model's id
+    defaults to :func:`dsv3.runs.model_name` (the run's name for a run's ``export/``)."""
     import uvicorn
 
     from .runs import default_cpu_threads, load_run_or_checkpoint, model_name as name_of
 
     model, tokenizer = load_run_or_checkpoint(checkpoint, device)
-    engine = Engine(model, tokenizer, max_batch=max_batch, max_seq_len=max_seq_len, page_size=page_size,
-                    num_pages=num_pages, speculative=speculative, compile=compile)
-    if num_threads is None and engine.device.type == "cpu":
+    eng = Engine(model, tokenizer, engine or EngineConfig())
+    print(f"engine: {eng.describe()}", file=sys.stderr)
+    if num_threads is None and eng.device.type == "cpu":
         num_threads = default_cpu_threads(model)
     name = model_name or name_of(checkpoint)
-    app = create_app(engine, name, chat_template=ChatTemplate.load(tokenizer, checkpoint),
+    app = create_app(eng, name, chat_template=ChatTemplate.load(tokenizer, checkpoint),
                      num_threads=num_threads, max_pending=max_pending)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
-

@@ -16,9 +16,20 @@ live sequence.
 
 Bookkeeping (free pages, page lists, lengths) is plain Python on the host; the block table is mirrored
 on the device for the gathers and scatters of the attention.
+
+**Prefix caching** (``prefix_caching=True``): a full page of a prompt is registered under a key made of its
+tokens, the first token of the next page and the key of the page before it, so a key names one exact
+prefix. A later sequence whose tokens start with the same prefix attaches those pages instead of computing
+them again (:meth:`match_prefix`, :meth:`new_sequence`): pages are reference-counted, never written again
+once full, and when their last user is gone they stay cached, evicted least recently used first when a
+page is needed. The next page's first token is part of the key because the MTP module's latent at a page's
+last position depends on it (speculative decoding caches the MTP block's latents beside the main layers').
 """
 
 from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
 
 import torch
 
@@ -46,6 +57,7 @@ class PagedLatentCache:
         num_pages: int | None = None,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
+        prefix_caching: bool = False,
     ):
         if page_size < 1 or max_seqs < 1 or max_seq_len < 1:
             raise ValueError("page_size, max_seqs and max_seq_len must be >= 1")
@@ -69,6 +81,11 @@ class PagedLatentCache:
         )
         self._free_pages: list[int] = list(range(self.num_pages - 1, -1, -1))  # pop() gives page 0 first
         self._free_slots: list[int] = list(range(max_seqs - 1, -1, -1))
+        self.prefix_caching = prefix_caching
+        self._refs = [0] * self.num_pages  # sequences holding each page
+        self._key_of: dict[int, tuple] = {}  # registered (full, immutable) page -> its key
+        self._page_of: dict[tuple, int] = {}  # key -> page
+        self._idle: OrderedDict[int, None] = OrderedDict()  # registered pages nobody holds, least recent first
         self.pages: list[list[int]] = [[] for _ in range(max_seqs)]
         """Pages of each slot, in position order (host copy of the block table's live entries)."""
         self.lengths: list[int] = [0] * max_seqs
@@ -78,7 +95,13 @@ class PagedLatentCache:
     # accounting
     @property
     def num_free_pages(self) -> int:
-        return len(self._free_pages)
+        """Pages a sequence can take: never used, or cached without a user (evicted when taken)."""
+        return len(self._free_pages) + len(self._idle)
+
+    @property
+    def num_cached_pages(self) -> int:
+        """Registered prefix pages (in use or idle)."""
+        return len(self._key_of)
 
     @property
     def num_free_slots(self) -> int:
@@ -93,12 +116,19 @@ class PagedLatentCache:
 
     # ------------------------------------------------------------------------------------------------
     # sequences
-    def new_sequence(self) -> int:
-        """A free slot, empty (length 0, no pages)."""
+    def new_sequence(self, prefix: Sequence[int] = ()) -> int:
+        """A free slot, empty, or holding the cached ``prefix`` pages (from :meth:`match_prefix`) as its first
+        positions."""
         if not self._free_slots:
             raise CacheFullError(f"all {self.max_seqs} sequence slots are in use")
         slot = self._free_slots.pop()
-        self.lengths[slot] = 0
+        for page in prefix:
+            self._refs[page] += 1
+            self._idle.pop(page, None)
+        self.pages[slot] = list(prefix)
+        if prefix:
+            self.block_table[slot, :len(prefix)] = torch.tensor(list(prefix), dtype=torch.long).to(self.device)
+        self.lengths[slot] = len(prefix) * self.page_size
         return slot
 
     def free(self, slot: int) -> None:
@@ -115,13 +145,13 @@ class PagedLatentCache:
         if new_len > self.max_seq_len:
             raise CacheFullError(f"slot {slot}: {new_len} tokens exceed max_seq_len = {self.max_seq_len}")
         need = self.pages_for(new_len) - len(self.pages[slot])
-        if need > len(self._free_pages):
+        if need > self.num_free_pages:
             raise CacheFullError(
                 f"out of cache pages: slot {slot} needs {need} more page(s) of {self.page_size} tokens, "
-                f"{len(self._free_pages)} of {self.num_pages} free"
+                f"{self.num_free_pages} of {self.num_pages} free"
             )
         if need > 0:
-            new_pages = [self._free_pages.pop() for _ in range(need)]
+            new_pages = [self._take_page() for _ in range(need)]
             first = len(self.pages[slot])
             self.pages[slot].extend(new_pages)
             self.block_table[slot, first:first + need] = torch.tensor(new_pages, dtype=torch.long).to(self.device)
@@ -137,9 +167,71 @@ class PagedLatentCache:
         dropped = self.pages[slot][keep:]
         if dropped:
             del self.pages[slot][keep:]
-            self._free_pages.extend(reversed(dropped))
+            for page in reversed(dropped):
+                self._release(page)
             self.block_table[slot, keep:] = self.null_page
         self.lengths[slot] = length
+
+    def _take_page(self) -> int:
+        if self._free_pages:
+            page = self._free_pages.pop()
+        else:  # evict the least recently used cached page
+            page, _ = self._idle.popitem(last=False)
+            del self._page_of[self._key_of.pop(page)]
+        self._refs[page] = 1
+        return page
+
+    def _release(self, page: int) -> None:
+        self._refs[page] -= 1
+        if self._refs[page] == 0:
+            if page in self._key_of:
+                self._idle[page] = None  # most recently used last
+            else:
+                self._free_pages.append(page)
+
+    # ------------------------------------------------------------------------------------------------
+    # prefix caching
+    def _keys(self, tokens: Sequence[int], n_pages: int):
+        """The keys of the first ``n_pages`` full pages of ``tokens`` (each needs the next page's first token)."""
+        key: tuple = ()
+        ps = self.page_size
+        for i in range(n_pages):
+            key = (hash(key), tuple(tokens[i * ps:(i + 1) * ps + 1]))
+            yield key
+
+    def match_prefix(self, tokens: Sequence[int]) -> list[int]:
+        """The cached pages holding the longest prefix of ``tokens`` in whole pages, leaving at least one
+        token to compute (its logits start the completion). Empty without prefix caching."""
+        if not self.prefix_caching:
+            return []
+        pages = []
+        for key in self._keys(tokens, (len(tokens) - 1) // self.page_size):
+            page = self._page_of.get(key)
+            if page is None:
+                break
+            pages.append(page)
+        return pages
+
+    def idle_pages(self, pages: Sequence[int]) -> int:
+        """How many of ``pages`` are cached without a user (attaching them takes them from the free count)."""
+        return sum(page in self._idle for page in pages)
+
+    def register_prefix(self, slot: int, tokens: Sequence[int]) -> None:
+        """Offer the full pages of ``slot`` holding ``tokens`` (its first positions, written) to later
+        sequences."""
+        if not self.prefix_caching:
+            return
+        n = min((len(tokens) - 1) // self.page_size, self.lengths[slot] // self.page_size)
+        for page, key in zip(self.pages[slot], self._keys(tokens, n)):
+            if page not in self._key_of and key not in self._page_of:
+                self._key_of[page], self._page_of[key] = key, page
+
+    def clear_prefixes(self) -> None:
+        """Forget every cached prefix (the weights changed); pages in use stay with their sequences."""
+        self._free_pages.extend(self._idle)
+        self._idle.clear()
+        self._key_of.clear()
+        self._page_of.clear()
 
     # ------------------------------------------------------------------------------------------------
     # device side: where each new token's latents go

@@ -8,16 +8,16 @@ runs all layers of a shape) and captures in CUDA graphs.
 * :func:`prefill_attention`: the expanded form of training (report §2.1.1, eq. 1-11). q, c^KV and k^R
   come from :meth:`MLA.query` / :meth:`MLA.latent`; c^KV and k^R are written to the cache; keys and values
   are expanded with W^UK / W^UV (``kv_b_proj``) and attended with SDPA.
-* :func:`absorbed_attention`: weight absorption. With W^UK_h and W^UV_h the per-head slices of
-  ``kv_b_proj``::
+* :func:`absorbed_attention`: weight absorption (the model's :meth:`MLA.absorbed`). With W^UK_h and W^UV_h
+  the per-head slices of ``kv_b_proj``::
 
       q_lat   = q^C_h W^UK_h                                 (the query moved into the latent space, d_c)
       score_t = (q_lat . c^KV_t + q^R_h . k^R_t) * softmax_scale
       o_h     = W^UV_h (sum_t softmax(score)_t c^KV_t)        then W^O (``o_proj``)
 
-  so per cached token only the 576 latent values are read; keys and values are never expanded. Written
-  here with einsum and softmax (the reference, and the CPU path); on the GPU the same math runs through the
-  Triton kernels of :mod:`dsv3.inference.triton_mla` (``kernels=True``).
+  so per cached token only the 576 latent values are read; keys and values are never expanded. Written in
+  the model with einsum and softmax (the reference, and the CPU path); on the GPU the same math runs through
+  the Triton kernels of :mod:`dsv3.inference.triton_mla` (``kernels=True``).
 """
 
 from __future__ import annotations
@@ -44,19 +44,20 @@ def _write_latent(latent: torch.Tensor, index: torch.Tensor, kv: torch.Tensor, k
 
 def prefill_attention(
     attn: MLA, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-    latent: torch.Tensor, index: torch.Tensor, start: int = 0, pages: torch.Tensor | None = None,
+    latent: torch.Tensor, index: torch.Tensor, pages: torch.Tensor | None = None, visible: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Expanded MLA for n new tokens x (B, n, d) at positions start .. start+n-1, their latents written at
-    ``index`` (B, n). Prompts right-padded to n attend causally (the padding stays out of every real
-    token's view). A prefix continuation (start > 0, B = 1) also attends over the cached positions,
-    read through ``pages`` (1, P)."""
+    """Expanded MLA for n new tokens x (B, n, d), their latents written at ``index`` (B, n). Without ``pages``
+    the rows are new prompts right-padded to n that attend causally (the padding stays out of every real
+    token's view). With ``pages`` (B, P) the rows continue cached sequences (a cached prefix, a recomputed
+    sequence): every token attends over the latents of its row's pages where ``visible`` (B, n, P x
+    page_size) allows, the cached positions and the new ones up to itself."""
     b, n, _ = x.shape
     (q_nope, q_pe), (kv, k_pe) = mla_query_latent(attn, x, cos, sin)
     _write_latent(latent, index, kv, k_pe)
     mask = None
-    if start > 0:
-        kv, k_pe = read_latent(latent, pages)[:, :start + n].split([attn.kv_lora_rank, attn.qk_rope_head_dim], -1)
-        mask = torch.arange(start + n, device=x.device) <= torch.arange(start, start + n, device=x.device)[:, None]
+    if pages is not None:
+        kv, k_pe = read_latent(latent, pages).split([attn.kv_lora_rank, attn.qk_rope_head_dim], -1)
+        mask = visible[:, None]  # (B, 1, n, T): the same for every head
     k, v = attn.expand_kv(kv.to(x.dtype), k_pe.to(x.dtype))
     q = torch.cat([q_nope, q_pe], dim=-1)
     o = F.scaled_dot_product_attention(  # the engine asks for cuDNN first (model.attention._prefer_cudnn)
@@ -74,16 +75,15 @@ def absorbed_attention(
     over the cached latents of ``pages`` (B, P): token (b, s) sees the cached positions 0 ..
     ``positions[b, s]``.
 
-    The cache row [c^KV; k^R] serves as the key of every head against the query [q^C W^UK; q^R], so the
-    score q_lat . c^KV + q^R . k^R is one product; the value is its c^KV part. ``kernels``: the Triton
-    kernels of :mod:`dsv3.inference.triton_mla` (CUDA) in place of the einsums, softmax and page gather;
-    the latent's norm and RoPE happen in the kernel that writes it to the cache, the query's RoPE in the
-    attention kernel."""
-    b, s, _ = x.shape
-    h, d_nope, d_v, d_c = attn.n_heads, attn.qk_nope_head_dim, attn.v_head_dim, attn.kv_lora_rank
-    w = attn.kv_b_proj.weight.view(h, d_nope + d_v, d_c)
-    w_uk, w_uv = w[:, :d_nope].to(x.dtype), w[:, d_nope:].to(x.dtype)  # (H, d_nope, d_c), (H, d_v, d_c)
+    The math is the model's :meth:`MLA.absorbed <dsv3.model.attention.MLA.absorbed>` over the gathered pages
+    (the reference, and the CPU path). ``kernels``: the Triton kernels of :mod:`dsv3.inference.triton_mla`
+    (CUDA) in place of its einsums, softmax and the page gather; the latent's norm and RoPE happen in the
+    kernel that writes it to the cache, the query's RoPE in the attention kernel."""
     if kernels:
+        b, s, _ = x.shape
+        h, d_nope, d_v, d_c = attn.n_heads, attn.qk_nope_head_dim, attn.v_head_dim, attn.kv_lora_rank
+        w = attn.kv_b_proj.weight.view(h, d_nope + d_v, d_c)
+        w_uk, w_uv = w[:, :d_nope].to(x.dtype), w[:, d_nope:].to(x.dtype)  # (H, d_nope, d_c), (H, d_v, d_c)
         from .triton_mla import head_matmul, latent_attention, write_latent
 
         q0, kv_a = mla_first_projections(attn, x)
@@ -96,14 +96,8 @@ def absorbed_attention(
     (q_nope, q_pe), (kv, k_pe) = mla_query_latent(attn, x, cos, sin)  # (B, S, H, d_nope), (B, S, H, d_r)
     _write_latent(latent, index, kv, k_pe)  # write first: a token attends to itself
     lat = read_latent(latent, pages).to(x.dtype)  # (B, T, d_c + d_r)
-    hidden = (torch.arange(lat.shape[1], device=x.device) > positions[:, :, None])[:, :, None, :]  # (B, S, 1, T)
-    q = torch.cat([torch.einsum("bshd,hdc->bshc", q_nope, w_uk), q_pe], dim=-1)  # (B, S, H, d_c + d_r)
-    scores = torch.einsum("bshc,btc->bsht", q, lat)
-    scores = (scores.float() * attn.softmax_scale).masked_fill(hidden, float("-inf"))
-    probs = scores.softmax(dim=-1).to(x.dtype)
-    o_lat = torch.einsum("bsht,btc->bshc", probs, lat[..., :d_c])
-    o = torch.einsum("bshc,hvc->bshv", o_lat, w_uv)
-    return attn.o_proj(o.reshape(b, s, h * d_v))
+    visible = torch.arange(lat.shape[1], device=x.device) <= positions[:, :, None]  # (B, S, T)
+    return attn.absorbed(q_nope, q_pe, lat, visible)
 
 
 def run_block(
@@ -119,10 +113,10 @@ def run_block(
 
 def prefill_block(
     block: Block, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, latent: torch.Tensor,
-    index: torch.Tensor, start: int = 0, pages: torch.Tensor | None = None,
+    index: torch.Tensor, pages: torch.Tensor | None = None, visible: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A block over new prompt tokens with expanded attention (:func:`prefill_attention`)."""
-    return run_block(block, x, lambda attn, h: prefill_attention(attn, h, cos, sin, latent, index, start, pages))
+    return run_block(block, x, lambda attn, h: prefill_attention(attn, h, cos, sin, latent, index, pages, visible))
 
 
 def decode_block(

@@ -59,8 +59,9 @@ class GenerationRequest:
 
 @dataclass
 class GenerationResult:
-    """The outcome of one request. ``tokens`` are the completion's ids (a stop token included);
-    ``text`` their decoding when the engine has a tokenizer (stop tokens and strings cut off)."""
+    """The outcome of one request. ``tokens`` are the completion's ids (a stop token included), filled in as
+    they come; ``text`` their decoding when the engine has a tokenizer (stop tokens and strings cut off), set
+    when the request finishes (streamed text comes in the :class:`TokenEvent` s)."""
 
     request_id: str
     tokens: list[int] = field(default_factory=list)
@@ -68,6 +69,8 @@ class GenerationResult:
     finish_reason: str | None = None
     """``"stop"`` (stop token or string), ``"length"`` (max_new_tokens or max_seq_len), ``"cancelled"``."""
     prompt_tokens: int = 0
+    cached_tokens: int = 0
+    """Prompt tokens whose latents came from the prefix cache (not computed for this request)."""
     forward_passes: int = 0
     """Forwards of the main model that produced this completion (the prefill included)."""
     draft_tokens: int = 0

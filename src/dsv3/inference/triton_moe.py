@@ -24,8 +24,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .moe import DECODE_FUSED_MAX
-
 BLOCK_M = 16  # the smallest row tile tl.dot takes; rows beyond it loop (weights re-read from L2)
 
 
@@ -91,8 +89,9 @@ def _(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------------
 # A few tokens, no sort: each expert program finds its own tokens in the routing indices
 
-# Tokens up to which moe_decode_experts runs: one 16-row tile of tl.dot holds them all.
-DECODE_MAX_TOKENS = DECODE_FUSED_MAX
+# Tokens up to which moe_decode_experts runs: one 16-row tile of tl.dot holds them all (the caller,
+# dsv3.inference.moe, sends at most its DECODE_FUSED_MAX; more is refused below).
+DECODE_MAX_TOKENS = 16
 
 _DECODE_CONFIGS = [
     triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)

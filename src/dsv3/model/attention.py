@@ -12,9 +12,16 @@ Names follow the checkpoint; the report's matrices are:
 ``o_proj``             W^O, eq. 11
 =====================  ==========================================================================
 
-Only c^KV and k^R need caching (576 values per token and layer for V3). This module's forward is the plain
-("expanded") form used for training and prefill; the inference engine reuses :meth:`query` and
-:meth:`latent` and attends in the latent space with W^UK and W^UV absorbed.
+Only c^KV and k^R need caching (576 values per token and layer for V3). Two forms of the same attention:
+
+* **expanded** (:meth:`MLA.forward`, training and prefill): keys and values expanded per head from the latents
+  with ``kv_b_proj`` (eq. 2, 5), then softmax attention;
+* **absorbed** (:meth:`MLA.absorbed`, decoding from a cache): since k^C_{t,i} = W^UK_i c^KV_t and
+  v^C_{t,i} = W^UV_i c^KV_t, the score q^C_i . k^C_{t,i} equals (q^C_i W^UK_i) . c^KV_t and the output
+  sum_t a_t v^C_{t,i} equals W^UV_i (sum_t a_t c^KV_t): W^UK moves into the query and W^UV after the
+  attention, and per cached token only [c^KV; k^R] is read (what the report's "only the blue-boxed vectors
+  need to be cached" buys at inference). The engine (:mod:`dsv3.inference.layers`) runs it over its paged
+  cache.
 """
 
 from __future__ import annotations
@@ -86,6 +93,24 @@ class MLA(nn.Module):
         k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
         k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, self.n_heads, -1)], dim=-1)
         return k, v
+
+    def absorbed(
+        self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, visible: torch.Tensor
+    ) -> torch.Tensor:
+        """The absorbed form (module docstring) for queries q^C (b, s, h, d_h) and RoPE'd q^R (b, s, h, d_h^R)
+        over cached latents ``latent`` (b, t, d_c + d_h^R) = [c^KV; k^R] per position; ``visible`` (b, s, t)
+        bool says which positions each query may attend. Returns the attention output after W^O, (b, s, d);
+        equal to the expanded form over the same keys up to rounding."""
+        b, s, h, _ = q_nope.shape
+        w = self.kv_b_proj.weight.view(h, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        w_uk, w_uv = w[:, :self.qk_nope_head_dim].to(q_nope.dtype), w[:, self.qk_nope_head_dim:].to(q_nope.dtype)
+        q = torch.cat([torch.einsum("bshd,hdc->bshc", q_nope, w_uk), q_pe], dim=-1)  # [q^C W^UK; q^R]
+        scores = torch.einsum("bshc,btc->bsht", q, latent.to(q.dtype))
+        scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) * self.softmax_scale  # softmax in >= FP32
+        probs = scores.masked_fill(~visible[:, :, None, :], float("-inf")).softmax(dim=-1).to(q.dtype)
+        o_latent = torch.einsum("bsht,btc->bshc", probs, latent[..., :self.kv_lora_rank].to(q.dtype))
+        o = torch.einsum("bshc,hvc->bshv", o_latent, w_uv)  # W^UV after the attention
+        return self.o_proj(o.reshape(b, s, h * self.v_head_dim))
 
     def forward(
         self,
