@@ -265,3 +265,23 @@ def test_prefix_pages_are_shared_counted_and_evicted(model):
     assert cache.num_cached_pages > 0
     engine.load_weights(model.state_dict())
     assert cache.num_cached_pages == 0 and cache.match_prefix(QUESTIONS[1]) == []
+
+
+@pytest.mark.parametrize("params", [GREEDY, SAMPLED[1]], ids=["greedy", "sampled"])
+def test_speculative_steps_read_the_host_once(model, monkeypatch, params):
+    """Verify, acceptance and the next drafts of the whole batch, then one read (the padded CPU path)."""
+    engine = Engine(model, max_batch=4, max_seq_len=64, page_size=4, cuda_graph=True, speculative=True)
+    long = SamplingParams(**{**vars(params), "max_new_tokens": 16})
+    results = [engine.submit(GenerationRequest(p, long)) for p in PROMPTS]
+    engine.step()  # admission: prefill, first tokens, the first drafts
+    tolist = torch.Tensor.tolist
+    reads = []
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: (reads.append(sys._getframe(1).f_code.co_filename),
+                                                           tolist(t))[1])
+    for _ in range(3):
+        engine.step()
+    monkeypatch.undo()
+    assert len([f for f in reads if "inference" in f]) == 3
+    while engine.scheduler.has_work:
+        engine.step()
+    assert all(len(r.tokens) == 16 for r in results) and engine.speculator.drafted > 0

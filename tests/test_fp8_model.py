@@ -327,13 +327,30 @@ def test_fp8_auto_on_cpu_dequantises(tmp_path):
     assert all(t.dtype == torch.float32 for t in model.state_dict().values() if t.is_floating_point())
 
 
+def test_fp8_auto_keeps_fp8_only_where_bf16_would_not_fit(monkeypatch):
+    from dsv3.fp8.serving import wants_fp8_serving
+
+    fp8 = {"quant_method": "fp8"}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (100 * 2**30, 140 * 2**30))
+    assert not wants_fp8_serving("auto", fp8, "cuda", 30 * 2**30)  # fits: dequantise (the faster path)
+    assert wants_fp8_serving("auto", fp8, "cuda", 200 * 2**30)  # does not fit: keep FP8
+    assert not wants_fp8_serving("auto", None, "cuda", 200 * 2**30)  # not an FP8 checkpoint
+    assert wants_fp8_serving(True, fp8, "cuda") and not wants_fp8_serving(False, fp8, "cuda", 200 * 2**30)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert not wants_fp8_serving("auto", fp8, "cuda", 200 * 2**30)  # no FP8 GEMMs before Hopper
+
+
 @pytest.mark.gpu
 def test_gpu_fp8_serving_on_hopper(tmp_path):
     if torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("needs a Hopper GPU")
     path = _fp8_checkpoint(tmp_path)
     deq = dsv3.load_pretrained(path, device="cuda", dtype=torch.bfloat16, fp8=False)
-    served = dsv3.load_pretrained(path, device="cuda", dtype=torch.bfloat16)  # auto -> FP8 on Hopper
+    auto = dsv3.load_pretrained(path, device="cuda", dtype=torch.bfloat16)  # fits dequantised: BF16
+    assert auto.layers[1].mlp.experts.gate_up_proj.dtype == torch.bfloat16
+    served = dsv3.load_pretrained(path, device="cuda", dtype=torch.bfloat16, fp8=True)
     assert served.layers[1].mlp.experts.gate_up_proj.dtype == torch.float8_e4m3fn
     tokens = torch.randint(0, 512, (2, 64), device="cuda")
     with torch.no_grad():

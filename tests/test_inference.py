@@ -285,11 +285,11 @@ def test_speculative_accepts_correct_drafts(model, monkeypatch):
     original = spec._set_drafts
     calls = {"n": 0}
 
-    def oracle(seqs, logits):
-        original(seqs, logits)
+    def oracle(seqs, drafts, q):
+        original(seqs, drafts, q)
         for seq in seqs:
             calls["n"] += 1
-            done = len(seq.result.tokens)
+            done = seq.mtp_len + 1 - len(seq.prompt)  # completion index of the drafted token
             ref = truth[tuple(seq.prompt)]
             if calls["n"] % 2 and done < len(ref):
                 seq.draft = ref[done]

@@ -93,6 +93,11 @@ def hf_tensors(model: DeepSeekV3) -> Iterator[tuple[str, str, torch.Tensor, tupl
 # --------------------------------------------------------------------------------------------------------
 # loading
 
+def _parameter_count(config: ModelConfig) -> int:
+    with torch.device("meta"):
+        return sum(p.numel() for p in DeepSeekV3(config).parameters())
+
+
 def _weight_map(path: Path) -> dict[str, str]:
     """Checkpoint tensor name -> shard file name."""
     index = path / "model.safetensors.index.json"
@@ -140,7 +145,8 @@ def load_pretrained(
 
     FP8 weights are dequantised to ``dtype``, unless ``fp8`` keeps them: ``True`` keeps the float8 weights and
     their ``weight_scale_inv`` in FP8 inference modules (:mod:`dsv3.fp8.serving`; half the memory of BF16),
-    ``"auto"`` does so on a Hopper GPU only, ``False`` never. The routing bias stays float32. Raises :class:`CheckpointError`
+    ``"auto"`` does so on a Hopper GPU only when the dequantised weights would not fit its free memory (FP8
+    decoding is the slower path today), ``False`` never. The routing bias stays float32. Raises :class:`CheckpointError`
     naming any missing, unexpected or misshapen tensor. A checkpoint whose config declares MTP modules that
     its files lack (transformers drops them when saving) loads without MTP, with a warning.
     """
@@ -157,7 +163,9 @@ def load_pretrained(
         )
         config = config.replace(num_nextn_predict_layers=0)
     keep_fp8 = None
-    if wants_fp8_serving(fp8, config.quantization_config, device):
+    dequantized = _parameter_count(config) * torch.finfo(dtype).bits // 8 \
+        if fp8 == "auto" and config.quantization_config else None
+    if wants_fp8_serving(fp8, config.quantization_config, device, dequantized):
         def keep_fp8(meta_model: DeepSeekV3) -> None:  # modules whose checkpoint weights are FP8 stay FP8
             names = {ours.rsplit(".", 1)[0] for hf, ours, _, _ in hf_tensors(meta_model)
                      if hf + "_scale_inv" in weight_map}

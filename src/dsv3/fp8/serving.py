@@ -136,15 +136,21 @@ def apply_fp8_serving(model: nn.Module, names: set[str] | None = None) -> nn.Mod
     return model
 
 
-def wants_fp8_serving(fp8: bool | str, quantization_config: dict | None, device: str | torch.device) -> bool:
-    """Whether :func:`dsv3.load_pretrained` keeps FP8 weights: only for FP8 checkpoints; ``"auto"`` = on a
-    Hopper (or newer) GPU, where the FP8 GEMMs run; ``True``/``False`` force it."""
+def wants_fp8_serving(fp8: bool | str, quantization_config: dict | None, device: str | torch.device,
+                      dequantized_bytes: int | None = None) -> bool:
+    """Whether :func:`dsv3.load_pretrained` keeps FP8 weights: only for FP8 checkpoints; ``True``/``False``
+    force it. ``"auto"`` keeps them only where they must be: on a Hopper (or newer) GPU whose free memory
+    cannot hold the weights dequantised (``dequantized_bytes``). Kept FP8 weights halve the memory but decode
+    many times slower than BF16 today (docs/inference.md), so "auto" dequantises whenever that fits."""
     if fp8 not in (True, False, "auto"):
         raise ValueError(f"fp8 must be True, False or 'auto', got {fp8!r}")
     if not quantization_config or quantization_config.get("quant_method") != "fp8":
         return False
     if fp8 == "auto":
         device = torch.device(device)
-        return (device.type == "cuda" and torch.cuda.is_available()
-                and torch.cuda.get_device_capability(device) >= (9, 0))
+        if not (device.type == "cuda" and torch.cuda.is_available()
+                and torch.cuda.get_device_capability(device) >= (9, 0)):
+            return False
+        free, _ = torch.cuda.mem_get_info(device)
+        return dequantized_bytes is not None and dequantized_bytes > 0.9 * free
     return bool(fp8)

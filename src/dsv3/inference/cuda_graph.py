@@ -55,9 +55,9 @@ class CapturedStep:
     outputs: tuple[torch.Tensor, ...] = field(default_factory=tuple)
 
 
-class _Graphs:
+class StepGraphs:
     """Steps captured lazily per key, all in one memory pool; ``forward(*inputs)`` is the step, a function of
-    its input buffers alone."""
+    its input buffers alone (host or device tensors are copied into them before each replay)."""
 
     def __init__(self, batch_sizes: Seq[int], max_batch: int, device: torch.device):
         self.batch_sizes = sorted({b for b in batch_sizes if 0 < b < max_batch} | {max_batch})
@@ -111,7 +111,7 @@ class _Graphs:
 DecodeStep = Callable[[torch.Tensor, "torch.Tensor | None", int, bool], tuple[torch.Tensor, ...]]
 
 
-class DecodeGraphs(_Graphs):
+class DecodeGraphs(StepGraphs):
     """Decode steps, one per (padded batch size, tokens per sequence, key bucket, sampling mode). ``step(ints,
     floats, n_keys, filtered)`` is :meth:`ModelRunner._graph_decode
     <dsv3.inference.runner.ModelRunner._graph_decode>`: ints (4, B, S) tokens, slot (repeated over S),
@@ -156,7 +156,7 @@ class DecodeGraphs(_Graphs):
         return hidden[:b], logits[:b], nxt[:b]
 
 
-class PrefillGraphs(_Graphs):
+class PrefillGraphs(StepGraphs):
     """Prefills of new prompts, one graph per (padded batch size, padded length): lengths round up to a power
     of two (at least ``min_len``), prompts are right-padded and padded rows are invalid. ``step(ints)`` with
     ints (3, B, n): tokens, slot (repeated over n), valid."""

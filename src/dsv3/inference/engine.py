@@ -187,7 +187,7 @@ class Engine:
                     events.append(self.emit(seq, token))
                     if seq.finished:
                         break
-            spec.draft_next([s for s in plan.decode if not s.finished])
+            self.host_reads += 1
         return events
 
     def emit(self, seq: Sequence, token: int) -> TokenEvent:

@@ -99,7 +99,11 @@ class ModelRunner:
 
     def describe(self) -> str:
         """The paths chosen, in one line (the CLI and the server print it)."""
-        return (f"{self.device} {str(self.dtype).removeprefix('torch.')}, decode experts {self.decode_experts}"
+        from ..fp8.serving import FP8InferenceExperts, FP8InferenceLinear
+
+        fp8 = any(isinstance(m, (FP8InferenceLinear, FP8InferenceExperts)) for m in self.model.modules())
+        return (f"{self.device} {str(self.dtype).removeprefix('torch.')}"
+                f"{' (checkpoint FP8 weights kept)' if fp8 else ''}, decode experts {self.decode_experts}"
                 f"{', Triton MLA' if self.decode_kernels else ''}, CUDA graphs "
                 f"{'on' if self.graphs is not None else 'off'}, torch.compile {'on' if self.compiled else 'off'}, "
                 f"{self.cache.num_pages} pages of {self.cache.page_size} tokens, prefix caching "

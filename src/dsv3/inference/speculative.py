@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 
+from .cuda_graph import StepGraphs
 from .runner import ModelRunner
 from .sampler import SamplingTensors, needs_filter, probs, sample, verify
 from .sampling import sample_from
@@ -53,31 +54,35 @@ def speculative_accept(
 
 
 class MTPSpeculator:
-    """Drafts with ``model.mtp[0]`` and verifies with the main model, for a batch of running sequences."""
+    """Drafts with ``model.mtp[0]`` and verifies with the main model, for a batch of running sequences.
+
+    A step is the main model's decode step over [last token, draft] (the runner's CUDA graph), the batched
+    acceptance rule, and the MTP module's step over the accepted positions with the next drafts drawn on the
+    device (captured in a CUDA graph of its own when the runner has graphs, per padded batch, key bucket and
+    sampling mode: no recompilation per length); then one read of accepted counts, tokens and drafts.
+    """
 
     def __init__(self, runner: ModelRunner):
         self.runner = runner
         self.module = runner.model.mtp[0]
         self.blocks = runner.mtp_blocks[:1]
-        self._pending: dict[int, tuple[torch.Tensor, int, list[int]]] = {}  # id(seq) -> (hidden, start, new)
+        rg = runner.graphs
+        self.graphs = None if rg is None else StepGraphs(rg.batch_sizes, rg.batch_sizes[-1], runner.device)
         self.drafted = self.accepted = 0
         """Drafts verified and accepted so far, over all sequences (the CLI and the server report them)."""
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:
         return self.runner.model.lm_head(self.module.shared_head.norm(x))
 
-    def _set_drafts(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        """Draw each sequence's draft from the MTP logits (R, V), at the position of the token it drafts."""
-        params = [s.params for s in seqs]
-        if all(p.greedy for p in params):
-            drafts, q = logits.argmax(dim=-1), None
-        else:
-            t = SamplingTensors.from_params(params, [s.seed for s in seqs], logits.device)
-            offsets = torch.tensor([len(s.tokens) for s in seqs], device=logits.device)
-            filtered = needs_filter(params)
-            q = probs(logits, t, filtered)
-            drafts = sample(logits, t, offsets, filtered, salt=DRAFT_SALT)
-        for i, (seq, d) in enumerate(zip(seqs, drafts.tolist())):
+    def _draw(self, logits: torch.Tensor, t: SamplingTensors | None, offsets: torch.Tensor,
+              filtered: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Drafts (R,) from the MTP logits (R, V) and the distributions they were drawn from (``None``: greedy)."""
+        if t is None:
+            return logits.argmax(dim=-1), None
+        return sample(logits, t, offsets, filtered, salt=DRAFT_SALT), probs(logits, t, filtered)
+
+    def _set_drafts(self, seqs: list[Sequence], drafts: list[int], q: torch.Tensor | None) -> None:
+        for i, (seq, d) in enumerate(zip(seqs, drafts)):
             seq.draft, seq.draft_probs = d, None if q is None or seq.params.greedy else q[i]
 
     @torch.inference_mode()
@@ -92,62 +97,99 @@ class MTPSpeculator:
         x = self.module.combine(hidden[None], run.model.embed_tokens(nxt)[None])
         x = run.run_prefill(x, self.blocks, [seq.slot], [start] if start else None)
         seq.mtp_len = length
-        self._set_drafts([seq], self._head(x[0, -1:]))
+        t = _sampling([seq], run.device)
+        drafts, q = self._draw(self._head(x[0, -1:]), t, torch.tensor([len(seq.tokens)], device=run.device),
+                               needs_filter([seq.params]))
+        self._set_drafts([seq], drafts.tolist(), q)
 
     @torch.inference_mode()
     def step(self, seqs: list[Sequence]) -> list[tuple[Sequence, list[int]]]:
-        """Verify every sequence's draft in one batched forward over [last token, draft] and the batched
-        acceptance rule; returns each sequence's 1 or 2 new tokens (the cache keeps [last token, accepted
-        draft]). Call :meth:`draft_next` once they are emitted."""
-        run, cache = self.runner, self.runner.cache
+        """Verify every sequence's draft and draft the next token, for the whole batch in one forward (one CUDA
+        graph replay when the runner has graphs) and one read; returns each sequence's 1 or 2 new tokens (the
+        cache keeps [last token, accepted draft])."""
+        run, cache, dev = self.runner, self.runner.cache, self.runner.device
+        b = len(seqs)
+        starts = run.extend_all([s.slot for s in seqs], [2] * b)  # positions L (last token) and L+1 (draft)
         params = [s.params for s in seqs]
-        hidden, logits = run.decode([s.slot for s in seqs], [[s.last_token, s.draft] for s in seqs])
-        t = SamplingTensors.from_params(params, [s.seed for s in seqs], logits.device)
-        drafts = torch.tensor([[s.draft] for s in seqs], device=logits.device)
+        greedy, filtered = all(p.greedy for p in params), needs_filter(params)
+        graphed = self.graphs is not None and self.graphs.covers(b)
+        size = self.graphs.padded_batch(b) if graphed else b
+        ints = torch.zeros(6, size, 2, dtype=torch.long)
+        ints[0, :b] = torch.tensor([[s.last_token, s.draft] for s in seqs])
+        ints[1, :b] = torch.tensor([s.slot for s in seqs])[:, None]
+        ints[2, :b] = torch.tensor(starts)[:, None] + torch.arange(2)
+        ints[3, :b] = 1
+        floats = torch.zeros(2, size)
         q = None
-        if any(s.draft_probs is not None for s in seqs):
-            one_hot = torch.nn.functional.one_hot(drafts[:, 0], logits.shape[-1]).float()
-            q = torch.stack([s.draft_probs if s.draft_probs is not None else one_hot[i]
-                             for i, s in enumerate(seqs)])[:, None]
-        offsets = torch.tensor([len(s.tokens) for s in seqs], device=logits.device)  # the draft's position
-        accepted, tokens = verify(logits.float(), drafts, q, t, offsets, needs_filter(params))
+        if not greedy:
+            t = SamplingTensors.from_params(params, [s.seed for s in seqs], "cpu")
+            floats[0, :b], floats[1, :b] = t.temperature, t.top_p
+            ints[4, :b], ints[5, :b] = t.top_k[:, None], t.seed[:, None]
+            one_hot = torch.nn.functional.one_hot(ints[0, :b, 1].to(dev), self.runner.config.vocab_size).float()
+            q = torch.stack([s.draft_probs if s.draft_probs is not None else one_hot[i] for i, s in enumerate(seqs)])
+            if size > b:
+                q = torch.cat([q, q.new_zeros(size - b, q.shape[1])])
+        mode = "greedy" if greedy else "filtered" if filtered else "sample"
+        max_len = max(starts) + 2
+        inputs = (ints, floats) if q is None else (ints, floats, q)
+        if graphed:
+            n_keys = run.graphs.key_pages(max_len) * cache.page_size
+            outs = self.graphs.replay((size, n_keys, mode), inputs,
+                                      lambda *x: self._forward(*x, n_keys=n_keys, mode=mode, capturable=True))
+        else:
+            outs = self._forward(*(x.to(dev) for x in inputs), n_keys=max_len, mode=mode, capturable=False)
+        accepted, tokens, drafts, next_q = outs
+        host = torch.cat([accepted[:b], tokens[:b].flatten(), drafts[:b]]).tolist()  # the step's one read
+        n_acc, rows, new_drafts = host[:b], host[b:3 * b], host[3 * b:]
         out = []
-        for b, (seq, n_acc, row) in enumerate(zip(seqs, accepted.tolist(), tokens.tolist())):
+        for i, seq in enumerate(seqs):
             res = seq.result
-            start = cache.lengths[seq.slot] - 2  # position of the last token
+            new = rows[2 * i:2 * i + 1 + n_acc[i]]
             res.forward_passes += 1
             res.draft_tokens += 1
-            res.accepted_tokens += n_acc
+            res.accepted_tokens += n_acc[i]
             self.drafted += 1
-            self.accepted += n_acc
-            new = row[:n_acc + 1]
-            cache.truncate(seq.slot, start + len(new))  # keep [last token, accepted draft]
-            self._pending[id(seq)] = (hidden[b], start, new)
+            self.accepted += n_acc[i]
+            cache.truncate(seq.slot, starts[i] + len(new))  # keep [last token, accepted draft]
+            seq.mtp_len = starts[i] + len(new)
             out.append((seq, new))
+        self._set_drafts(seqs, new_drafts, None if greedy else next_q[:b].clone())
         return out
 
-    @torch.inference_mode()
-    def draft_next(self, seqs: list[Sequence]) -> None:
-        """After :meth:`step`: the MTP module over each still-running sequence's new positions (absorbed
-        attention, padded to the longest), then the next drafts."""
-        pending = [(s, *self._pending.pop(id(s))) for s in seqs]
-        self._pending.clear()
-        if not pending:
-            return
+    def _forward(
+        self, ints: torch.Tensor, floats: torch.Tensor, q: torch.Tensor | None = None, *, n_keys: int, mode: str,
+        capturable: bool,
+    ) -> tuple[torch.Tensor, ...]:
+        """One speculative step on the device, a function of its inputs (captured as a CUDA graph): ints (6, B,
+        2) tokens [last, draft], slot, positions L and L+1, valid, top-k, seed; floats (2, B) temperature and
+        top-p; q (B, V) the drafts' distributions (``None``: every row greedy). Returns accepted (B,), tokens
+        (B, 2), the next drafts (B,) and their distributions (B, V) (empty when greedy)."""
         run = self.runner
-        dev = run.device
-        s = max(len(new) for *_, new in pending)
-        h = torch.stack([hid[:s] for _, hid, _, _ in pending])  # main hidden states at positions start ..
-        nxt = torch.tensor([new + [0] * (s - len(new)) for *_, new in pending], dtype=torch.long, device=dev)
-        n_valid = torch.tensor([len(new) for *_, new in pending], device=dev)
-        valid = torch.arange(s, device=dev) < n_valid[:, None]
-        starts = torch.tensor([start for _, _, start, _ in pending], dtype=torch.long, device=dev)
-        positions = starts[:, None] + torch.arange(s, device=dev)
-        slots = torch.tensor([seq.slot for seq, *_ in pending], dtype=torch.long, device=dev)
-        max_len = max(start + len(new) for _, _, start, new in pending)
-        x = self.module.combine(h, run.model.embed_tokens(nxt))
-        x = run.forward_cached(x, self.blocks, slots, positions, valid, max_len)
-        last = x[torch.arange(len(pending), device=dev), n_valid - 1]
-        for seq, _, start, new in pending:
-            seq.mtp_len = start + len(new)
-        self._set_drafts([seq for seq, *_ in pending], self._head(last))
+        tokens, slots, positions, valid = ints[0], ints[1, :, 0], ints[2], ints[3].bool()
+        t = SamplingTensors(temperature=floats[0], top_k=ints[4, :, 0], top_p=floats[1], seed=ints[5, :, 0])
+        filtered = mode == "filtered"
+        # 1. the main model over [t_L, d]: p_L and p_{L+1}
+        h = run.model.norm(run.forward_cached(run.model.embed_tokens(tokens), run.main_blocks, slots, positions,
+                                              valid, n_keys, capturable))
+        logits = run.model.lm_head(h)
+        # 2. accept or correct the draft, a bonus token when accepted
+        accepted, new = verify(logits.float(), tokens[:, 1:], None if q is None else q[:, None], t, positions[:, 1],
+                               filtered)
+        # 3. the MTP module over the kept positions: L with t_{L+1}, L+1 with t_{L+2} if the draft was kept
+        kept = valid & (torch.arange(2, device=valid.device) <= accepted[:, None])
+        x = self.module.combine(h, run.model.embed_tokens(new))
+        x = run.forward_cached(x, self.blocks, slots, positions, kept, n_keys, capturable)
+        last = (kept.long().sum(dim=1) - 1).clamp(min=0)
+        rows = torch.arange(x.shape[0], device=x.device)
+        drafts, next_q = self._draw(self._head(x[rows, last]), None if mode == "greedy" else t,
+                                    positions[rows, last] + 2, filtered)
+        return accepted, new, drafts, next_q if next_q is not None else drafts.new_zeros(0)
+
+
+def _sampling(seqs: list[Sequence], device: torch.device) -> SamplingTensors | None:
+    """The batch's sampling tensors, or ``None`` when every row is greedy."""
+    params = [s.params for s in seqs]
+    if all(p.greedy for p in params):
+        return None
+    return SamplingTensors.from_params(params, [s.seed for s in seqs], device)
+

@@ -1,0 +1,116 @@
+"""MTP speculative decoding against plain decoding at batch 1, both through the engine's CUDA graphs, measured in
+one run (report §2.2; :mod:`dsv3.inference.speculative`).
+
+    PYTHONPATH=src python bench/speculative.py [--layers 12] [--steps 1500] [--new 256] [--skip-train] [--skip-16b]
+
+1. **trained**: a ``tiny``-width model with ``--layers`` layers and one MTP module is trained here on the built-in
+   corpus (the Python standard library) for ``--steps`` steps; then one greedy completion of ``--new`` tokens of
+   a prompt from the corpus, plain and speculative: tokens/s, the drafts' acceptance and whether the two
+   outputs agree token for token (bf16);
+2. **16b**: the benchmark shape of shared/benchmarks.md (random weights, so drafts are rarely right): the
+   time of a plain decode step and of a speculative step (verify [last token, draft] + accept + the MTP
+   module's step and next draft, one graph) at batch 1, and the speed-up they imply at the report's 85%
+   acceptance: (1 + 0.85) x plain step / speculative step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import tempfile
+import time
+
+import torch
+
+import dsv3
+from dsv3.inference import Engine, GenerationRequest, SamplingParams
+
+
+def timed_generate(engine: Engine, prompt, new: int) -> tuple[float, list[int]]:
+    """Seconds for tokens 2 .. new of one greedy completion (the prefill and first token excluded)."""
+    params = SamplingParams(max_new_tokens=new, temperature=0, ignore_eos=True)
+    res = engine.submit(GenerationRequest(prompt, params))
+    engine.step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    while engine.scheduler.has_work:
+        engine.step()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0, res.tokens
+
+
+def trained(args) -> None:
+    from dsv3.runs import load_run_or_checkpoint
+    from dsv3.train import TrainConfig, train
+
+    out = tempfile.mkdtemp(prefix="spec-bench-")
+    t0 = time.perf_counter()
+    cfg = TrainConfig(preset="tiny", model={"num_hidden_layers": args.layers, "max_position_embeddings": 2048},
+                      steps=args.steps, out=out, device="cuda", eval_every=10 ** 6, save_every=args.steps)
+    train(cfg, log=lambda *a, **k: None)
+    print(f"trained tiny x {args.layers} layers for {args.steps} steps in {time.perf_counter() - t0:.0f} s",
+          flush=True)
+    model, tokenizer = load_run_or_checkpoint(out, "cuda")
+    prompt = "def main(argv=None):\n    parser = argparse.ArgumentParser("
+    rows = {}
+    for name, spec in (("plain", False), ("speculative", True)):
+        engine = Engine(model, tokenizer, max_batch=1, max_seq_len=args.new + 64, dtype="bfloat16",
+                        speculative=spec)
+        timed_generate(engine, prompt, args.new)  # compile and capture
+        secs, tokens = timed_generate(engine, prompt, args.new)
+        rows[name] = ((args.new - 1) / secs, tokens, engine.speculator)
+    plain, spec = rows["plain"], rows["speculative"]
+    same = next((i for i, (a, b) in enumerate(zip(plain[1], spec[1])) if a != b), len(plain[1]))
+    sp = spec[2]
+    print(f"\ntrained tiny x {args.layers} layers, batch 1, greedy, {args.new} tokens, bf16:")
+    print("| decoding | tokens/s | speed-up | drafts accepted |")
+    print("|---|---:|---:|---:|")
+    print(f"| plain | {plain[0]:.0f} | | |")
+    print(f"| speculative (1 MTP draft) | {spec[0]:.0f} | {spec[0] / plain[0]:.2f}x | "
+          f"{sp.accepted / max(sp.drafted, 1):.0%} ({sp.accepted}/{sp.drafted}) |")
+    print(f"greedy outputs agree for the first {same} of {len(plain[1])} tokens")
+
+
+def step_costs(args) -> None:
+    config = dsv3.preset("16b")
+    model = dsv3.build_model(config, device="cuda", dtype=torch.bfloat16, seed=0)
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, config.vocab_size, (args.prompt,), generator=g).tolist()
+    times = {}
+    for name, spec in (("plain", False), ("speculative", True)):
+        engine = Engine(model, max_batch=1, max_seq_len=args.prompt + 80, page_size=16, speculative=spec)
+        timed_generate(engine, prompt, 16)  # compile and capture
+        drafted = engine.speculator.drafted if spec else 0
+        secs, _ = timed_generate(engine, prompt, 64)
+        steps = engine.speculator.drafted - drafted if spec else 63
+        times[name] = secs / steps * 1e3
+        del engine
+    ratio = times["speculative"] / times["plain"]
+    print(f"\n16b, random weights, bf16, batch 1, {args.prompt}-token prompt:")
+    print("| step | ms | x plain step |")
+    print("|---|---:|---:|")
+    print(f"| plain decode step | {times['plain']:.2f} | 1.00 |")
+    print(f"| speculative step (verify 2 tokens + accept + MTP step + draft) | {times['speculative']:.2f} | "
+          f"{ratio:.2f} |")
+    print(f"implied speed-up at 85% acceptance: (1 + 0.85) / {ratio:.2f} = {1.85 / ratio:.2f}x")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--new", type=int, default=256)
+    ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--skip-train", action="store_true")
+    ap.add_argument("--skip-16b", action="store_true")
+    args = ap.parse_args()
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, date {datetime.date.today()}",
+          flush=True)
+    if not args.skip_train:
+        trained(args)
+    if not args.skip_16b:
+        step_costs(args)
+
+
+if __name__ == "__main__":
+    main()
