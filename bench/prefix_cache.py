@@ -4,8 +4,8 @@ the benchmark shape of shared/benchmarks.md (the "16b" preset, random weights, b
     PYTHONPATH=src python bench/prefix_cache.py [--system 2048] [--question 128] [--requests 32] [--reps 3]
 
 Each round submits ``--requests`` prompts (the system prompt followed by a new random question each) at once;
-time to first token = one engine step, which admits them all, prefills them in one forward and reads their
-first tokens back. Before the rounds one request with the system prompt has run on both engines, so the engine
+time to first token = the engine steps until every request has its first token (prefills of at most
+``max_prefill_tokens`` = 8192 prompt tokens per step, so without the cache several steps). Before the rounds one request with the system prompt has run on both engines, so the engine
 with the cache holds the system prompt's pages (all but its last page, whose key includes the question's first
 token). The questions are new every round, so only the system prompt can come from the cache.
 """
@@ -24,12 +24,13 @@ from dsv3.inference import Engine, GenerationRequest, SamplingParams
 
 
 def first_token_seconds(engine: Engine, prompts: list[list[int]]) -> tuple[float, list[int], list[int]]:
-    """Seconds of the step that admits ``prompts`` and gives their first tokens; the tokens and cached counts."""
+    """Seconds until every prompt has its first token; the tokens and the cached prompt tokens."""
     params = SamplingParams(max_new_tokens=1, temperature=0, ignore_eos=True)
     results = [engine.submit(GenerationRequest(p, params)) for p in prompts]
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    engine.step()  # reads the first tokens back: the host clock is in step with the GPU
+    while not all(r.tokens for r in results):  # each step reads its tokens back: the clock keeps up with the GPU
+        engine.step()
     secs = time.perf_counter() - t0
     while engine.scheduler.has_work:
         engine.step()

@@ -19,6 +19,16 @@ def run_cli(*args: str, timeout: float = 600, **kwargs) -> subprocess.CompletedP
                           timeout=timeout, env=env, **kwargs)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Decode runs many tiny matmuls: one intra-op thread is much faster than two fighting (and than two on a
+    busy machine). Modules of engine tests use it with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 TORCHRUN_TIMEOUT = 240
 """Seconds any one torchrun job of the tests may take."""
 

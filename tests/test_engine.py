@@ -17,12 +17,7 @@ from dsv3.inference import Engine, EngineConfig, GenerationRequest, ModelRunner,
 PACKAGE = pathlib.Path(dsv3.__file__).parent / "inference"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -285,3 +280,37 @@ def test_speculative_steps_read_the_host_once(model, monkeypatch, params):
     while engine.scheduler.has_work:
         engine.step()
     assert all(len(r.tokens) == 16 for r in results) and engine.speculator.drafted > 0
+
+
+# ------------------------------------------------------------------------------------------------------
+# chunked prefill
+
+@pytest.mark.parametrize("speculative", [False, True], ids=["plain", "speculative"])
+def test_chunked_prefill_gives_the_same_tokens_and_keeps_decoding(model, monkeypatch, speculative):
+    """A prefill budget of 5 tokens per step: long prompts are prefilled over several steps (no forward sees
+    more than 5 prompt tokens), the running sequences decode meanwhile, and every output is that of an
+    unchunked run (greedy and seeded sampling; with the prefix cache too)."""
+    kw = dict(max_batch=4, max_seq_len=48, page_size=4, speculative=speculative)
+    for params in (GREEDY, SAMPLED):
+        ref = Engine(model, **kw).generate(PROMPTS, params)
+        engine = Engine(model, max_prefill_tokens=5, **kw)
+        sizes = []
+        prefill_batch = engine.runner.prefill_batch
+        monkeypatch.setattr(engine.runner, "prefill_batch",
+                            lambda slots, prompts: (sizes.append(sum(map(len, prompts))),
+                                                    prefill_batch(slots, prompts))[1])
+        got = engine.generate(PROMPTS, params)
+        monkeypatch.undo()
+        assert [r.tokens for r in got] == [r.tokens for r in ref]
+        assert max(sizes) <= 5 and sum(sizes) == sum(map(len, PROMPTS))
+    # the first (3-token) request decodes while the 17-token prompt is still being prefilled
+    engine = Engine(model, max_prefill_tokens=5, **kw)
+    first = engine.submit(GenerationRequest(PROMPTS[0], GREEDY))
+    last = engine.submit(GenerationRequest(PROMPTS[3], GREEDY))
+    engine.step()
+    engine.step()
+    engine.step()
+    assert len(first.tokens) >= 2 and not last.tokens
+    while engine.scheduler.has_work:
+        engine.step()
+    assert last.tokens == Engine(model, **kw).generate([PROMPTS[3]], GREEDY)[0].tokens

@@ -24,8 +24,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 # EngineConfig fields offered as flags (generated from its docstrings)
 _ONE_SEQUENCE_FLAGS = ("max_seq_len", "prefix_caching", "speculative", "compile", "cuda_graph", "decode_experts")
-_SERVER_FLAGS = ("max_batch", "max_seq_len", "page_size", "num_pages", "prefix_caching", "speculative", "compile",
-                 "cuda_graph", "decode_experts", "graph_batch_sizes", "max_prefill_graph_tokens")
+_SERVER_FLAGS = ("max_batch", "max_seq_len", "page_size", "num_pages", "prefix_caching", "max_prefill_tokens",
+                 "speculative", "compile", "cuda_graph", "decode_experts", "graph_batch_sizes",
+                 "max_prefill_graph_tokens")
 
 # flag -> TrainConfig field, for the flags that map one to one
 _TRAIN_FLAGS = {

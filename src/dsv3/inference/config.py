@@ -32,6 +32,9 @@ class EngineConfig:
     speculative: bool = False
     """Draft one token per step with the model's MTP module and verify it with the main model (report §2.2):
     the same outputs (greedy: token for token) in fewer forwards."""
+    max_prefill_tokens: int = 8192
+    """Prompt tokens prefilled in one step at most: longer prompts (and more admitted prompts) are prefilled in
+    chunks over several steps, between the decode steps of the running sequences."""
     cuda_graph: bool | None = None
     """Replay captured CUDA graphs for decode steps and short prefills (auto: on with CUDA where the experts
     run as grouped GEMMs). On the CPU, ``on`` runs the same padded fixed-shape steps eagerly (tests)."""
@@ -50,7 +53,7 @@ class EngineConfig:
     gate and up)."""
 
     def __post_init__(self) -> None:
-        for name in ("max_batch", "page_size"):
+        for name in ("max_batch", "page_size", "max_prefill_tokens"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
         for name in ("max_seq_len", "num_pages"):

@@ -11,7 +11,6 @@ once.
 
 from __future__ import annotations
 
-import dataclasses
 import random
 from collections.abc import Iterator, Mapping, Sequence as Seq
 
@@ -53,7 +52,8 @@ class Engine:
         self.eos_id: int | None = getattr(tokenizer, "eos_id", None) if tokenizer is not None else \
             self.config.eos_token_id
         self.speculator = MTPSpeculator(self.runner) if cfg.speculative else None
-        self.scheduler = Scheduler(self.cache, cfg.max_batch, lookahead=2 if cfg.speculative else 1)
+        self.scheduler = Scheduler(self.cache, cfg.max_batch, lookahead=2 if cfg.speculative else 1,
+                                   max_prefill_tokens=cfg.max_prefill_tokens)
         """The engine's request queue, stepped by :meth:`step` (:meth:`generate`, :meth:`stream`, the server)."""
         self.host_reads = 0
         """Reads of new tokens back to the host so far (one per plain step; tests count them)."""
@@ -107,8 +107,8 @@ class Engine:
     # one step
     @torch.inference_mode()
     def step(self) -> list[TokenEvent]:
-        """Admit (one batched prefill), decode one token for every running sequence (or verify their drafts),
-        retire the finished. Returns the new tokens' events."""
+        """Prefill the admitted prompts (one batched forward, long prompts in chunks), decode one token for
+        every running sequence (or verify their drafts), retire the finished. Returns the new tokens' events."""
         plan = self.scheduler.schedule()
         events = plan.events
         if self.speculator is not None:
@@ -117,7 +117,7 @@ class Engine:
             events += self._plain_step(plan)
         for seq in plan.admitted:  # their prompts' full pages, for later requests
             if seq.slot >= 0:
-                self.cache.register_prefix(seq.slot, seq.prefill_tokens)
+                self.cache.register_prefix(seq.slot, seq.prefill_tokens[:self.cache.lengths[seq.slot]])
         for seq in [s for s in self.scheduler.running if s.finished]:
             self.scheduler.retire(seq)
         return events
@@ -125,11 +125,8 @@ class Engine:
     def _plain_step(self, plan: Plan) -> list[TokenEvent]:
         picked: list[torch.Tensor] = []
         emitting: list[Sequence] = []
-        if plan.admitted:
-            outs = self._prefill(plan.admitted)
-            fresh = [(i, s) for i, s in enumerate(plan.admitted) if not s.result.tokens]  # not recomputed
-            for s in plan.admitted:
-                s.result.forward_passes += 1
+        if plan.prefill:
+            outs, fresh = self._prefill(plan)
             if fresh:
                 logits = torch.cat([outs[i][1] for i, _ in fresh])
                 seqs = [s for _, s in fresh]
@@ -152,10 +149,18 @@ class Engine:
         self.host_reads += 1
         return [self.emit(seq, token) for seq, token in zip(emitting, tokens)]
 
-    def _prefill(self, seqs: list[Sequence]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """One forward over the admitted sequences' tokens past their cached prefixes."""
-        return self.runner.prefill_batch([s.slot for s in seqs],
-                                         [s.prefill_tokens[self.cache.lengths[s.slot]:] for s in seqs])
+    def _prefill(self, plan: Plan) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[tuple[int, Sequence]]]:
+        """One forward over the step's prefill chunks (each past its sequence's cached positions). Returns the
+        (hidden, last logits) per chunk and the (chunk index, sequence) of new prompts now complete, which
+        sample their first token."""
+        chunks = [(s, s.prefill_tokens[self.cache.lengths[s.slot]:self.cache.lengths[s.slot] + n])
+                  for s, n in plan.prefill]
+        outs = self.runner.prefill_batch([s.slot for s, _ in chunks], [tokens for _, tokens in chunks])
+        for s, _ in chunks:
+            s.result.forward_passes += 1
+        fresh = [(i, s) for i, (s, _) in enumerate(chunks)
+                 if not s.result.tokens and self.cache.lengths[s.slot] == s.n_prefill]
+        return outs, fresh
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence], offsets: list[int]) -> torch.Tensor:
         """Next tokens (B,) on the device for logits (B, V) of ``seqs`` at token positions ``offsets``."""
@@ -168,19 +173,16 @@ class Engine:
     def _speculative_step(self, plan: Plan) -> list[TokenEvent]:
         spec = self.speculator
         events: list[TokenEvent] = []
-        if plan.admitted:
-            outs = self._prefill(plan.admitted)
-            hidden = [h for h, _ in outs]
-            fresh = [(i, s) for i, s in enumerate(plan.admitted) if not s.result.tokens]
+        if plan.prefill:
+            outs, fresh = self._prefill(plan)
             if fresh:
                 seqs = [s for _, s in fresh]
                 first = self._sample(torch.cat([outs[i][1] for i, _ in fresh]), seqs, [len(s.prompt) for s in seqs])
                 self.host_reads += 1
                 events += [self.emit(s, t) for s, t in zip(seqs, first.tolist())]
-            for i, s in enumerate(plan.admitted):
-                s.result.forward_passes += 1
-                if not s.finished:
-                    spec.draft_after_prefill(s, hidden[i])
+            for (s, _), (hidden, _) in zip(plan.prefill, outs):
+                if not s.finished:  # the MTP module over the new positions; a draft once the prompt is done
+                    spec.after_prefill(s, hidden, draft=self.cache.lengths[s.slot] == s.n_prefill)
         if plan.decode:
             for seq, new in spec.step(plan.decode):
                 for token in new:
@@ -245,7 +247,3 @@ class Engine:
             self.step()
         return results
 
-
-def engine_config(**overrides) -> EngineConfig:
-    """An :class:`EngineConfig` with ``overrides`` (``None`` values left at their defaults)."""
-    return dataclasses.replace(EngineConfig(), **{k: v for k, v in overrides.items() if v is not None})

@@ -8,9 +8,11 @@
    the cache has too few free pages, preempt the latest admitted sequence: its slot and pages are freed
    and it goes back to the front of the queue, to be recomputed (its prompt and completion prefilled again)
    when pages are free; its tokens so far are kept;
-3. admit waiting requests, first come first served, while the batch has a free slot and the cache has pages
-   for the prompt; with prefix caching a prompt starting with cached pages attaches them and only the rest
-   is computed. Pages are taken as sequences grow, not reserved for the longest completion at admission.
+3. continue the prompts being prefilled, then admit waiting requests, first come first served, while the
+   batch has a free slot, the cache has pages and the step's prefill budget (``max_prefill_tokens``) lasts: a
+   longer prompt is prefilled in chunks over several steps, between the decode steps of the running
+   sequences. With prefix caching a prompt starting with cached pages attaches them and only the rest is
+   computed. Pages are taken as sequences grow, not reserved for the longest completion at admission.
 
 The engine then prefills the admitted sequences in one forward, decodes the running ones in one step and
 hands back the finished ones (:meth:`Scheduler.retire`). :meth:`submit` and :meth:`cancel` only touch a
@@ -79,24 +81,35 @@ class Sequence:
         (which the next decode step consumes)."""
         return self.prompt + self.result.tokens[:-1]
 
+    @property
+    def n_prefill(self) -> int:
+        """``len(prefill_tokens)``; while running, the sequence decodes once its cache holds that many."""
+        return len(self.prompt) + max(len(self.result.tokens) - 1, 0)
+
 
 @dataclass
 class Plan:
-    """One step: the sequences to prefill (then each samples its first token unless it is recomputed) and
-    those to decode, plus the events of cancelled requests."""
+    """One step: the prefill chunks (sequence, tokens to prefill now: the rest of its prompt, or a part of it
+    within the step's token budget; a sequence whose prompt is then complete samples its first token unless
+    it is recomputed), the sequences to decode, and the events of cancelled requests."""
 
-    admitted: list[Sequence]
+    prefill: list[tuple[Sequence, int]]
     decode: list[Sequence]
     events: list[TokenEvent]
     preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def admitted(self) -> list[Sequence]:
+        return [seq for seq, _ in self.prefill]
 
 
 class Scheduler:
     """Requests waiting and running over the slots and pages of ``cache``; a decode step appends
     ``lookahead`` positions to each running sequence (2 with speculative decoding: the verified draft)."""
 
-    def __init__(self, cache: PagedLatentCache, max_batch: int, lookahead: int = 1):
+    def __init__(self, cache: PagedLatentCache, max_batch: int, lookahead: int = 1, max_prefill_tokens: int = 8192):
         self.cache, self.max_batch, self.lookahead = cache, max_batch, lookahead
+        self.max_prefill_tokens = max_prefill_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._cancelled: set[str] = set()
@@ -126,34 +139,55 @@ class Scheduler:
             self._cancelled.add(request_id)
 
     def schedule(self) -> Plan:
-        """Retire the cancelled, make room for the running (preempting if needed), admit the waiting."""
+        """Retire the cancelled, make room for the running (preempting if needed), continue the prompts being
+        prefilled and admit the waiting, within the step's prefill budget."""
         events = self._retire_cancelled()
-        decode = list(self.running)
+        cache = self.cache
+        decode = [s for s in self.running if cache.lengths[s.slot] == s.n_prefill]
+        prefilling = [s for s in self.running if cache.lengths[s.slot] < s.n_prefill]
         preempted = []
-        while decode and self._growth(decode) > self.cache.num_free_pages:
+        while decode and self._growth(decode) > cache.num_free_pages:
             victim = decode.pop()  # the latest admitted
             self._preempt(victim)
             preempted.append(victim)
-        free = self.cache.num_free_pages - self._growth(decode)
-        admitted = []
-        while self.waiting and len(self.running) < self.max_batch and self.cache.num_free_slots > 0:
+        free = cache.num_free_pages - self._growth(decode)
+        budget = self.max_prefill_tokens
+        chunks = []
+        for seq in prefilling:  # prompts longer than a step's budget, in the order they came
+            n = min(seq.n_prefill - cache.lengths[seq.slot], budget)
+            need = self._pages(seq, cache.lengths[seq.slot], n)
+            if n == 0 or need > free:
+                break
+            chunks.append((seq, n))
+            budget, free = budget - n, free - need
+        waiting_room = len(chunks) == len(prefilling)  # first come first served: the unfinished prompts first
+        while (waiting_room and budget > 0 and self.waiting and len(self.running) < self.max_batch
+               and cache.num_free_slots > 0):
             seq = self.waiting[0]
             tokens = seq.prefill_tokens
-            prefix = self.cache.match_prefix(tokens)
+            prefix = cache.match_prefix(tokens)
+            cached = len(prefix) * cache.page_size
+            n = min(len(tokens) - cached, budget)
             # new pages, and the cached ones that were idle (attaching takes them off the free count)
-            need = self.cache.pages_for(len(tokens) + self.lookahead) - len(prefix) + self.cache.idle_pages(prefix)
+            need = self._pages(seq, cached, n) + cache.idle_pages(prefix)
             if need > free:
                 break  # first come first served: wait for pages rather than let later requests pass
             with self._lock:
                 self.waiting.popleft()
-            seq.slot = self.cache.new_sequence(prefix)
-            seq.mtp_len = len(prefix) * self.cache.page_size  # the MTP block's latents are cached with them
+            seq.slot = cache.new_sequence(prefix)
+            seq.mtp_len = cached  # the MTP block's latents are cached with them
             if not seq.result.tokens:
-                seq.result.cached_tokens = seq.mtp_len
-            free -= need
+                seq.result.cached_tokens = cached
+            budget, free = budget - n, free - need
             self.running.append(seq)
-            admitted.append(seq)
-        return Plan(admitted, decode, events, preempted)
+            chunks.append((seq, n))
+        return Plan(chunks, decode, events, preempted)
+
+    def _pages(self, seq: Sequence, start: int, n: int) -> int:
+        """New pages for prefilling positions start .. start+n-1 of ``seq`` (and its first decode step's, when
+        that completes its prompt)."""
+        end = start + n + (self.lookahead if start + n == seq.n_prefill else 0)
+        return self.cache.pages_for(end) - self.cache.pages_for(start)
 
     def retire(self, seq: Sequence) -> None:
         """Take a finished sequence out of the batch and free its slot and pages."""

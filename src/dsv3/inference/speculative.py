@@ -86,9 +86,10 @@ class MTPSpeculator:
             seq.draft, seq.draft_probs = d, None if q is None or seq.params.greedy else q[i]
 
     @torch.inference_mode()
-    def draft_after_prefill(self, seq: Sequence, hidden: torch.Tensor) -> None:
-        """After a prefill of the positions mtp_len .. L-1 (main hidden states ``hidden`` (n, d)) and the
-        sampling of t_L: run the MTP module over these positions (expanded attention) and draft t_{L+1}."""
+    def after_prefill(self, seq: Sequence, hidden: torch.Tensor, draft: bool = True) -> None:
+        """After a prefill of the positions mtp_len .. L-1 (main hidden states ``hidden`` (n, d)): run the MTP
+        module over them (expanded attention; position i with the token i+1) and, with ``draft`` (the prompt
+        is complete and t_L sampled), draft t_{L+1}."""
         run, cache = self.runner, self.runner.cache
         length, start = cache.lengths[seq.slot], seq.mtp_len
         if hidden.shape[0] != length - start:
@@ -97,10 +98,11 @@ class MTPSpeculator:
         x = self.module.combine(hidden[None], run.model.embed_tokens(nxt)[None])
         x = run.run_prefill(x, self.blocks, [seq.slot], [start] if start else None)
         seq.mtp_len = length
-        t = _sampling([seq], run.device)
-        drafts, q = self._draw(self._head(x[0, -1:]), t, torch.tensor([len(seq.tokens)], device=run.device),
-                               needs_filter([seq.params]))
-        self._set_drafts([seq], drafts.tolist(), q)
+        if draft:
+            t = _sampling([seq], run.device)
+            drafts, q = self._draw(self._head(x[0, -1:]), t, torch.tensor([len(seq.tokens)], device=run.device),
+                                   needs_filter([seq.params]))
+            self._set_drafts([seq], drafts.tolist(), q)
 
     @torch.inference_mode()
     def step(self, seqs: list[Sequence]) -> list[tuple[Sequence, list[int]]]:
