@@ -137,10 +137,11 @@ class ModelRunner:
         scratch page). The latents are written to the cache, whose pages must already cover these positions.
         ``starts`` ``None``: every row is a new prompt (causal attention over the new tokens only); else rows
         continue their cached positions."""
-        b, n = x.shape[:2]
+        n = x.shape[1]
         slots = torch.as_tensor(slots, device=x.device).reshape(-1)
-        start = torch.as_tensor(list(starts) if starts is not None else [0] * b, device=x.device)
-        positions = start[:, None] + torch.arange(n, device=x.device)  # (B, n)
+        positions = torch.arange(n, device=x.device)[None]  # (1, n): no host-to-device copy (graph capture)
+        if starts is not None:
+            positions = torch.tensor(list(starts), device=x.device)[:, None] + positions  # (B, n)
         cos, sin = self.model.rotary(positions)
         index = self.cache.flat_index(slots[:, None], positions, valid)
         pages = visible = None

@@ -141,7 +141,9 @@ def _scores(logits: torch.Tensor, t: SamplingTensors, filtered: bool) -> torch.T
     # One descending sort serves both filters; stable so that ties are ordered by token id on every device.
     xs, order = x.sort(dim=-1, descending=True, stable=True)
     k = _rows(t.top_k, x)
-    kth = xs.gather(-1, (k.clamp(1, v) - 1).expand(*x.shape[:-1], 1))
+    # the k-th largest value, as the smallest of the first k (a reduction rather than a gather: inductor's
+    # Triton codegen in torch 2.11 failed on the gather here)
+    kth = xs.masked_fill(torch.arange(v, device=x.device) >= k, float("inf")).amin(dim=-1, keepdim=True)
     kth = torch.where((k > 0) & (k < v), kth, float("-inf"))
     xs = xs.masked_fill(xs < kth, float("-inf"))  # ties with the k-th value stay, as in token_probs
     p = xs.softmax(dim=-1)
