@@ -119,6 +119,16 @@ def prefill_block(
     return run_block(block, x, lambda attn, h: prefill_attention(attn, h, cos, sin, latent, index, pages, visible))
 
 
+def continue_block(
+    block: Block, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, latent: torch.Tensor,
+    index: torch.Tensor, pages: torch.Tensor, visible: torch.Tensor,
+) -> torch.Tensor:
+    """:func:`prefill_block` for tokens that continue cached positions (their own function, so that
+    ``torch.compile`` keeps its variants apart from the new prompts': dense and MoE blocks, main and MTP, with
+    and without cached keys went past dynamo's recompile limit of 8 for one function)."""
+    return run_block(block, x, lambda attn, h: prefill_attention(attn, h, cos, sin, latent, index, pages, visible))
+
+
 def decode_block(
     block: Block, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, latent: torch.Tensor,
     index: torch.Tensor, pages: torch.Tensor, positions: torch.Tensor, experts: str = "module",

@@ -34,7 +34,7 @@ from ..model.transformer_block import Block
 from .cache import CacheFullError, PagedLatentCache
 from .config import EngineConfig
 from .cuda_graph import DecodeGraphs, PrefillGraphs
-from .layers import decode_block, prefill_block
+from .layers import continue_block, decode_block, prefill_block
 from .sampler import SamplingTensors, sample
 
 Blocks = list[tuple[int, Block]]
@@ -95,7 +95,9 @@ class ModelRunner:
         self._decode_block = torch.compile(decode_block, dynamic=None) if compile else decode_block
         # Prefill runs the experts through the model's own module: compiled only where that is a grouped GEMM
         # (the reference loop splits by counts read to the host: a recompilation per split).
-        self._prefill_block = torch.compile(prefill_block, dynamic=True) if compile and grouped else prefill_block
+        compiled = compile and grouped
+        self._prefill_block = torch.compile(prefill_block, dynamic=True) if compiled else prefill_block
+        self._continue_block = torch.compile(continue_block, dynamic=True) if compiled else continue_block
 
     def describe(self) -> str:
         """The paths chosen, in one line (the CLI and the server print it)."""
@@ -150,7 +152,10 @@ class ModelRunner:
             visible = torch.arange(pages.shape[1] * self.cache.page_size, device=x.device) <= positions[..., None]
         with _prefer_cudnn(x):
             for layer, block in blocks:
-                x = self._prefill_block(block, x, cos, sin, self.cache.latent[layer], index, pages, visible)
+                if pages is None:
+                    x = self._prefill_block(block, x, cos, sin, self.cache.latent[layer], index)
+                else:
+                    x = self._continue_block(block, x, cos, sin, self.cache.latent[layer], index, pages, visible)
         return x
 
     def forward_cached(
