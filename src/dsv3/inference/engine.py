@@ -145,7 +145,7 @@ class Engine:
             emitting += seqs
         if not picked:
             return []
-        tokens = torch.cat(picked).tolist()  # the step's one read back to the host
+        tokens = (picked[0] if len(picked) == 1 else torch.cat(picked)).tolist()  # the step's one read to the host
         self.host_reads += 1
         return [self.emit(seq, token) for seq, token in zip(emitting, tokens)]
 
