@@ -127,9 +127,13 @@ class PagedLatentCache:
             self._idle.pop(page, None)
         self.pages[slot] = list(prefix)
         if prefix:
-            self.block_table[slot, :len(prefix)] = torch.tensor(list(prefix), dtype=torch.long).to(self.device)
+            self.block_table[slot, :len(prefix)] = self._device_pages(prefix)
         self.lengths[slot] = len(prefix) * self.page_size
         return slot
+
+    def _device_pages(self, pages) -> torch.Tensor:
+        # non_blocking: a blocking host-to-device copy synchronises the stream (a second host sync per step)
+        return torch.tensor(list(pages), dtype=torch.long).to(self.device, non_blocking=True)
 
     def free(self, slot: int) -> None:
         """Return the slot and all its pages to the pool at once."""
@@ -154,7 +158,7 @@ class PagedLatentCache:
             new_pages = [self._take_page() for _ in range(need)]
             first = len(self.pages[slot])
             self.pages[slot].extend(new_pages)
-            self.block_table[slot, first:first + need] = torch.tensor(new_pages, dtype=torch.long).to(self.device)
+            self.block_table[slot, first:first + need] = self._device_pages(new_pages)
         self.lengths[slot] = new_len
         return start
 
