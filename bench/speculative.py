@@ -1,7 +1,7 @@
 """MTP speculative decoding against plain decoding at batch 1, both through the engine's CUDA graphs, measured in
 one run (report §2.2; :mod:`dsv3.inference.speculative`).
 
-    PYTHONPATH=src python bench/speculative.py [--layers 12] [--steps 1500] [--new 256] [--skip-train] [--skip-16b]
+    PYTHONPATH=src python bench/speculative.py [--layers 12] [--steps 1500] [--new 256] [--skip-train] [--skip-16b] [--breakdown]
 
 1. **trained**: a ``tiny``-width model with ``--layers`` layers and one MTP module is trained here on the built-in
    corpus (the Python standard library) for ``--steps`` steps; then one greedy completion of ``--new`` tokens of
@@ -95,6 +95,41 @@ def step_costs(args) -> None:
     print(f"implied speed-up at 85% acceptance: (1 + 0.85) / {ratio:.2f} = {1.85 / ratio:.2f}x")
 
 
+def breakdown(args) -> None:
+    """Where a step's time goes at a small width (random weights: the cost of a step does not depend on them):
+    wall time per step against the GPU's kernel time per step, plain and speculative."""
+    from torch.profiler import ProfilerActivity, profile
+
+    config = dsv3.preset("tiny")
+    config.num_hidden_layers = args.layers
+    model = dsv3.build_model(config, device="cuda", dtype=torch.bfloat16, seed=0)
+    prompt = list(range(5, 69))
+    print(f"\ntiny x {args.layers} layers, random weights, bf16, batch 1, per step:")
+    print("| step | wall ms | kernel ms | kernels | host-bound ms (wall - kernel) |")
+    print("|---|---:|---:|---:|---:|")
+    for name, spec in (("plain", False), ("speculative", True)):
+        engine = Engine(model, max_batch=1, max_seq_len=512, page_size=16, speculative=spec)
+        timed_generate(engine, prompt, 32)  # compile and capture
+        params = SamplingParams(max_new_tokens=400, temperature=0, ignore_eos=True)
+        engine.submit(GenerationRequest(prompt, params))
+        for _ in range(8):
+            engine.step()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(50):
+            engine.step()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) / 50 * 1e3
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(20):
+                engine.step()
+            torch.cuda.synchronize()
+        kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
+        kernel_ms = sum(e.time_range.elapsed_us() for e in kernels) / 20 / 1e3
+        print(f"| {name} | {wall:.3f} | {kernel_ms:.3f} | {len(kernels) / 20:.0f} | {wall - kernel_ms:.3f} |")
+        del engine
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--layers", type=int, default=12)
@@ -103,9 +138,12 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--skip-train", action="store_true")
     ap.add_argument("--skip-16b", action="store_true")
+    ap.add_argument("--breakdown", action="store_true", help="only the wall / kernel time per step at --layers")
     args = ap.parse_args()
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, date {datetime.date.today()}",
           flush=True)
+    if args.breakdown:
+        return breakdown(args)
     if not args.skip_train:
         trained(args)
     if not args.skip_16b:

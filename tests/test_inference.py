@@ -588,7 +588,8 @@ def test_absorbed_attention_kernels_match_reference():
             got = head_matmul(x, w_kn).double()
             assert ((got - ref).norm() / ref.norm()).item() < 1e-2
     for b, s, h, d_c, d_r, page, n_pages in [(1, 1, 16, 512, 64, 16, 36), (3, 2, 4, 64, 16, 8, 5),
-                                             (1, 1, 16, 512, 64, 16, 160)]:  # the last: at the cap of 32 splits
+                                             (1, 1, 16, 512, 64, 16, 160), (2, 1, 16, 512, 64, 16, 1024)]:
+        # the last two: more splits than the combine kernel takes at once (16K keys: 256 splits at batch 1)
         latent = torch.randn(3 * n_pages + 1, page, d_c + d_r, **kw).bfloat16()
         pages = torch.stack([torch.randperm(3 * n_pages, **kw)[:n_pages] for _ in range(b)])
         last = torch.randint(s, n_pages * page, (b, 1), **kw)

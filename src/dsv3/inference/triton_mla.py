@@ -19,6 +19,8 @@ with ``kernels=False`` (einsum, softmax).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -132,24 +134,39 @@ def _latent_attention_kernel(
 @triton.jit
 def _combine_splits_kernel(o_ptr, m_ptr, l_ptr, out_ptr, H, SPLITS, stride_out,
                            BLOCK_S: tl.constexpr, D_C: tl.constexpr):
-    """out[tok, h] = sum_s e^(m_s - max m) o_s / sum_s e^(m_s - max m) l_s over the splits s."""
+    """out[tok, h] = sum_s e^(m_s - max m) o_s / sum_s e^(m_s - max m) l_s over the splits s, BLOCK_S splits
+    at a time with a running maximum (any number of splits)."""
     tok = tl.program_id(0)
     h = tl.program_id(1)
-    ss = tl.arange(0, BLOCK_S)
     cs = tl.arange(0, D_C)
-    stat = tok * SPLITS * H + ss * H + h
-    m = tl.load(m_ptr + stat, mask=ss < SPLITS, other=float("-inf"))
-    l = tl.load(l_ptr + stat, mask=ss < SPLITS, other=0.0)
-    w = tl.exp(m - tl.max(m, axis=0))  # splits past the token's last key: m = -inf, weight 0
-    o = tl.load(o_ptr + stat[:, None].to(tl.int64) * D_C + cs[None, :], mask=(ss < SPLITS)[:, None], other=0.0)
-    out = tl.sum(o * w[:, None], axis=0) / tl.sum(l * w, axis=0)
-    tl.store(out_ptr + tok * stride_out + h * D_C + cs, out.to(out_ptr.dtype.element_ty))
+    m_run = tl.full((), float("-inf"), dtype=tl.float32)
+    l_run = tl.zeros((), dtype=tl.float32)
+    acc = tl.zeros((D_C,), dtype=tl.float32)
+    for s0 in range(0, SPLITS, BLOCK_S):
+        ss = s0 + tl.arange(0, BLOCK_S)
+        stat = tok * SPLITS * H + ss * H + h
+        m = tl.load(m_ptr + stat, mask=ss < SPLITS, other=float("-inf"))
+        l = tl.load(l_ptr + stat, mask=ss < SPLITS, other=0.0)
+        o = tl.load(o_ptr + stat[:, None].to(tl.int64) * D_C + cs[None, :], mask=(ss < SPLITS)[:, None], other=0.0)
+        m_new = tl.maximum(m_run, tl.max(m, axis=0))  # finite: the first split always has keys
+        w = tl.exp(m - m_new)  # splits past the token's last key: m = -inf, weight 0
+        alpha = tl.exp(m_run - m_new)
+        acc = acc * alpha + tl.sum(o * w[:, None], axis=0)
+        l_run = l_run * alpha + tl.sum(l * w, axis=0)
+        m_run = m_new
+    tl.store(out_ptr + tok * stride_out + h * D_C + cs, (acc / l_run).to(out_ptr.dtype.element_ty))
 
 
-LAUNCH = {"block_t": 32, "keys_per_split": 32, "num_warps": 4, "num_stages": 2, "programs": 128, "max_splits": 32}
+LAUNCH = {"block_t": 32, "keys_per_split": 64, "num_warps": 4, "num_stages": 2, "waves": 4, "max_splits": 1024}
 """Launch settings of :func:`latent_attention`: keys per inner step and per split (at least), warps and
-pipeline stages of the split kernel, the number of programs the splits aim for, and the most splits per
-token."""
+pipeline stages of the split kernel, the programs the splits aim for in multiples of the GPU's
+multiprocessors (a long context at batch 1 is only memory-bound when it is spread over all of them), and the
+most splits per token."""
+
+
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
 
 
 @torch.library.custom_op("dsv3::latent_attention", mutates_args=())
@@ -173,9 +190,9 @@ def latent_attention(
     page = latent.shape[1]
     n_keys = pages.shape[1] * page
     block_t = LAUNCH["block_t"]
-    # enough programs to stream the cache from most SMs, each over at least keys_per_split keys; at most
-    # max_splits (the combine kernel holds a head's d_c values of every split at once)
-    splits = max(1, min(triton.cdiv(n_keys, LAUNCH["keys_per_split"]), triton.cdiv(LAUNCH["programs"], t),
+    # enough programs to stream the cache from every multiprocessor, each over at least keys_per_split keys
+    programs = LAUNCH["waves"] * _multiprocessors(q_lat.device)
+    splits = max(1, min(triton.cdiv(n_keys, LAUNCH["keys_per_split"]), triton.cdiv(programs, t),
                         LAUNCH["max_splits"]))
     per_split = triton.cdiv(triton.cdiv(n_keys, splits), block_t) * block_t
     splits = triton.cdiv(n_keys, per_split)
@@ -196,8 +213,8 @@ def latent_attention(
         PAGE=page, D_C=d_c, D_R=d_r, BLOCK_H=max(16, triton.next_power_of_2(h)), BLOCK_T=block_t,
         num_warps=LAUNCH["num_warps"], num_stages=LAUNCH["num_stages"],
     )
-    _combine_splits_kernel[(t, h)](o, m, l, out, h, splits, h * d_c, BLOCK_S=triton.next_power_of_2(splits),
-                                   D_C=d_c, num_warps=4)
+    _combine_splits_kernel[(t, h)](o, m, l, out, h, splits, h * d_c,
+                                   BLOCK_S=min(32, triton.next_power_of_2(splits)), D_C=d_c, num_warps=4)
     return out
 
 
