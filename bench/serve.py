@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # this che
 
 from dsv3.config_flags import add_arguments, values  # noqa: E402
 from dsv3.inference.config import EngineConfig  # noqa: E402
-from dsv3.loading import LoadOptions  # noqa: E402
+from dsv3.loading import DeviceOptions  # noqa: E402
 
 ENGINE_FLAGS = ("max_batch", "max_seq_len", "page_size", "num_pages", "prefix_caching", "max_prefill_tokens",
                 "speculative", "compile", "cuda_graph", "decode_experts", "graph_batch_sizes",
@@ -74,8 +74,8 @@ def _serve_in_child(args: dict, engine: EngineConfig, port: int) -> None:
     import dsv3
     from dsv3.inference import Engine
     from dsv3.inference.chat import ChatTemplate
-    from dsv3.loading import resolve_device, resolve_dtype
-    from dsv3.runs import default_cpu_threads, model_name
+    from dsv3.loading import DeviceOptions, resolve_device, resolve_dtype
+    from dsv3.runs import model_name
     from dsv3.server import create_app
 
     if args["checkpoint"]:
@@ -86,11 +86,11 @@ def _serve_in_child(args: dict, engine: EngineConfig, port: int) -> None:
         model = dsv3.build_model(args["preset"], device, resolve_dtype(args["dtype"], device), seed=0)
         tok = synthetic_tokenizer(model.config.vocab_size)
         template, name = None, f"{args['preset']}-random"
+    threads = DeviceOptions(args["device"], args["dtype"], args["threads"]).cpu_threads(model)
+    if threads is not None:
+        torch.set_num_threads(threads)
     eng = Engine(model, tok, engine)
     print(f"engine: {eng.describe()}", file=sys.stderr, flush=True)
-    threads = args["threads"] or (default_cpu_threads(model) if eng.device.type == "cpu" else None)
-    if threads:
-        torch.set_num_threads(threads)
     app = create_app(eng, name, chat_template=template, num_threads=threads)
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
@@ -281,8 +281,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--vocab-size", type=int, default=None,
                     help="prompt ids are drawn below this (default: the model's vocabulary; 1000 with --base-url)")
     load = ap.add_argument_group("a server started here")
-    add_arguments(load, LoadOptions, ("device", "dtype"))
-    load.add_argument("--threads", type=int, default=None, help="CPU intra-op threads of the engine")
+    add_arguments(load, DeviceOptions, ("device", "dtype", "threads"))
     add_arguments(load, EngineConfig, ENGINE_FLAGS, {"max_batch": 64})
     w = ap.add_argument_group("the workload")
     w.add_argument("--input-len", type=int, default=1024, help="prompt tokens per request (default 1024)")

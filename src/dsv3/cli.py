@@ -28,8 +28,8 @@ _SERVER_FLAGS = ("max_batch", "max_seq_len", "page_size", "num_pages", "prefix_c
                  "speculative", "compile", "cuda_graph", "decode_experts", "graph_batch_sizes",
                  "max_prefill_graph_tokens")
 
-_LOAD_FLAGS = ("device", "dtype")  # LoadOptions fields: every command that loads a checkpoint
-_SERVE_OPTIONS = ("host", "port", "model_name", "api_key", "max_pending", "threads", "log_level")  # ServerConfig
+_DEVICE_FLAGS = ("device", "dtype", "threads")  # DeviceOptions: every command that runs a checkpoint
+_SERVE_FLAGS = ("host", "port", "model_name", "api_key", "max_pending", "log_level")  # ServerConfig
 
 # flag -> TrainConfig field, for the flags that map one to one
 _TRAIN_FLAGS = {
@@ -109,10 +109,19 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _load(args: argparse.Namespace):
-    """Model and tokenizer of ``args.checkpoint`` where ``--device`` / ``--dtype`` say."""
-    from .loading import load
+    """Model and tokenizer of ``args.checkpoint`` where ``--device`` / ``--dtype`` say, with ``--threads``
+    intra-op threads on a CPU."""
+    import torch
 
-    return load(args.checkpoint, args.device, args.dtype)
+    from .config_flags import values
+    from .loading import DeviceOptions, load
+
+    opts = DeviceOptions(**values(args, DeviceOptions, _DEVICE_FLAGS))
+    model, tokenizer = load(args.checkpoint, opts.device, opts.dtype)
+    threads = opts.cpu_threads(model)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return model, tokenizer
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -126,15 +135,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def _engine_from_args(args: argparse.Namespace):
     """Model, tokenizer and a one-sequence :class:`Engine` for ``generate`` / ``chat``."""
-    import torch
-
     from .config_flags import values
     from .inference import Engine, EngineConfig
-    from .runs import default_cpu_threads
 
     model, tokenizer = _load(args)
-    if next(model.parameters()).device.type == "cpu":
-        torch.set_num_threads(args.threads or default_cpu_threads(model))
     engine = Engine(model, tokenizer, EngineConfig(max_batch=1, **values(args, EngineConfig, _ONE_SEQUENCE_FLAGS)))
     print(f"engine: {engine.describe()}", file=sys.stderr)
     return engine, tokenizer
@@ -226,11 +230,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     from .config_flags import values
     from .inference import EngineConfig
-    from .loading import LoadOptions
+    from .loading import DeviceOptions
     from .server.config import ServerConfig
 
-    serve(args.checkpoint, ServerConfig(**values(args, ServerConfig, _SERVE_OPTIONS)),
-          EngineConfig(**values(args, EngineConfig, _SERVER_FLAGS)), LoadOptions(**values(args, LoadOptions, _LOAD_FLAGS)))
+    serve(args.checkpoint, ServerConfig(**values(args, ServerConfig, _SERVE_FLAGS)),
+          EngineConfig(**values(args, EngineConfig, _SERVER_FLAGS)),
+          DeviceOptions(**values(args, DeviceOptions, _DEVICE_FLAGS)))
     return 0
 
 
@@ -268,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .config import PRESETS
     from .config_flags import add_arguments
     from .inference.config import EngineConfig
-    from .loading import LoadOptions
+    from .loading import DeviceOptions
     from .server.config import ServerConfig
 
     parser = argparse.ArgumentParser(prog="dsv3", description="DeepSeek-V3 in plain PyTorch.")
@@ -337,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
     p.add_argument("--top-k", type=int, default=20, help="draw among the k most likely tokens (default 20; 0 = all)")
     p.add_argument("--seed", type=int, default=0)
-    add_arguments(p, LoadOptions, _LOAD_FLAGS)
+    add_arguments(p, DeviceOptions, _DEVICE_FLAGS)
     p.set_defaults(func=cmd_sample)
 
     def engine_args(p: argparse.ArgumentParser, temperature: float, seed: int | None, max_new: int) -> None:
@@ -349,9 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
         p.add_argument("--seed", type=int, default=seed, help=f"sampling seed (default {seed})")
         p.add_argument("--stop", action="append", metavar="TEXT", help="stop at this text (repeatable)")
-        add_arguments(p, LoadOptions, _LOAD_FLAGS)
-        p.add_argument("--threads", type=int, default=None,
-                       help="CPU intra-op threads (default 1 for models under 50M parameters, else torch's)")
+        add_arguments(p, DeviceOptions, _DEVICE_FLAGS)
 
     p = sub.add_parser("generate", help="complete a prompt with the inference engine, streaming tokens",
                        description="Complete a prompt with the cached inference engine (dsv3.inference), "
@@ -378,8 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(Prometheus), /version, /tokenize, /detokenize (docs/serving.md). "
                                    "Needs `pip install 'dsv3[serve]'`.")
     p.add_argument("checkpoint", help="Hugging Face layout directory or `dsv3 train` run directory")
-    add_arguments(p, ServerConfig, _SERVE_OPTIONS)
-    add_arguments(p, LoadOptions, _LOAD_FLAGS)
+    add_arguments(p, ServerConfig, _SERVE_FLAGS)
+    add_arguments(p, DeviceOptions, _DEVICE_FLAGS)
     add_arguments(p, EngineConfig, _SERVER_FLAGS)
     p.set_defaults(func=cmd_serve)
 

@@ -22,19 +22,36 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 @dataclass
-class LoadOptions:
-    """Where and in which precision a command loads its checkpoint (flags of ``dsv3 sample / generate / chat
-    / serve``)."""
+class DeviceOptions:
+    """Where and how a command runs its checkpoint (flags of ``dsv3 sample / generate / chat / serve``)."""
 
     device: str = "auto"
     """auto (the GPU when there is one, else the CPU), cpu, cuda or cuda:N: where the weights are loaded and
     the model runs."""
     dtype: str | None = None
     """float32, bfloat16 or float16 (default: float32 on a CPU, bfloat16 on a GPU)."""
+    threads: int | None = None
+    """CPU intra-op threads (default 1 for models under 50M parameters, else torch's; no effect on a GPU)."""
 
     def __post_init__(self) -> None:
         if self.dtype is not None and self.dtype not in _DTYPES:
             raise ConfigError(f"dtype must be one of {sorted(_DTYPES)} or None, got {self.dtype!r}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"threads must be >= 1, got {self.threads}")
+
+    def cpu_threads(self, model: torch.nn.Module) -> int | None:
+        """Intra-op threads to run ``model`` with: ``threads``, else :func:`default_cpu_threads` for a model on
+        the CPU; ``None`` (leave torch's) on a GPU."""
+        if next(model.parameters()).device.type != "cpu":
+            return None
+        return self.threads or default_cpu_threads(model)
+
+
+def default_cpu_threads(model: torch.nn.Module) -> int:
+    """Intra-op threads for decoding on a CPU: 1 for small models (< 50M parameters), whose many tiny matmuls
+    run far slower when threads contend; torch's default otherwise."""
+    n_params = sum(p.numel() for p in model.parameters())
+    return 1 if n_params < 50_000_000 else torch.get_num_threads()
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:

@@ -2,7 +2,7 @@
 
 Used by ``dsv3 sample`` / ``generate`` / ``chat`` / ``serve`` and by :func:`dsv3.server.serve`, so that each
 names a checkpoint and sizes its CPU threads the same way; loading one is :func:`dsv3.load`
-(:mod:`dsv3.loading`).
+(:mod:`dsv3.loading`, which also has :func:`default_cpu_threads`, imported here for its callers).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 
 from .checkpoint import CheckpointError, save_pretrained
 from .data import Tokenizer
-from .loading import load
+from .loading import default_cpu_threads, load
 from .model import DeepSeekV3
 from .train.checkpointer import load_checkpoint_model
 from .train.state import latest_checkpoint
@@ -53,8 +53,4 @@ def model_name(path: str | Path) -> str:
     return p.name
 
 
-def default_cpu_threads(model: torch.nn.Module) -> int:
-    """Intra-op threads for decoding on a CPU: 1 for small models (< 50M parameters), whose many tiny matmuls
-    run far slower when threads contend; torch's default otherwise."""
-    n_params = sum(p.numel() for p in model.parameters())
-    return 1 if n_params < 50_000_000 else torch.get_num_threads()
+__all__ = ["default_cpu_threads", "export_run", "is_run_dir", "load", "load_run_or_checkpoint", "model_name"]

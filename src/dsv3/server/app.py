@@ -14,8 +14,8 @@ from fastapi import Depends, FastAPI
 from .. import __version__
 from ..inference import Engine, EngineConfig
 from ..inference.chat import ChatTemplate
-from ..loading import LoadOptions, load
-from ..runs import default_cpu_threads, model_name as name_of
+from ..loading import DeviceOptions, load
+from ..runs import model_name as name_of
 from . import generation, routes
 from .config import API_KEY_ENV, ServerConfig
 from .errors import install_error_handlers
@@ -75,23 +75,21 @@ def serve(
     checkpoint: str | Path,
     config: ServerConfig | None = None,
     engine: EngineConfig | None = None,
-    load_options: LoadOptions | None = None,
+    device: DeviceOptions | None = None,
 ) -> None:
     """Load ``checkpoint`` (a Hugging Face layout directory or a ``dsv3 train`` run directory; on the GPU when
-    there is one, see :class:`~dsv3.loading.LoadOptions`) and serve it until interrupted, as ``config`` says
+    there is one, see :class:`~dsv3.loading.DeviceOptions`) and serve it until interrupted, as ``config`` says
     (:class:`ServerConfig`; the API key defaults to ``$DSV3_API_KEY``), with an engine configured by
     ``engine`` (:class:`~dsv3.inference.EngineConfig`). The chat template comes from the checkpoint's
     tokenizer_config.json when it has one."""
     import uvicorn
 
     config = config or ServerConfig()
-    opts = load_options or LoadOptions()
-    model, tokenizer = load(checkpoint, opts.device, opts.dtype)
+    device = device or DeviceOptions()
+    model, tokenizer = load(checkpoint, device.device, device.dtype)
+    threads = device.cpu_threads(model)
     eng = Engine(model, tokenizer, engine or EngineConfig())
     print(f"engine: {eng.describe()}", file=sys.stderr)
-    threads = config.threads
-    if threads is None and eng.device.type == "cpu":
-        threads = default_cpu_threads(model)
     app = create_app(eng, config.model_name or name_of(checkpoint),
                      chat_template=ChatTemplate.load(tokenizer, checkpoint), num_threads=threads,
                      max_pending=config.max_pending, api_key=config.api_key or os.environ.get(API_KEY_ENV) or None)

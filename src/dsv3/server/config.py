@@ -26,8 +26,6 @@ class ServerConfig:
     /metrics, /version, /tokenize and /detokenize stay open)."""
     max_pending: int | None = None
     """Requests queued or running before the server answers 429 (default unbounded)."""
-    threads: int | None = None
-    """CPU intra-op threads of the engine (default 1 for models under 50M parameters, else torch's)."""
     log_level: str = "info"
     """Log level of uvicorn and of the per-request lines on the dsv3.server logger (debug, info, warning, error)."""
 
@@ -36,8 +34,6 @@ class ServerConfig:
             raise ConfigError(f"port must lie in [0, 65536), got {self.port}")
         if self.max_pending is not None and self.max_pending < 1:
             raise ConfigError(f"max_pending must be >= 1, got {self.max_pending}")
-        if self.threads is not None and self.threads < 1:
-            raise ConfigError(f"threads must be >= 1, got {self.threads}")
         if self.log_level.lower() not in ("critical", "error", "warning", "info", "debug", "trace"):
             raise ConfigError(f"log_level must be debug, info, warning or error, got {self.log_level!r}")
         if self.api_key == "":
