@@ -54,11 +54,12 @@ def sampling_params(body: SamplingFields, max_tokens: int | None, default_max: i
 
 
 def check_supported(body: SamplingFields) -> None:
+    """A 400 for the OpenAI parameters that a client would miss if ignored (they change the response)."""
     if body.logprobs:
         raise UnsupportedParameterError("logprobs are not supported yet", param="logprobs")
 
 
-def split_prompts(prompt) -> list[str | list[int]]:
+def split_prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
     """OpenAI's ``prompt``: one string, a list of strings, one token-id list or a list of them."""
     if isinstance(prompt, str):
         return [prompt]
@@ -85,13 +86,16 @@ class Generation:
         count = sum(len(params) for _, params in jobs)
         if state.max_pending is not None and loop.pending + count > state.max_pending:
             raise OverloadedError("too many requests in flight; retry later")
+        loop.pending += count  # before awaiting: concurrent requests see it at once
         try:
             submitted = await loop.submit(jobs, arrival(request))
-        except CacheFullError as e:
-            raise ContextLengthError(str(e), param="max_tokens") from e
-        except ValueError as e:  # the engine's own prompt checks (ours ran first; this is a backstop)
-            raise InvalidPromptError(str(e), param="prompt") from e
-        loop.pending += count
+        except BaseException as e:
+            loop.pending -= count
+            if isinstance(e, CacheFullError):
+                raise ContextLengthError(str(e), param="max_tokens") from e
+            if isinstance(e, ValueError):  # the engine's own prompt checks (ours ran first; this is a backstop)
+                raise InvalidPromptError(str(e), param="prompt") from e
+            raise
         return cls(state, request, submitted, n)
 
     def usage(self) -> Usage:

@@ -19,7 +19,7 @@ import uuid
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from .errors import AuthenticationError
+from .errors import AuthenticationError, ServerError
 from .state import ServerState, get_state
 
 log = logging.getLogger("dsv3.server")
@@ -48,21 +48,26 @@ class RequestContext:
         arrival = time.monotonic()
         state = scope.setdefault("state", {})
         state.update(request_id=request_id, arrival=arrival, log_fields={})
-        status = [500]
+        status: list[int] = []
 
         async def send_with_id(message) -> None:
             if message["type"] == "http.response.start":
-                status[0] = message["status"]
+                status.append(message["status"])
                 message = {**message, "headers": [*message.get("headers", []),
                                                   (b"x-request-id", request_id.encode())]}
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception as exc:  # a bug: answer 500 here, so that the answer carries the request id too
+            if status:
+                raise
+            log.exception("request %s failed", request_id)
+            await ServerError(f"{type(exc).__name__}: {exc}").response()(scope, receive, send_with_id)
         finally:
             if scope["path"] not in QUIET_PATHS and log.isEnabledFor(logging.INFO):
                 record = {"request_id": request_id, "method": scope["method"], "route": scope["path"],
-                          "status": status[0], **state["log_fields"],
+                          "status": status[0] if status else 500, **state["log_fields"],
                           "e2e_s": round(time.monotonic() - arrival, 6)}
                 log.info(json.dumps(record))
 
