@@ -1,140 +1,34 @@
-"""The OpenAI-compatible server, the chat format and the generate / chat / serve commands.
+"""The OpenAI-compatible server's generation endpoints, the chat format and the generate / chat / serve commands.
 
-A real uvicorn server on 127.0.0.1 (a free port, in a background thread) serves a tiny random model with a
-BPE trained on a few sentences; the official ``openai`` client and raw ``httpx`` talk to it.
+Fixtures (a live uvicorn server of a tiny model on loopback, the official ``openai`` client) are in
+``tests/serving.py``; the operations routes are tested in test_serve_ops.py, concurrency and cancellation in
+test_serve_load.py, the benchmark client in test_serve_bench.py.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
-import socket
-import threading
 import time
 
 import pytest
-import torch
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 pytest.importorskip("jinja2")
+pytest.importorskip("prometheus_client")
 httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 
-import uvicorn  # noqa: E402
+pytest.register_assert_rewrite("serving")  # its asserts report values; it is also this module's fixture plugin
 from conftest import run_cli  # noqa: E402
+from serving import GREEDY, MAX_SEQ_LEN, MODEL, error_of, free_port, wait_idle  # noqa: E402
 
 import dsv3  # noqa: E402
-from dsv3.data import train_tokenizer  # noqa: E402
 from dsv3.inference import Engine, SamplingParams  # noqa: E402
 from dsv3.inference.chat import ChatTemplate, find_chat_template  # noqa: E402
-from dsv3.serve import create_app  # noqa: E402
 
-MODEL = "tiny-test"
-MAX_SEQ_LEN = 96
-TEXT = [
-    "The quick brown fox jumps over the lazy dog. A fox is quick and a dog is lazy.\n",
-    "def add(a, b):\n    return a + b\n\nprint(add(1, 2))\n",
-    "Hello, how are you today? I am fine, thank you. The weather is nice.\n",
-    "Once upon a time there was a small model that learned to speak.\n",
-]
-
-
+pytest_plugins = ["serving"]
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A tiny random model and a 300-token BPE saved in the Hugging Face layout."""
-    root = tmp_path_factory.mktemp("serve")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    for i, text in enumerate(TEXT):
-        (corpus / f"doc{i}.txt").write_text(text * 3)
-    tok = train_tokenizer(corpus, root / "ckpt", vocab_size=300, show_progress=False)
-    cfg = dsv3.preset("tiny").replace(vocab_size=tok.vocab_size, num_hidden_layers=2, max_position_embeddings=256)
-    dsv3.save_pretrained(dsv3.build_model(cfg, seed=0), root / "ckpt")
-    return root / "ckpt"
-
-
-@pytest.fixture(scope="module")
-def loaded(checkpoint):
-    from dsv3.runs import load_run_or_checkpoint
-
-    return load_run_or_checkpoint(str(checkpoint), "cpu")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server(loaded):
-    model, tok = loaded
-    engine = Engine(model, tok, max_batch=8, max_seq_len=MAX_SEQ_LEN, page_size=8)
-    app = create_app(engine, MODEL, num_threads=1)
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if srv.started:
-            break
-        time.sleep(0.05)
-    assert srv.started, "uvicorn did not start"
-    yield f"http://127.0.0.1:{port}", engine
-    srv.should_exit = True
-    thread.join(10)
-
-
-@pytest.fixture(scope="module")
-def reference(loaded):
-    """Greedy completions computed by a separate engine over the same model (never run concurrently)."""
-    model, tok = loaded
-    engine = Engine(model, tok, max_batch=4, max_seq_len=MAX_SEQ_LEN, page_size=8)
-
-    def complete(prompt, max_tokens: int, stop=()):
-        p = SamplingParams(max_new_tokens=max_tokens, temperature=0, ignore_eos=True, stop=list(stop))
-        return engine.generate([prompt], p)[0]
-
-    return complete
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    url, _ = server
-    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
-
-
-def wait_idle(engine: Engine, timeout: float = 20.0) -> None:
-    """Until the engine thread has retired every request (cancelled ones are retired at its next step)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        sch = engine.scheduler
-        if not sch.running and not sch.waiting and engine.cache.num_free_pages == engine.cache.num_pages:
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"engine still busy: {len(engine.scheduler.running)} running, "
-                         f"{engine.cache.num_free_pages}/{engine.cache.num_pages} pages free")
-
-
-@contextlib.contextmanager
-def slowed(engine: Engine, seconds: float = 0.005):
-    """Make each decode step of the server's engine ``seconds`` longer (so that clients can drop requests
-    before they finish) and record the ids the server cancels."""
-    cancelled, step, cancel = [], engine._plain_step, engine.cancel
-    engine._plain_step = lambda plan: (time.sleep(seconds), step(plan))[1]
-    engine.cancel = lambda rid: (cancelled.append(rid), cancel(rid))[1]
-    try:
-        yield cancelled
-    finally:
-        del engine._plain_step, engine.cancel
-
-
-GREEDY = {"temperature": 0, "extra_body": {"ignore_eos": True}}
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -250,13 +144,6 @@ def test_chat_completions_stream_and_not(client, loaded, reference):
 # ------------------------------------------------------------------------------------------------------
 # errors: OpenAI's shape, 4xx, and the server keeps serving
 
-def error_of(response: httpx.Response) -> dict:
-    assert 400 <= response.status_code < 500, (response.status_code, response.text)
-    err = response.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"} and err["message"]
-    return err
-
-
 def test_malformed_requests_give_openai_errors(server, client):
     url, engine = server
     post = lambda path, **kw: httpx.post(url + path, timeout=30, **kw)
@@ -326,63 +213,6 @@ def test_engine_failure_fails_requests_and_keeps_serving(server, client):
 
 
 # ------------------------------------------------------------------------------------------------------
-# concurrency and cancellation
-
-def test_many_concurrent_streams_with_cancellations(server, reference):
-    url, engine = server
-    prompts = [TEXT[i % 4][: 8 + (i * 7) % 30] for i in range(56)]
-    max_tokens = [4 + i % 9 for i in range(56)]
-    cancel = {i for i in range(56) if i % 5 == 2}  # close these streams after their second chunk
-    for i in cancel:
-        max_tokens[i] = 40  # still running when closed
-    expected = {i: reference(prompts[i], max_tokens[i]) for i in range(56) if i not in cancel}
-
-    async def one(client: httpx.AsyncClient, i: int):
-        body = {"model": MODEL, "prompt": prompts[i], "max_tokens": max_tokens[i], "temperature": 0,
-                "ignore_eos": True, "stream": True}
-        text, reason, chunks = "", None, 0
-        async with client.stream("POST", url + "/v1/completions", json=body) as r:
-            assert r.status_code == 200
-            async for line in r.aiter_lines():
-                if not line.startswith("data: "):
-                    continue
-                if line == "data: [DONE]":
-                    return text, reason, True
-                chunk = json.loads(line[6:])
-                text += chunk["choices"][0]["text"]
-                reason = chunk["choices"][0]["finish_reason"] or reason
-                chunks += 1
-                if i in cancel and chunks >= 2:
-                    return text, reason, False  # leaving the block closes the connection mid-stream
-        return text, reason, False
-
-    async def main():
-        limits = httpx.Limits(max_connections=100, max_keepalive_connections=0)
-        async with httpx.AsyncClient(timeout=120, limits=limits) as client:
-            return await asyncio.gather(*(one(client, i) for i in range(56)))
-
-    with slowed(engine) as cancelled:
-        outcomes = asyncio.run(main())
-        wait_idle(engine)
-    assert len(cancelled) == len(cancel)
-    for i, (text, reason, done) in enumerate(outcomes):
-        if i in cancel:
-            assert not done
-        else:
-            assert done and reason == "length", (i, reason)
-            assert text == expected[i].text, i
-    wait_idle(engine)
-    assert engine.cache.num_free_slots == engine.max_batch
-    # a non-streaming request dropped by its client is cancelled as well
-    with slowed(engine) as cancelled:
-        with pytest.raises(httpx.ReadTimeout):
-            httpx.post(url + "/v1/completions", timeout=0.3, json={
-                "model": MODEL, "prompt": "fox", "max_tokens": MAX_SEQ_LEN - 4, "temperature": 0, "ignore_eos": True})
-        wait_idle(engine)
-        assert len(cancelled) == 1
-
-
-# ------------------------------------------------------------------------------------------------------
 # command line
 
 def test_cli_generate_and_chat(checkpoint, loaded):
@@ -423,17 +253,40 @@ def test_model_name_of_a_run_and_its_export(tmp_path):
     assert model_name(tmp_path / "other" / "export") == "export"
 
 
-def test_cli_help(capsys):
+def test_load_puts_the_model_on_the_gpu_when_there_is_one(checkpoint):
+    import torch
+
+    model, tok = dsv3.load(checkpoint)  # device="auto"
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert next(model.parameters()).device.type == expected and not model.training
+    assert tok.vocab_size == model.config.vocab_size
+    half, _ = dsv3.load(checkpoint, "cpu", "bfloat16")
+    gate = half.layers[1].mlp.gate
+    assert half.embed_tokens.weight.dtype == torch.bfloat16 and gate.e_score_correction_bias.dtype == torch.float32
+    with pytest.raises(dsv3.ConfigError, match="dtype"):
+        dsv3.load(checkpoint, "cpu", "float64")
+
+
+def test_cli_help_and_device_default(capsys):
     from dsv3.cli import build_parser
 
     for cmd in ("generate", "chat", "serve"):
         with pytest.raises(SystemExit) as exit_:
             build_parser().parse_args([cmd, "--help"])
-        assert exit_.value.code == 0 and "checkpoint" in capsys.readouterr().out
+        out = capsys.readouterr().out
+        assert exit_.value.code == 0 and "checkpoint" in out and "auto (the GPU when there is one" in out
+    parse = build_parser().parse_args
+    for argv in (["sample", "ck", "--prompt", "p"], ["generate", "ck", "--prompt", "p"], ["chat", "ck"],
+                 ["serve", "ck"]):
+        args = parse(argv)
+        assert args.device == "auto" and args.dtype is None, argv
+    args = parse(["serve", "ck", "--api-key", "k", "--port", "9", "--max-batch", "3", "--no-prefix-caching"])
+    assert (args.api_key, args.port, args.max_batch, args.prefix_caching) == ("k", 9, 3, False)
 
 
 def test_cli_serve(checkpoint):
-    """`dsv3 serve` in a subprocess: loads the checkpoint, answers a chat request, stops on SIGTERM."""
+    """`dsv3 serve` in a subprocess: loads the checkpoint, takes its API key from $DSV3_API_KEY, answers a chat
+    request, logs it as a JSON line, stops on SIGTERM."""
     import os
     import subprocess
     import sys
@@ -441,9 +294,9 @@ def test_cli_serve(checkpoint):
     from conftest import SRC
 
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "DSV3_API_KEY": "env-key"}
     proc = subprocess.Popen([sys.executable, "-m", "dsv3.cli", "serve", str(checkpoint), "--port", str(port),
-                             "--model-name", "cli-model", "--max-batch", "2", "--log-level", "warning"],
+                             "--model-name", "cli-model", "--max-batch", "2", "--log-level", "info"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -455,14 +308,22 @@ def test_cli_serve(checkpoint):
                 pass
             assert proc.poll() is None, proc.communicate()[1]
             time.sleep(0.1)
-        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
-        out = client.chat.completions.create(model="cli-model", messages=[{"role": "user", "content": "Hi"}],
-                                             max_tokens=3, temperature=0)
-        assert out.choices[0].finish_reason in ("stop", "length") and out.usage.completion_tokens <= 3
+        hi = {"model": "cli-model", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "temperature": 0}
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0, timeout=60).chat.completions.create(**hi)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="env-key", max_retries=0, timeout=60)
+        out = client.chat.completions.with_raw_response.create(**hi, extra_headers={"X-Request-Id": "cli-req-1"})
+        assert out.headers["x-request-id"] == "cli-req-1"
+        reply = out.parse()
+        assert reply.choices[0].finish_reason in ("stop", "length") and reply.usage.completion_tokens <= 3
     finally:
         proc.terminate()
         try:
-            proc.wait(20)
+            _, err = proc.communicate(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
-            proc.wait(10)
+            _, err = proc.communicate(timeout=10)
+    lines = [json.loads(line[line.index("{"):]) for line in err.splitlines() if '"request_id": "cli-req-1"' in line]
+    assert len(lines) == 1, err
+    assert lines[0]["route"] == "/v1/chat/completions" and lines[0]["status"] == 200
+    assert lines[0]["completion_tokens"] == reply.usage.completion_tokens

@@ -4,6 +4,7 @@
 >>> model = dsv3.build_model(dsv3.preset("tiny"))
 >>> model(torch.randint(0, 4096, (2, 16))).logits.shape
 torch.Size([2, 16, 4096])
+>>> model, tokenizer = dsv3.load("runs/tiny")   # a run or a Hugging Face directory; the GPU when there is one
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 
 from .checkpoint import CheckpointError, load_pretrained, save_pretrained
 from .config import PRESETS, ConfigError, ModelConfig, preset
+from .loading import load
 from .model import DeepSeekV3, ModelOutput
 
 __version__ = "0.1.0"
@@ -38,5 +40,5 @@ def build_model(
 
 __all__ = [
     "CheckpointError", "ConfigError", "DeepSeekV3", "ModelConfig", "ModelOutput", "PRESETS", "build_model",
-    "load_pretrained", "preset", "save_pretrained",
+    "load", "load_pretrained", "preset", "save_pretrained",
 ]

@@ -28,6 +28,9 @@ _SERVER_FLAGS = ("max_batch", "max_seq_len", "page_size", "num_pages", "prefix_c
                  "speculative", "compile", "cuda_graph", "decode_experts", "graph_batch_sizes",
                  "max_prefill_graph_tokens")
 
+_DEVICE_FLAGS = ("device", "dtype", "threads")  # DeviceOptions: every command that runs a checkpoint
+_SERVE_FLAGS = ("host", "port", "model_name", "api_key", "max_pending", "log_level")  # ServerConfig
+
 # flag -> TrainConfig field, for the flags that map one to one
 _TRAIN_FLAGS = {
     "preset": str, "data": str, "tokenizer": str, "steps": int, "save_every": int, "out": str, "device": str,
@@ -105,11 +108,26 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load(args: argparse.Namespace):
+    """Model and tokenizer of ``args.checkpoint`` where ``--device`` / ``--dtype`` say, with ``--threads``
+    intra-op threads on a CPU."""
+    import torch
+
+    from .config_flags import values
+    from .loading import DeviceOptions, load
+
+    opts = DeviceOptions(**values(args, DeviceOptions, _DEVICE_FLAGS))
+    model, tokenizer = load(args.checkpoint, opts.device, opts.dtype)
+    threads = opts.cpu_threads(model)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return model, tokenizer
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
-    from .runs import load_run_or_checkpoint
     from .train.sample import generate
 
-    model, tokenizer = load_run_or_checkpoint(args.checkpoint, args.device)
+    model, tokenizer = _load(args)
     text = generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k or None, args.seed)
     print(args.prompt + text)
     return 0
@@ -117,15 +135,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def _engine_from_args(args: argparse.Namespace):
     """Model, tokenizer and a one-sequence :class:`Engine` for ``generate`` / ``chat``."""
-    import torch
-
     from .config_flags import values
     from .inference import Engine, EngineConfig
-    from .runs import default_cpu_threads, load_run_or_checkpoint
 
-    model, tokenizer = load_run_or_checkpoint(args.checkpoint, args.device)
-    if next(model.parameters()).device.type == "cpu":
-        torch.set_num_threads(args.threads or default_cpu_threads(model))
+    model, tokenizer = _load(args)
     engine = Engine(model, tokenizer, EngineConfig(max_batch=1, **values(args, EngineConfig, _ONE_SEQUENCE_FLAGS)))
     print(f"engine: {engine.describe()}", file=sys.stderr)
     return engine, tokenizer
@@ -210,16 +223,19 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
-        from .serve import serve
+        from .server.app import serve
     except ImportError as e:
-        print(f"dsv3 serve: needs FastAPI and uvicorn ({e}): pip install 'dsv3[serve]'", file=sys.stderr)
+        print(f"dsv3 serve: needs FastAPI, uvicorn and prometheus_client ({e}): pip install 'dsv3[serve]'",
+              file=sys.stderr)
         return 2
     from .config_flags import values
     from .inference import EngineConfig
+    from .loading import DeviceOptions
+    from .server.config import ServerConfig
 
-    serve(args.checkpoint, args.host, args.port, model_name=args.model_name, device=args.device,
-          engine=EngineConfig(**values(args, EngineConfig, _SERVER_FLAGS)), num_threads=args.threads,
-          max_pending=args.max_pending, log_level=args.log_level)
+    serve(args.checkpoint, ServerConfig(**values(args, ServerConfig, _SERVE_FLAGS)),
+          EngineConfig(**values(args, EngineConfig, _SERVER_FLAGS)),
+          DeviceOptions(**values(args, DeviceOptions, _DEVICE_FLAGS)))
     return 0
 
 
@@ -255,6 +271,10 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .config import PRESETS
+    from .config_flags import add_arguments
+    from .inference.config import EngineConfig
+    from .loading import DeviceOptions
+    from .server.config import ServerConfig
 
     parser = argparse.ArgumentParser(prog="dsv3", description="DeepSeek-V3 in plain PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -322,11 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
     p.add_argument("--top-k", type=int, default=20, help="draw among the k most likely tokens (default 20; 0 = all)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    add_arguments(p, DeviceOptions, _DEVICE_FLAGS)
     p.set_defaults(func=cmd_sample)
-
-    from .config_flags import add_arguments
-    from .inference.config import EngineConfig
 
     def engine_args(p: argparse.ArgumentParser, temperature: float, seed: int | None, max_new: int) -> None:
         p.add_argument("checkpoint", help="Hugging Face layout directory (tokenizer.json beside the weights) or "
@@ -337,9 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
         p.add_argument("--seed", type=int, default=seed, help=f"sampling seed (default {seed})")
         p.add_argument("--stop", action="append", metavar="TEXT", help="stop at this text (repeatable)")
-        p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
-        p.add_argument("--threads", type=int, default=None,
-                       help="CPU intra-op threads (default 1 for models under 50M parameters, else torch's)")
+        add_arguments(p, DeviceOptions, _DEVICE_FLAGS)
 
     p = sub.add_parser("generate", help="complete a prompt with the inference engine, streaming tokens",
                        description="Complete a prompt with the cached inference engine (dsv3.inference), "
@@ -362,20 +377,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (needs the serve extra)",
                        description="Serve a checkpoint with an OpenAI-compatible API: /v1/completions, "
-                                   "/v1/chat/completions (streaming with SSE), /v1/models, /health. "
+                                   "/v1/chat/completions (streaming with SSE), /v1/models; /health, /metrics "
+                                   "(Prometheus), /version, /tokenize, /detokenize (docs/serving.md). "
                                    "Needs `pip install 'dsv3[serve]'`.")
     p.add_argument("checkpoint", help="Hugging Face layout directory or `dsv3 train` run directory")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--model-name", default=None,
-                   help="the model's id in the API (default: the directory's name; a run's name for its export/)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    add_arguments(p, ServerConfig, _SERVE_FLAGS)
+    add_arguments(p, DeviceOptions, _DEVICE_FLAGS)
     add_arguments(p, EngineConfig, _SERVER_FLAGS)
-    p.add_argument("--max-pending", type=int, default=None,
-                   help="requests queued or running before the server answers 429 (default unbounded)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU intra-op threads (default 1 for models under 50M parameters, else torch's)")
-    p.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("tokenizer", help="tokenizer tools", description="Tokenizer tools.")

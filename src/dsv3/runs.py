@@ -1,7 +1,8 @@
 """What a user points a command at: a ``dsv3 train`` run directory or a Hugging Face layout directory.
 
-Used by ``dsv3 sample`` / ``generate`` / ``chat`` / ``serve`` and by :func:`dsv3.serve.serve`, so that each
-opens a checkpoint, names it and sizes its CPU threads the same way.
+Used by ``dsv3 sample`` / ``generate`` / ``chat`` / ``serve`` and by :func:`dsv3.server.serve`, so that each
+names a checkpoint and sizes its CPU threads the same way; loading one is :func:`dsv3.load`
+(:mod:`dsv3.loading`, which also has :func:`default_cpu_threads`, imported here for its callers).
 """
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, load_pretrained, save_pretrained
+from .checkpoint import CheckpointError, save_pretrained
 from .data import Tokenizer
+from .loading import default_cpu_threads, load
 from .model import DeepSeekV3
 from .train.checkpointer import load_checkpoint_model
 from .train.state import latest_checkpoint
@@ -23,15 +25,9 @@ def is_run_dir(path: str | Path) -> bool:
     return (p / "train_config.json").is_file() or latest_checkpoint(p) is not None
 
 
-def load_run_or_checkpoint(path: str | Path, device: str = "cpu") -> tuple[DeepSeekV3, Tokenizer]:
-    """A model (in eval mode) and its tokenizer from a ``dsv3 train`` run directory (its latest checkpoint, one
-    process or sharded) or a Hugging Face layout directory (with tokenizer.json beside the weights)."""
-    p = Path(path)
-    ckpt = latest_checkpoint(p)
-    if ckpt is not None:
-        return load_checkpoint_model(ckpt, device), Tokenizer.load(p / "tokenizer")
-    model = load_pretrained(p, device=device, dtype=torch.float32 if device == "cpu" else torch.bfloat16)
-    return model.eval(), Tokenizer.load(p)
+def load_run_or_checkpoint(path: str | Path, device: str = "auto") -> tuple[DeepSeekV3, Tokenizer]:
+    """The former name of :func:`dsv3.load` (kept for callers of it)."""
+    return load(path, device)
 
 
 def export_run(run_dir: str | Path, out: str | Path, checkpoint: str | Path | None = None,
@@ -57,8 +53,4 @@ def model_name(path: str | Path) -> str:
     return p.name
 
 
-def default_cpu_threads(model: torch.nn.Module) -> int:
-    """Intra-op threads for decoding on a CPU: 1 for small models (< 50M parameters), whose many tiny matmuls
-    run far slower when threads contend; torch's default otherwise."""
-    n_params = sum(p.numel() for p in model.parameters())
-    return 1 if n_params < 50_000_000 else torch.get_num_threads()
+__all__ = ["default_cpu_threads", "export_run", "is_run_dir", "load", "load_run_or_checkpoint", "model_name"]
