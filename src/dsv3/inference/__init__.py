@@ -11,12 +11,13 @@ device), :mod:`.detokenize` (text), :mod:`.engine` (``generate`` / ``stream`` ov
 
 from .cache import CacheFullError, PagedLatentCache
 from .config import EngineConfig
+from .constraint import TokenConstraint
 from .engine import Engine
 from .layers import run_block
 from .prepare import prepare_model
 from .runner import ModelRunner
 from .sampling import (
-    GenerationRequest, GenerationResult, SamplingParams, TokenEvent, sample_token, token_probs,
+    GenerationRequest, GenerationResult, SamplingParams, TokenEvent, TokenLogprobs, sample_token, token_probs,
 )
 from .scheduler import Scheduler, Sequence
 from .speculative import MTPSpeculator, speculative_accept
@@ -25,6 +26,6 @@ Result = GenerationResult
 
 __all__ = [
     "CacheFullError", "Engine", "EngineConfig", "GenerationRequest", "GenerationResult", "MTPSpeculator",
-    "ModelRunner", "PagedLatentCache", "Result", "SamplingParams", "Scheduler", "Sequence", "TokenEvent",
-    "prepare_model", "run_block", "sample_token", "speculative_accept", "token_probs",
+    "ModelRunner", "PagedLatentCache", "Result", "SamplingParams", "Scheduler", "Sequence", "TokenConstraint",
+    "TokenEvent", "TokenLogprobs", "prepare_model", "run_block", "sample_token", "speculative_accept", "token_probs",
 ]
