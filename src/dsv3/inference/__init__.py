@@ -3,7 +3,8 @@ decoding and continuous batching. No I/O: the CLI and the HTTP server build on :
 
 Layers, each importing only those below it: :mod:`.runner` (model, cache, graphs; tensors in, tensors out),
 :mod:`.scheduler` (requests, slots and pages), :mod:`.sampler` and :mod:`.speculative` (next tokens on the
-device), :mod:`.detokenize` (text), :mod:`.engine` (``generate`` / ``stream`` over all of them).
+device, after :mod:`.penalties`: penalties, biases, constraint masks; with :mod:`.logprobs`), :mod:`.detokenize`
+(text), :mod:`.engine` (``generate`` / ``stream`` over all of them).
 
 >>> engine = Engine(dsv3.build_model("tiny"), max_batch=4, max_seq_len=256)
 >>> engine.generate([[5, 6, 7]], SamplingParams(max_new_tokens=8, temperature=0))[0].tokens

@@ -50,18 +50,19 @@ def prompt_logprob_pack(head: Callable[[torch.Tensor], torch.Tensor], hidden: to
 
 def read_step(pieces: Sequence[torch.Tensor], width: int) -> list[list]:
     """The step's one read back to the host: ``pieces`` are next tokens (b,) int64 or packs (b, width); returns
-    each piece's rows as lists (a token: an int; a pack: a list of floats). When no piece is a pack the tokens
-    are read as int64, exactly as before logprobs existed."""
-    if all(p.dim() == 1 for p in pieces):
-        flat = (pieces[0] if len(pieces) == 1 else torch.cat(pieces)).tolist()
+    each piece's rows (a token: an int; a pack: a list of floats). When no piece is a pack the tokens are read as
+    int64, exactly as before logprobs existed; else everything is read as float64 packs (tokens exact)."""
+    packed = any(p.dim() == 2 for p in pieces)
+    if packed:
+        flat = torch.cat([p.double() if p.dim() == 2 else F.pad(p.double()[:, None], (0, width - 1))
+                          for p in pieces]).tolist()
     else:
-        rows = [F.pad(p.double()[:, None], (0, width - 1)) if p.dim() == 1 else p.double() for p in pieces]
-        flat = torch.cat(rows).tolist()
+        flat = (pieces[0] if len(pieces) == 1 else torch.cat(pieces)).tolist()
     out, i = [], 0
     for p in pieces:
-        n = p.shape[0]
-        out.append([int(r[0]) if p.dim() == 1 and not isinstance(r, int) else r for r in flat[i:i + n]])
-        i += n
+        rows = flat[i:i + p.shape[0]]
+        out.append([int(r[0]) for r in rows] if packed and p.dim() == 1 else rows)
+        i += p.shape[0]
     return out
 
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 
 from .cuda_graph import StepGraphs
-from .logprobs import logprob_pack, unpack
+from .logprobs import logprob_pack, read_step, unpack
 from .runner import ModelRunner
 from .sampler import SamplingTensors, needs_filter, probs, sample, verify
 from .sampling import TokenLogprobs, sample_from
@@ -150,22 +150,17 @@ class MTPSpeculator:
             outs = self._forward(*(x.to(dev) for x in inputs), n_keys=max_len, mode=mode, capturable=False,
                                  logprobs=logprobs)
         accepted, tokens, drafts, next_q, packs = outs
-        ints_out = torch.cat([accepted[:b], tokens[:b].flatten(), drafts[:b]])
-        if logprobs:  # the step's one read: the integers exact in float64, then the packs (b, 2, width)
-            host = torch.cat([ints_out.double(), packs[:b].double().flatten()]).tolist()
-            width = packs.shape[-1]
-            flat_packs = host[4 * b:]
-            host = [int(x) for x in host[:4 * b]]
-        else:
-            host = ints_out.tolist()  # the step's one read
-        n_acc, rows, new_drafts = host[:b], host[b:3 * b], host[3 * b:4 * b]
+        pieces = [torch.cat([accepted[:b], tokens[:b].flatten(), drafts[:b]])]
+        if logprobs:  # the packs of both positions of every row, (2b, width)
+            pieces.append(packs[:b].flatten(0, 1))
+        host = read_step(pieces, packs.shape[-1])  # the step's one read
+        n_acc, rows, new_drafts = host[0][:b], host[0][b:3 * b], host[0][3 * b:]
         out = []
         for i, seq in enumerate(seqs):
             res = seq.result
             new = rows[2 * i:2 * i + 1 + n_acc[i]]
             n = seq.params.logprobs
-            lps = [None] * len(new) if n is None else \
-                [unpack(flat_packs[(2 * i + j) * width:(2 * i + j + 1) * width], n) for j in range(len(new))]
+            lps = [None if n is None else unpack(host[1][2 * i + j], n) for j in range(len(new))]
             res.forward_passes += 1
             res.draft_tokens += 1
             res.accepted_tokens += n_acc[i]
