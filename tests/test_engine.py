@@ -164,18 +164,36 @@ def test_layers_import_one_way_and_hold_no_engine():
     assert isinstance(engine.speculator.runner, ModelRunner)
 
 
+class _NoLowIds:
+    """A toy constraint (host side): every token but the first 32."""
+
+    def fill_bitmask(self, row):
+        row.fill_(-1)
+        row[0] = 0
+
+    def accept(self, token):
+        assert token >= 32
+
+    def is_finished(self):
+        return False
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "sampled"])
-def test_gpu_decode_steps_sync_once(sampled):
+@pytest.mark.parametrize("mode", ["greedy", "sampled", "full"])
+def test_gpu_decode_steps_sync_once(mode):
     """On the GPU, after the graphs are captured, a decode step synchronises with the host exactly once (the
-    read of its new tokens), greedy or sampled; the sampled tokens are those of the CPU reference path."""
+    read of its new tokens), greedy, sampled or through the full path (penalties, bias, min-p, a constraint,
+    logprobs)."""
     import warnings
 
     model = dsv3.build_model("tiny", seed=0, device="cuda", dtype=torch.bfloat16)
     engine = Engine(model, max_batch=4, max_seq_len=64, page_size=8, cuda_graph=True)
-    params = SAMPLED if sampled else GREEDY
-    for p, sp in zip(PROMPTS, params if sampled else [params] * 4):
-        engine.submit(GenerationRequest(p, SamplingParams(**{**vars(sp), "max_new_tokens": 20})))
+    params = GREEDY if mode == "greedy" else SAMPLED
+    full = dict(logprobs=3, frequency_penalty=0.5, repetition_penalty=1.2, min_p=0.02, logit_bias={7: 2.0},
+                min_tokens=2) if mode == "full" else {}
+    for i, (p, sp) in enumerate(zip(PROMPTS, [params] * 4 if mode == "greedy" else params)):
+        engine.submit(GenerationRequest(p, SamplingParams(**{**vars(sp), "max_new_tokens": 20, **full}),
+                                        constraint=_NoLowIds() if full and i % 2 else None))
     for _ in range(3):  # admission, graph capture, compilation
         engine.step()
     syncs = []

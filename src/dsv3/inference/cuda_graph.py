@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .cache import PagedLatentCache
+from .penalties import ProcessingTensors
 from .sampler import SamplingTensors
 
 
@@ -108,15 +109,21 @@ class StepGraphs:
         return step
 
 
-DecodeStep = Callable[[torch.Tensor, "torch.Tensor | None", int, bool], tuple[torch.Tensor, ...]]
+DecodeStep = Callable[[tuple[torch.Tensor, ...], int, str], tuple[torch.Tensor, ...]]
+
+FULL = "full"
+"""The decode mode of a batch in which some row uses penalties, biases, ``min_tokens``, ``min_p``, a constraint
+or log-probabilities (:func:`~dsv3.inference.sampler.sample_processed`); the others are ``greedy``, ``sample``
+and ``filtered`` (top-k / top-p)."""
 
 
 class DecodeGraphs(StepGraphs):
-    """Decode steps, one per (padded batch size, tokens per sequence, key bucket, sampling mode). ``step(ints,
-    floats, n_keys, filtered)`` is :meth:`ModelRunner._graph_decode
-    <dsv3.inference.runner.ModelRunner._graph_decode>`: ints (4, B, S) tokens, slot (repeated over S),
-    position, valid, plus top-k and seed rows (6, B, S) when sampling; floats (2, B) temperature and top-p,
-    or ``None`` when every row is greedy."""
+    """Decode steps, one per (padded batch size, tokens per sequence, key bucket, sampling mode). ``step(inputs,
+    n_keys, mode)`` is :meth:`ModelRunner._graph_decode <dsv3.inference.runner.ModelRunner._graph_decode>`; inputs:
+    ints (4, B, S) tokens, slot (repeated over S), position, valid, plus top-k and seed rows (6, B, S) when
+    sampling, plus block-stop and use-bias rows (8, B, S) in the full mode; floats (2, B) temperature and top-p
+    when sampling, (6, B) with presence, frequency, repetition and min-p in the full mode; the full mode's
+    constraint bitmask (B, words) int32. Four modes at most per shape: greedy, sample, filtered, full."""
 
     def __init__(self, step: DecodeStep, batch_sizes: Seq[int], max_batch: int, cache: PagedLatentCache):
         super().__init__(batch_sizes, max_batch, cache.device)
@@ -129,30 +136,41 @@ class DecodeGraphs(StepGraphs):
 
     def run(
         self, slots: list[int], tokens: torch.Tensor, starts: list[int], sampling: SamplingTensors | None = None,
-        filtered: bool = True,
+        filtered: bool = True, processing: ProcessingTensors | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One decode step of tokens (b, S) (host tensor) for ``slots`` whose new tokens start at ``starts``
-        (the cache already extended), the next tokens drawn by ``sampling`` ((b,) rows) or greedy. Returns
-        views of the output buffers: hidden (b, S, d), logits (b, S, V), next tokens (b,)."""
+        (the cache already extended), the next tokens drawn by ``sampling`` ((b,) rows) or greedy, through the
+        full path when ``processing`` is given (host tensors, b rows; ``sampling`` then required). Returns views
+        of the output buffers: hidden (b, S, d), logits (b, S, V), next tokens (b,) (the full mode: their
+        log-probability packs (b, 3 + 2K), token in column 0)."""
         b, s = tokens.shape
         size = self.padded_batch(b)
         n_keys = self.key_pages(max(starts) + s) * self.page_size
-        ints = torch.zeros(4 if sampling is None else 6, size, s, dtype=torch.long)
+        mode = "greedy" if sampling is None else FULL if processing is not None else \
+            "filtered" if filtered else "sample"
+        ints = torch.zeros({"greedy": 4, FULL: 8}.get(mode, 6), size, s, dtype=torch.long)
         ints[0, :b] = tokens
         ints[1, :b] = torch.tensor(slots)[:, None]
         ints[2, :b] = torch.tensor(starts)[:, None] + torch.arange(s)
         ints[3, :b] = 1
         inputs: tuple[torch.Tensor, ...] = (ints,)
         if sampling is not None:  # padding rows: temperature 0 (greedy)
-            floats = torch.zeros(2, size, dtype=torch.float32)
+            floats = torch.zeros(2 if processing is None else 6, size, dtype=torch.float32)
             floats[0, :b], floats[1, :b] = sampling.temperature.cpu(), sampling.top_p.cpu()
             ints[4, :b] = sampling.top_k.cpu()[:, None]
             ints[5, :b] = sampling.seed.cpu()[:, None]
             inputs = (ints, floats)
-        mode = "greedy" if sampling is None else "filtered" if filtered else "sample"
-        hidden, logits, nxt = self.replay(
-            (size, s, n_keys, mode), inputs,
-            lambda i, f=None: self.step(i, f, n_keys, mode == "filtered"))
+        if processing is not None:  # padding rows: neutral (repetition 1, every token allowed)
+            p = processing
+            floats[2:, :b] = torch.stack([p.presence, p.frequency, p.repetition, p.min_p]).cpu()
+            floats[4, b:] = 1.0
+            ints[6, :b], ints[7, :b] = p.block_stop.cpu()[:, None], p.use_bias.cpu()[:, None]
+            bitmask = p.bitmask
+            if size > b:
+                bitmask = torch.full((size, bitmask.shape[1]), -1, dtype=torch.int32, pin_memory=self.capture)
+                bitmask[:b] = p.bitmask
+            inputs = (ints, floats, bitmask)
+        hidden, logits, nxt = self.replay((size, s, n_keys, mode), inputs, lambda *x: self.step(x, n_keys, mode))
         return hidden[:b], logits[:b], nxt[:b]
 
 

@@ -6,27 +6,44 @@ step; :mod:`~dsv3.inference.sampler` chooses the next tokens on the device for t
 decode step's CUDA graph) and :mod:`~dsv3.inference.speculative` verifies MTP drafts; each request's text comes
 from an :class:`~dsv3.inference.detokenize.IncrementalDetokenizer`. :class:`Engine` wires them and offers
 ``generate`` and ``stream``; none of the parts refers back to it. A step reads the new tokens back to the host
-once.
+once (with their log-probabilities, and the prompt log-probabilities of the step's prefills, when asked).
+
+A batch in which some row uses penalties, ``logit_bias``, ``min_tokens``, ``min_p``, a constraint or ``logprobs``
+samples through the full path (:func:`~dsv3.inference.sampler.sample_processed`, one more CUDA graph mode);
+the other rows of that batch get neutral options and keep their tokens. Constrained rows fill their bitmask
+rows on the host before the step and accept their token after its read.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Mapping, Sequence as Seq
+from collections.abc import Callable, Iterator, Mapping, Sequence as Seq
 
 import torch
 
 from ..model.transformer import DeepSeekV3
 from .config import EngineConfig
 from .detokenize import IncrementalDetokenizer
+from .logprobs import pack_width, prompt_logprob_pack, read_step, unpack
+from .penalties import ProcessingTensors
 from .prepare import prepare_model
 from .runner import ModelRunner
-from .sampler import SamplingTensors, needs_filter, sample
-from .sampling import GenerationRequest, GenerationResult, SamplingParams, TokenEvent
+from .sampler import SamplingTensors, needs_filter, sample, sample_processed
+from .sampling import GenerationRequest, GenerationResult, SamplingParams, TokenEvent, TokenLogprobs
 from .scheduler import Plan, Scheduler, Sequence
 from .speculative import MTPSpeculator
 
 Prompt = list[int] | str
+Read = tuple[torch.Tensor, Callable[[list], list[TokenEvent]]]
+"""A device tensor the step reads back to the host, and what to do with its rows once read."""
+
+_NOT_SPECULATIVE = {
+    "presence_penalty": lambda p: p.presence_penalty != 0, "frequency_penalty": lambda p: p.frequency_penalty != 0,
+    "repetition_penalty": lambda p: p.repetition_penalty != 1, "logit_bias": lambda p: bool(p.logit_bias),
+    "min_p": lambda p: p.min_p > 0, "min_tokens": lambda p: p.min_tokens > 0,
+}
+"""Options the speculative step does not apply: its verification would need them at the draft's position too
+(penalty counts and masks that depend on whether the draft is accepted)."""
 
 
 class Engine:
@@ -87,12 +104,23 @@ class Engine:
         prompt and :class:`~dsv3.inference.cache.CacheFullError` for one that could never fit the cache."""
         prompt = self.encode_prompt(request.prompt)
         params = request.params
+        vocab = self.config.vocab_size
+        if any(t >= vocab for t in params.logit_bias):
+            raise ValueError(f"logit_bias token ids must lie in [0, {vocab})")
+        if self.speculator is not None:
+            names = [n for n, used in _NOT_SPECULATIVE.items() if used(params)]
+            names += ["constraint"] if request.constraint is not None else []
+            if names:
+                raise ValueError(f"{', '.join(names)} {'is' if len(names) == 1 else 'are'} not supported with "
+                                 "speculative decoding")
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos and self.eos_id is not None:
             stop_ids.add(self.eos_id)
         seq = Sequence(
             request=request, prompt=prompt,
-            result=GenerationResult(request_id=request.request_id, prompt_tokens=len(prompt)),
+            result=GenerationResult(request_id=request.request_id, prompt_tokens=len(prompt),
+                                    logprobs=None if params.logprobs is None else [],
+                                    prompt_logprobs=None if params.prompt_logprobs is None else [None]),
             seed=params.seed if params.seed is not None else random.getrandbits(62),
             stop_ids=frozenset(stop_ids), max_new_tokens=min(params.max_new_tokens, self.max_seq_len - len(prompt)),
         )
@@ -123,88 +151,144 @@ class Engine:
         return events
 
     def _plain_step(self, plan: Plan) -> list[TokenEvent]:
-        picked: list[torch.Tensor] = []
-        emitting: list[Sequence] = []
+        reads: list[Read] = []
         if plan.prefill:
-            outs, fresh = self._prefill(plan)
+            outs, fresh, reads = self._prefill(plan)
             if fresh:
-                logits = torch.cat([outs[i][1] for i, _ in fresh])
                 seqs = [s for _, s in fresh]
-                picked.append(self._sample(logits, seqs, [len(s.prompt) for s in seqs]))
-                emitting += seqs
+                logits = torch.cat([outs[i][1] for i, _ in fresh])
+                reads.append(self._tokens_read(self._sample(logits, seqs, [len(s.prompt) for s in seqs]), seqs))
         if plan.decode:
             seqs = plan.decode
-            greedy = all(s.params.greedy for s in seqs)
-            sampling = None if greedy else SamplingTensors.from_params([s.params for s in seqs],
-                                                                       [s.seed for s in seqs], "cpu")
+            params = [s.params for s in seqs]
+            full = any(self._full(s) for s in seqs)
+            sampling = None if all(p.greedy for p in params) and not full else \
+                SamplingTensors.from_params(params, [s.seed for s in seqs], "cpu")
             _, _, nxt = self.runner.decode_step([s.slot for s in seqs], [[s.last_token] for s in seqs], sampling,
-                                                needs_filter([s.params for s in seqs]))
+                                                needs_filter(params), self._processing(seqs) if full else None)
             for s in seqs:
                 s.result.forward_passes += 1
-            picked.append(nxt)
-            emitting += seqs
-        if not picked:
-            return []
-        tokens = (picked[0] if len(picked) == 1 else torch.cat(picked)).tolist()  # the step's one read to the host
-        self.host_reads += 1
-        return [self.emit(seq, token) for seq, token in zip(emitting, tokens)]
+            reads.append(self._tokens_read(nxt, seqs))
+        return self._read(reads)
 
-    def _prefill(self, plan: Plan) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[tuple[int, Sequence]]]:
+    def _read(self, reads: list[Read]) -> list[TokenEvent]:
+        """The step's one read of everything it produced for the host, then the events."""
+        if not reads:
+            return []
+        rows = read_step([t for t, _ in reads], pack_width(self.config.vocab_size))
+        self.host_reads += 1
+        return [event for (_, handle), r in zip(reads, rows) for event in handle(r)]
+
+    def _tokens_read(self, picked: torch.Tensor, seqs: list[Sequence]) -> Read:
+        """Next tokens (b,) or packs (b, width) of ``seqs``, emitted once read."""
+        return picked, lambda rows: [self.emit(s, *self._token(s, r)) for s, r in zip(seqs, rows)]
+
+    @staticmethod
+    def _token(seq: Sequence, row: int | list[float]) -> tuple[int, TokenLogprobs | None]:
+        if isinstance(row, int):
+            return row, None
+        n = seq.params.logprobs
+        return int(row[0]), None if n is None else unpack(row, n)
+
+    @staticmethod
+    def _full(seq: Sequence) -> bool:
+        """Whether the sequence samples through the full path (processed logits and log-probabilities)."""
+        return seq.params.processed or seq.params.logprobs is not None or seq.constraint is not None
+
+    def _processing(self, seqs: list[Sequence], device: torch.device | str | None = None) -> ProcessingTensors:
+        """The full path's per-row options; constrained rows fill their bitmask rows now."""
+        return ProcessingTensors.from_rows(
+            [s.params for s in seqs], [len(s.result.tokens) for s in seqs], [s.constraint for s in seqs],
+            self.config.vocab_size, device, pin=self.device.type == "cuda")
+
+    def _prefill(self, plan: Plan) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[tuple[int, Sequence]],
+                                            list[Read]]:
         """One forward over the step's prefill chunks (each past its sequence's cached positions). Returns the
-        (hidden, last logits) per chunk and the (chunk index, sequence) of new prompts now complete, which
-        sample their first token."""
-        chunks = [(s, s.prefill_tokens[self.cache.lengths[s.slot]:self.cache.lengths[s.slot] + n])
-                  for s, n in plan.prefill]
+        (hidden, last logits) per chunk, the (chunk index, sequence) of new prompts now complete, which sample
+        their first token, and the prompt log-probabilities of the chunks whose requests ask for them."""
+        starts = [self.cache.lengths[s.slot] for s, _ in plan.prefill]
+        chunks = [(s, s.prefill_tokens[a:a + n]) for (s, n), a in zip(plan.prefill, starts)]
         outs = self.runner.prefill_batch([s.slot for s, _ in chunks], [tokens for _, tokens in chunks])
-        for s, _ in chunks:
+        reads = []
+        for (s, tokens), a, (hidden, _) in zip(chunks, starts, outs):
             s.result.forward_passes += 1
+            if self.cache.lengths[s.slot] == s.n_prefill and s.params.processed:
+                # the prompt is in the cache: the per-slot rows of the penalties, biases and stop tokens
+                stops = [t for t in s.stop_ids if t < self.config.vocab_size]
+                self.runner.processing.reset(s.slot, s.params, s.prompt, s.result.tokens, stops)
+            if s.needs_prompt_logits:
+                reads += self._prompt_logprobs(s, a, hidden)
         fresh = [(i, s) for i, (s, _) in enumerate(chunks)
                  if not s.result.tokens and self.cache.lengths[s.slot] == s.n_prefill]
-        return outs, fresh
+        return outs, fresh, reads
+
+    def _prompt_logprobs(self, seq: Sequence, start: int, hidden: torch.Tensor) -> list[Read]:
+        """Packs of the prompt tokens that follow the chunk's positions start .. start + n - 1."""
+        targets = seq.prompt[start + 1:start + 1 + hidden.shape[0]]
+        if not targets:
+            return []
+        ids = torch.tensor(targets, dtype=torch.long).to(self.device, non_blocking=True)
+        n = seq.params.prompt_logprobs
+        packs = prompt_logprob_pack(self.model.lm_head, hidden, ids)
+        return [(packs, lambda rows: seq.result.prompt_logprobs.extend(unpack(r, n) for r in rows) or [])]
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence], offsets: list[int]) -> torch.Tensor:
-        """Next tokens (B,) on the device for logits (B, V) of ``seqs`` at token positions ``offsets``."""
+        """Next tokens (B,) on the device for logits (B, V) of ``seqs`` at token positions ``offsets`` (packs
+        (B, width) when some row takes the full path)."""
         params = [s.params for s in seqs]
+        dev = logits.device
+        if any(self._full(s) for s in seqs):
+            t = SamplingTensors.from_params(params, [s.seed for s in seqs], dev)
+            slots = torch.tensor([s.slot for s in seqs]).to(dev, non_blocking=True)
+            return sample_processed(logits, t, torch.tensor(offsets).to(dev, non_blocking=True),
+                                    self._processing(seqs, dev), self.runner.processing, slots)
         if all(p.greedy for p in params):
             return logits.argmax(dim=-1)
-        t = SamplingTensors.from_params(params, [s.seed for s in seqs], logits.device)
-        return sample(logits, t, torch.tensor(offsets, device=logits.device), needs_filter(params))
+        t = SamplingTensors.from_params(params, [s.seed for s in seqs], dev)
+        return sample(logits, t, torch.tensor(offsets, device=dev), needs_filter(params))
 
     def _speculative_step(self, plan: Plan) -> list[TokenEvent]:
         spec = self.speculator
         events: list[TokenEvent] = []
         if plan.prefill:
-            outs, fresh = self._prefill(plan)
+            outs, fresh, reads = self._prefill(plan)
             if fresh:
                 seqs = [s for _, s in fresh]
                 first = self._sample(torch.cat([outs[i][1] for i, _ in fresh]), seqs, [len(s.prompt) for s in seqs])
-                self.host_reads += 1
-                events += [self.emit(s, t) for s, t in zip(seqs, first.tolist())]
+                reads.append(self._tokens_read(first, seqs))
+            events += self._read(reads)
             for (s, _), (hidden, _) in zip(plan.prefill, outs):
                 if not s.finished:  # the MTP module over the new positions; a draft once the prompt is done
                     spec.after_prefill(s, hidden, draft=self.cache.lengths[s.slot] == s.n_prefill)
         if plan.decode:
-            for seq, new in spec.step(plan.decode):
-                for token in new:
-                    events.append(self.emit(seq, token))
+            for seq, new, logprobs in spec.step(plan.decode):
+                for token, lp in zip(new, logprobs):
+                    events.append(self.emit(seq, token, lp))
                     if seq.finished:
                         break
             self.host_reads += 1
         return events
 
-    def emit(self, seq: Sequence, token: int) -> TokenEvent:
-        """Append a new token to the sequence and decide whether it finishes it."""
+    def emit(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None = None) -> TokenEvent:
+        """Append a new token (and its log-probabilities) to the sequence and decide whether it finishes it: a
+        stop token or string, the length limit, or its constraint complete."""
         res = seq.result
         res.tokens.append(token)
-        last = len(res.tokens) >= seq.max_new_tokens
+        if res.logprobs is not None and logprobs is not None:
+            res.logprobs.append(logprobs)
+        complete = False
+        if seq.constraint is not None:
+            seq.constraint.accept(token)
+            complete = seq.constraint.is_finished()
+        last = len(res.tokens) >= seq.max_new_tokens or complete
         if seq.detokenizer is not None:
             delta, reason = seq.detokenizer.push(token, last=last)
         else:
             delta, reason = "", "stop" if token in seq.stop_ids else None
-        res.finish_reason = reason or ("length" if last else None)
+        res.finish_reason = reason or ("stop" if complete else "length" if last else None)
         if seq.detokenizer is not None and res.finish_reason is not None:
             res.text = seq.detokenizer.text  # once: building it copies the whole completion
-        return TokenEvent(res.request_id, token, delta, res.finish_reason)
+        return TokenEvent(res.request_id, token, delta, res.finish_reason, logprobs)
 
     # ================================================================================================
     # generation

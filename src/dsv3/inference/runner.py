@@ -33,9 +33,10 @@ from ..model.transformer import DeepSeekV3
 from ..model.transformer_block import Block
 from .cache import CacheFullError, PagedLatentCache
 from .config import EngineConfig
-from .cuda_graph import DecodeGraphs, PrefillGraphs
+from .cuda_graph import FULL, DecodeGraphs, PrefillGraphs
 from .layers import continue_block, decode_block, prefill_block
-from .sampler import SamplingTensors, sample
+from .penalties import ProcessingState, ProcessingTensors
+from .sampler import SamplingTensors, sample, sample_processed
 
 Blocks = list[tuple[int, Block]]
 
@@ -65,6 +66,8 @@ class ModelRunner:
             max_seq_len=self.max_seq_len, page_size=cfg.page_size, num_pages=cfg.num_pages, device=self.device,
             dtype=self.dtype, prefix_caching=cfg.prefix_caching,
         )
+        self.processing = ProcessingState(cfg.max_batch, c.vocab_size, self.device)
+        """Per-slot token counts, prompt masks, biases and stop tokens of the processed sampling path."""
         grouped = experts_grouped(model, self.device, self.dtype)
         decode_experts = cfg.decode_experts
         cuda_triton = self.device.type == "cuda" and _has_triton()
@@ -259,11 +262,17 @@ class ModelRunner:
     def decode_step(
         self, slots: Seq[int], tokens: torch.Tensor | Seq[int] | Seq[Seq[int]],
         sampling: SamplingTensors | None = None, filtered: bool = True,
+        processing: ProcessingTensors | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """:meth:`decode`, plus the next tokens (B,) chosen on the device from the last position's logits:
         drawn by ``sampling`` (one row per sequence, host tensors; ``filtered``: some row uses top-k / top-p)
-        with the token's position as its random offset, or the argmax when ``None``. Through a captured CUDA graph when the
-        runner has them: the outputs are then views of the graph's buffers, valid until the next step."""
+        with the token's position as its random offset, or the argmax when ``None``. With ``processing`` (host
+        tensors; ``sampling`` required) the full path instead (:func:`~dsv3.inference.sampler.sample_processed`):
+        the third output is then the packs (B, 3 + 2K) of the new tokens (token in column 0). Through a captured
+        CUDA graph when the runner has them: the outputs are then views of the graph's buffers, valid until the
+        next step."""
+        if processing is not None and sampling is None:
+            raise ValueError("the processed path needs the rows' sampling tensors")
         tokens = torch.as_tensor(tokens, dtype=torch.long)
         if tokens.dim() == 1:
             tokens = tokens[:, None]
@@ -272,39 +281,55 @@ class ModelRunner:
             raise ValueError(f"{len(slots)} slots but {b} rows of tokens")
         starts = self.extend_all(slots, [s] * b)
         if self.graphs is not None and self.graphs.covers(b):
-            return self.graphs.run(list(slots), tokens, starts, sampling, filtered)
+            return self.graphs.run(list(slots), tokens, starts, sampling, filtered, processing)
         start_t = torch.tensor(starts, dtype=torch.long, device=self.device)
         positions = start_t[:, None] + torch.arange(s, device=self.device)
         slots_t = torch.tensor(list(slots), dtype=torch.long, device=self.device)
         if sampling is not None:
             sampling = SamplingTensors(**{f.name: getattr(sampling, f.name).to(self.device)
                                           for f in dataclasses.fields(sampling)})
+        if processing is not None:
+            processing = processing.to(self.device)
         return self.decode_forward(tokens.to(self.device), slots_t, positions, None, max(starts) + s, sampling,
-                                   filtered)
+                                   filtered, processing=processing)
 
     def decode_forward(
         self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor | None,
         max_len: int, sampling: SamplingTensors | None = None, filtered: bool = True, capturable: bool = False,
+        processing: ProcessingTensors | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Embedding, :meth:`forward_cached` through the main blocks, norm, head and the next tokens, all on
-        the device: hidden (B, S, d), logits (B, S, V), next tokens (B,)."""
+        the device: hidden (B, S, d), logits (B, S, V), next tokens (B,) (with ``processing``: their packs)."""
         x = self.forward_cached(self.model.embed_tokens(tokens), self.main_blocks, slots, positions, valid, max_len,
                                 capturable)
         h = self.model.norm(x)
         logits = self.model.lm_head(h)
         last = logits[:, -1]
-        nxt = last.argmax(dim=-1) if sampling is None else sample(last, sampling, positions[:, -1] + 1, filtered)
+        offset = positions[:, -1] + 1
+        if processing is not None:
+            weight = None if valid is None else valid[:, -1].long()
+            nxt = sample_processed(last, sampling, offset, processing, self.processing, slots, weight)
+        else:
+            nxt = last.argmax(dim=-1) if sampling is None else sample(last, sampling, offset, filtered)
         return h, logits, nxt
 
-    def _graph_decode(self, ints: torch.Tensor, floats: torch.Tensor | None, n_keys: int,
-                      filtered: bool) -> tuple[torch.Tensor, ...]:
-        """A captured decode step as a function of its input buffers (:class:`DecodeGraphs`): ints (4 or 6,
-        B, S) tokens, slot, position, valid[, top-k, seed]; floats (2, B) temperature, top-p, or ``None``
-        (greedy)."""
+    def _graph_decode(self, inputs: tuple[torch.Tensor, ...], n_keys: int, mode: str) -> tuple[torch.Tensor, ...]:
+        """A captured decode step as a function of its input buffers (:class:`DecodeGraphs`): ints (4, 6 or 8,
+        B, S) tokens, slot, position, valid[, top-k, seed[, block-stop, use-bias]]; floats (2 or 6, B)
+        temperature, top-p[, presence, frequency, repetition, min-p] (none when greedy); the full mode's bitmask."""
+        ints = inputs[0]
         tokens, slots, positions, valid = ints[0], ints[1, :, 0], ints[2], ints[3].bool()
-        sampling = None if floats is None else SamplingTensors(
-            temperature=floats[0], top_k=ints[4, :, 0], top_p=floats[1], seed=ints[5, :, 0])
-        return self.decode_forward(tokens, slots, positions, valid, n_keys, sampling, filtered, capturable=True)
+        sampling = processing = None
+        if mode != "greedy":
+            floats = inputs[1]
+            sampling = SamplingTensors(temperature=floats[0], top_k=ints[4, :, 0], top_p=floats[1],
+                                       seed=ints[5, :, 0])
+        if mode == FULL:
+            processing = ProcessingTensors(
+                presence=floats[2], frequency=floats[3], repetition=floats[4], min_p=floats[5],
+                block_stop=ints[6, :, 0].bool(), use_bias=ints[7, :, 0].bool(), bitmask=inputs[2])
+        return self.decode_forward(tokens, slots, positions, valid, n_keys, sampling, mode == "filtered",
+                                   capturable=True, processing=processing)
 
 
 def experts_grouped(model: DeepSeekV3, device: torch.device, dtype: torch.dtype) -> bool:

@@ -1,4 +1,4 @@
-"""Batched token sampling on the device: greedy, temperature, top-k, top-p and speculative verification.
+"""Batched token sampling on the device: greedy, temperature, min-p, top-k, top-p and speculative verification.
 
 Everything works on whole-batch tensors of fixed shapes and never reads a value back to the host (no
 ``.item()``, ``nonzero``, ``multinomial``), so a decode step that samples can be captured in a CUDA graph or
@@ -11,6 +11,10 @@ column, salt) instead of the state of a generator. A seeded request therefore ge
 any batch, at any row, on CPU or GPU (bit for bit), and its tokens depend only on its logits, params, seed
 and positions. Salts keep independent draws apart: callers use small salts (0 for the main model, 1 for a
 draft model, ...); :func:`verify` uses two large private ones.
+
+:func:`sample_processed` is the full path of a step in which some row uses penalties, biases, ``min_tokens``,
+``min_p``, a constraint or log-probabilities: :mod:`~dsv3.inference.penalties` first, then :func:`sample` with
+min-p, the counts of the new tokens and their log-probability packs (:mod:`~dsv3.inference.logprobs`).
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 
+from .logprobs import logprob_pack
+from .penalties import ProcessingState, ProcessingTensors, process_logits
 from .sampling import SamplingParams
 
 _M32 = 0xFFFFFFFF
@@ -130,11 +136,16 @@ def _rows(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return x.view(x.shape[0], *([1] * (like.dim() - 1)))
 
 
-def _scores(logits: torch.Tensor, t: SamplingTensors, filtered: bool) -> torch.Tensor:
-    """Temperature-scaled float32 logits, -inf outside each row's top-k and top-p sets (as ``token_probs``).
-    Greedy rows are scaled by 1; callers replace their result by the argmax."""
+def _scores(logits: torch.Tensor, t: SamplingTensors, filtered: bool,
+            min_p: torch.Tensor | None = None) -> torch.Tensor:
+    """Temperature-scaled float32 logits, -inf below each row's ``min_p`` (B,) share of its top probability
+    (when given) and outside its top-k and top-p sets (as ``token_probs``). Greedy rows are scaled by 1; callers
+    replace their result by the argmax."""
     temperature = _rows(t.temperature, logits)
     x = logits.float() / torch.where(temperature > 0, temperature, 1.0)
+    if min_p is not None:
+        p = x.softmax(dim=-1)
+        x = x.masked_fill(p < _rows(min_p, x) * p.amax(dim=-1, keepdim=True), float("-inf"))
     if not filtered:
         return x
     v = x.shape[-1]
@@ -162,24 +173,41 @@ def _gumbel_argmax(scores: torch.Tensor, seed: torch.Tensor, offset: torch.Tenso
 
 
 def sample(
-    logits: torch.Tensor, t: SamplingTensors, offset: torch.Tensor, filtered: bool = True, salt: int = 0
+    logits: torch.Tensor, t: SamplingTensors, offset: torch.Tensor, filtered: bool = True, salt: int = 0,
+    min_p: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The next token of every row, (B,) or (B, S) int64, for ``logits`` (B, V) or (B, S, V).
 
     Greedy rows (temperature 0) take the argmax; the others draw from :func:`probs` with the noise of
     ``uniform(t.seed, offset, V, salt)``; ``offset`` (B,) or (B, S) is each token's position.
     ``filtered=False`` skips the sort and ignores top-k / top-p (the caller guarantees that no sampled row
-    sets them: :func:`needs_filter`)."""
-    drawn = _gumbel_argmax(_scores(logits, t, filtered), t.seed, offset, salt)
+    sets them: :func:`needs_filter`); ``min_p`` (B,) filters after temperature (``None``: off)."""
+    drawn = _gumbel_argmax(_scores(logits, t, filtered, min_p), t.seed, offset, salt)
     return torch.where(_rows(t.temperature, offset) == 0, logits.argmax(dim=-1), drawn)
 
 
-def probs(logits: torch.Tensor, t: SamplingTensors, filtered: bool = True) -> torch.Tensor:
+def probs(logits: torch.Tensor, t: SamplingTensors, filtered: bool = True,
+          min_p: torch.Tensor | None = None) -> torch.Tensor:
     """Each row's sampling distribution, (..., V) float32: ``token_probs(logits[b], params_b)`` for every
     row b (one-hot argmax for greedy rows)."""
-    p = _scores(logits, t, filtered).softmax(dim=-1)
+    p = _scores(logits, t, filtered, min_p).softmax(dim=-1)
     one_hot = F.one_hot(logits.argmax(dim=-1), logits.shape[-1]).float()
     return torch.where(_rows(t.temperature, logits) == 0, one_hot, p)
+
+
+def sample_processed(
+    logits: torch.Tensor, t: SamplingTensors, offset: torch.Tensor, p: ProcessingTensors, state: ProcessingState,
+    slots: torch.Tensor, weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The full sampling path for raw ``logits`` (B, V) of the sequences in ``slots`` (B,): processed logits
+    (masks, biases, penalties), then :func:`sample` (top-k / top-p sort included, and min-p; greedy rows: the
+    argmax of the processed logits), the new tokens counted in ``state`` (``weight`` (B,): 0 for padding rows)
+    and their log-probability packs under the raw logits. Returns the packs (B, 3 + 2K) float32; the token is
+    column 0. No host sync (runs inside the captured decode step)."""
+    x = process_logits(logits, p, state, slots)
+    tokens = sample(x, t, offset, True, min_p=p.min_p)
+    state.record(slots, tokens, torch.ones_like(tokens) if weight is None else weight)
+    return logprob_pack(logits, tokens)
 
 
 def verify(

@@ -12,7 +12,8 @@
    batch has a free slot, the cache has pages and the step's prefill budget (``max_prefill_tokens``) lasts: a
    longer prompt is prefilled in chunks over several steps, between the decode steps of the running
    sequences. With prefix caching a prompt starting with cached pages attaches them and only the rest is
-   computed. Pages are taken as sequences grow, not reserved for the longest completion at admission.
+   computed (not for a new request asking for ``prompt_logprobs``: it needs every prompt position's logits).
+   Pages are taken as sequences grow, not reserved for the longest completion at admission.
 
 The engine then prefills the admitted sequences in one forward, decodes the running ones in one step and
 hands back the finished ones (:meth:`Scheduler.retire`). :meth:`submit` and :meth:`cancel` only touch a
@@ -62,6 +63,16 @@ class Sequence:
     @property
     def params(self) -> SamplingParams:
         return self.request.params
+
+    @property
+    def constraint(self):
+        """The request's :class:`~dsv3.inference.constraint.TokenConstraint`, or ``None``."""
+        return self.request.constraint
+
+    @property
+    def needs_prompt_logits(self) -> bool:
+        """A new request asking for ``prompt_logprobs``: every prompt position is computed (no cached prefix)."""
+        return self.params.prompt_logprobs is not None and not self.result.tokens
 
     @property
     def tokens(self) -> list[int]:
@@ -165,7 +176,7 @@ class Scheduler:
                and cache.num_free_slots > 0):
             seq = self.waiting[0]
             tokens = seq.prefill_tokens
-            prefix = cache.match_prefix(tokens)
+            prefix = [] if seq.needs_prompt_logits else cache.match_prefix(tokens)
             cached = len(prefix) * cache.page_size
             n = min(len(tokens) - cached, budget)
             # new pages, and the cached ones that were idle (attaching takes them off the free count)

@@ -18,6 +18,11 @@ Per sequence, with the cache holding positions 0 .. L-1 and t_L the last sampled
 
 One draft per step (V3 has one MTP module). The one-row rule :func:`speculative_accept` stays as the readable
 reference the tests compare the batched one with.
+
+Log-probabilities (``SamplingParams.logprobs``) come from the verify forward, which has the main model's logits
+at both positions: the pack of token i of the step is computed from p_{L+i} (raw logits), for the whole batch
+in the same step. Penalties, biases, ``min_p``, ``min_tokens`` and constraints are refused at submission (the
+engine's ``ValueError``): applying them to the draft's position would depend on the draft being accepted.
 """
 
 from __future__ import annotations
@@ -25,9 +30,10 @@ from __future__ import annotations
 import torch
 
 from .cuda_graph import StepGraphs
+from .logprobs import logprob_pack, read_step, unpack
 from .runner import ModelRunner
 from .sampler import SamplingTensors, needs_filter, probs, sample, verify
-from .sampling import sample_from
+from .sampling import TokenLogprobs, sample_from
 from .scheduler import Sequence
 
 DRAFT_SALT = 1
@@ -105,15 +111,16 @@ class MTPSpeculator:
             self._set_drafts([seq], drafts.tolist(), q)
 
     @torch.inference_mode()
-    def step(self, seqs: list[Sequence]) -> list[tuple[Sequence, list[int]]]:
+    def step(self, seqs: list[Sequence]) -> list[tuple[Sequence, list[int], list[TokenLogprobs | None]]]:
         """Verify every sequence's draft and draft the next token, for the whole batch in one forward (one CUDA
         graph replay when the runner has graphs) and one read; returns each sequence's 1 or 2 new tokens (the
-        cache keeps [last token, accepted draft])."""
+        cache keeps [last token, accepted draft]) and their log-probabilities (``None`` unless asked for)."""
         run, cache, dev = self.runner, self.runner.cache, self.runner.device
         b = len(seqs)
         starts = run.extend_all([s.slot for s in seqs], [2] * b)  # positions L (last token) and L+1 (draft)
         params = [s.params for s in seqs]
         greedy, filtered = all(p.greedy for p in params), needs_filter(params)
+        logprobs = any(p.logprobs is not None for p in params)
         graphed = self.graphs is not None and self.graphs.covers(b)
         size = self.graphs.padded_batch(b) if graphed else b
         ints = torch.zeros(6, size, 2, dtype=torch.long)
@@ -136,17 +143,24 @@ class MTPSpeculator:
         inputs = (ints, floats) if q is None else (ints, floats, q)
         if graphed:
             n_keys = run.graphs.key_pages(max_len) * cache.page_size
-            outs = self.graphs.replay((size, n_keys, mode), inputs,
-                                      lambda *x: self._forward(*x, n_keys=n_keys, mode=mode, capturable=True))
+            outs = self.graphs.replay((size, n_keys, mode, logprobs), inputs,
+                                      lambda *x: self._forward(*x, n_keys=n_keys, mode=mode, capturable=True,
+                                                               logprobs=logprobs))
         else:
-            outs = self._forward(*(x.to(dev) for x in inputs), n_keys=max_len, mode=mode, capturable=False)
-        accepted, tokens, drafts, next_q = outs
-        host = torch.cat([accepted[:b], tokens[:b].flatten(), drafts[:b]]).tolist()  # the step's one read
-        n_acc, rows, new_drafts = host[:b], host[b:3 * b], host[3 * b:]
+            outs = self._forward(*(x.to(dev) for x in inputs), n_keys=max_len, mode=mode, capturable=False,
+                                 logprobs=logprobs)
+        accepted, tokens, drafts, next_q, packs = outs
+        pieces = [torch.cat([accepted[:b], tokens[:b].flatten(), drafts[:b]])]
+        if logprobs:  # the packs of both positions of every row, (2b, width)
+            pieces.append(packs[:b].flatten(0, 1))
+        host = read_step(pieces, packs.shape[-1])  # the step's one read
+        n_acc, rows, new_drafts = host[0][:b], host[0][b:3 * b], host[0][3 * b:]
         out = []
         for i, seq in enumerate(seqs):
             res = seq.result
             new = rows[2 * i:2 * i + 1 + n_acc[i]]
+            n = seq.params.logprobs
+            lps = [None if n is None else unpack(host[1][2 * i + j], n) for j in range(len(new))]
             res.forward_passes += 1
             res.draft_tokens += 1
             res.accepted_tokens += n_acc[i]
@@ -154,18 +168,19 @@ class MTPSpeculator:
             self.accepted += n_acc[i]
             cache.truncate(seq.slot, starts[i] + len(new))  # keep [last token, accepted draft]
             seq.mtp_len = starts[i] + len(new)
-            out.append((seq, new))
+            out.append((seq, new, lps))
         self._set_drafts(seqs, new_drafts, None if greedy else next_q[:b].clone())
         return out
 
     def _forward(
         self, ints: torch.Tensor, floats: torch.Tensor, q: torch.Tensor | None = None, *, n_keys: int, mode: str,
-        capturable: bool,
+        capturable: bool, logprobs: bool = False,
     ) -> tuple[torch.Tensor, ...]:
         """One speculative step on the device, a function of its inputs (captured as a CUDA graph): ints (6, B,
         2) tokens [last, draft], slot, positions L and L+1, valid, top-k, seed; floats (2, B) temperature and
         top-p; q (B, V) the drafts' distributions (``None``: every row greedy). Returns accepted (B,), tokens
-        (B, 2), the next drafts (B,) and their distributions (B, V) (empty when greedy)."""
+        (B, 2), the next drafts (B,), their distributions (B, V) (empty when greedy) and, with ``logprobs``, the
+        packs (B, 2, width) of the two tokens under the main model's raw logits (else empty)."""
         run = self.runner
         tokens, slots, positions, valid = ints[0], ints[1, :, 0], ints[2], ints[3].bool()
         t = SamplingTensors(temperature=floats[0], top_k=ints[4, :, 0], top_p=floats[1], seed=ints[5, :, 0])
@@ -185,7 +200,8 @@ class MTPSpeculator:
         rows = torch.arange(x.shape[0], device=x.device)
         drafts, next_q = self._draw(self._head(x[rows, last]), None if mode == "greedy" else t,
                                     positions[rows, last] + 2, filtered)
-        return accepted, new, drafts, next_q if next_q is not None else drafts.new_zeros(0)
+        packs = logprob_pack(logits, new) if logprobs else logits.new_zeros(0)
+        return accepted, new, drafts, next_q if next_q is not None else drafts.new_zeros(0), packs
 
 
 def _sampling(seqs: list[Sequence], device: torch.device) -> SamplingTensors | None:
