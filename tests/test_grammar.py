@@ -137,7 +137,11 @@ def never_specials(tok: Tokenizer, vocab: int, allowed_specials=()):
 
 # --- bitmasks ----------------------------------------------------------------------------------------------
 
-def test_json_bitmask_equals_xgrammars(plain):
+@pytest.mark.parametrize("schema, text", [
+    (None, '{"name":"Ada \\"the\\" first","n":[1,-2.5e3,true,null],"o":{}}'),
+    ({**PERSON, "properties": {**PERSON["properties"], "name": {"type": "string"}}},
+     '{"name":"Ada","age":36,"tags":["bc","a"]}')])
+def test_json_bitmask_equals_xgrammars(plain, schema, text):
     transformers = pytest.importorskip("transformers")
     tok, factory = plain
     vocab = factory.vocab_size
@@ -145,14 +149,13 @@ def test_json_bitmask_equals_xgrammars(plain):
     hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tok.hf)
     info = xgr.TokenizerInfo.from_huggingface(hf_tok, vocab_size=vocab, stop_token_ids=[tok.eos_id])
     compiled = xgr.GrammarCompiler(info).compile_json_schema(
-        {"type": "object"}, any_whitespace=False, separators=(",", ":"), strict_mode=False)
+        schema or {"type": "object"}, any_whitespace=False, separators=(",", ":"), strict_mode=False)
     reference = xgr.GrammarMatcher(compiled)
     added = torch.zeros(vocab, dtype=torch.bool)
     added[[i for i in tok.hf.get_added_tokens_decoder() if i != tok.eos_id]] = True
-    constraint = factory.json_object()
+    constraint = factory.json_object() if schema is None else factory.json_schema(schema)
     assert isinstance(constraint, TokenConstraint)
     row, expected = torch.zeros(bitmask_words(vocab), dtype=torch.int32), xgr.allocate_token_bitmask(1, vocab)
-    text = '{"name":"Ada \\"the\\" first","n":[1,-2.5e3,true,null],"o":{}}'
     for token in tok.encode(text) + [tok.eos_id]:
         constraint.fill_bitmask(row)
         reference.fill_next_token_bitmask(expected)
@@ -166,6 +169,27 @@ def test_json_bitmask_equals_xgrammars(plain):
         constraint.accept(token)
         reference.accept_token(token)
     assert constraint.is_finished() and reference.is_terminated()
+
+
+def test_no_control_characters_in_strings(plain):
+    """xgrammar (0.2.9) lets raw control characters into strings with a maxLength (invalid JSON); dsv3 does not."""
+    tok, factory = plain
+    vocab = factory.vocab_size
+    control = [i for i in range(tok.vocab_size) if any(ord(ch) < 0x20 for ch in tok.decode([i]))]
+    assert control
+    info = xgr.TokenizerInfo([tok.hf.id_to_token(i) or "" for i in range(vocab)], xgr.VocabType.BYTE_LEVEL,
+                             vocab_size=vocab, stop_token_ids=[tok.eos_id])
+    reference = xgr.GrammarMatcher(xgr.GrammarCompiler(info).compile_json_schema(
+        PERSON, any_whitespace=False, separators=(",", ":")))
+    c = factory.json_schema(PERSON)
+    for token in tok.encode('{"name":"A'):
+        c.accept(token)
+        assert reference.accept_token(token)
+    row, expected = torch.zeros(bitmask_words(vocab), dtype=torch.int32), xgr.allocate_token_bitmask(1, vocab)
+    c.fill_bitmask(row)
+    reference.fill_next_token_bitmask(expected)
+    assert allowed_from_bitmask(expected[0], vocab)[control].any()
+    assert not allowed_from_bitmask(row, vocab)[control].any()
 
 
 def test_spot_checks(plain):
@@ -254,6 +278,39 @@ def test_random_model_writes_tool_calls(request, which, budget):
     for seed in range(10):
         c = factory.tool_call(TOOLS, {"type": "function", "function": {"name": "search"}}, max_tokens=budget)
         check_calls(tok.decode(sample(c, factory.vocab_size, seed, budget)), {"search"}, count=1)
+
+
+def test_tool_call_masks(official):
+    tok, factory = official
+    vocab = factory.vocab_size
+    ids = {m: tok.hf.token_to_id(m) for m in MARKERS}
+    row = torch.zeros(bitmask_words(vocab), dtype=torch.int32)
+    c = factory.tool_call(TOOLS)
+
+    def allowed() -> set[int]:
+        c.fill_bitmask(row)
+        return set(allowed_from_bitmask(row, vocab).nonzero().flatten().tolist())
+
+    def feed(text: str) -> None:
+        for token in tok.encode(text, allow_special=True):
+            c.accept(token)
+
+    assert allowed() == {ids[TOOL_CALLS_BEGIN]}
+    feed(TOOL_CALLS_BEGIN)
+    assert allowed() == {ids[TOOL_CALL_BEGIN]}
+    feed(TOOL_CALL_BEGIN)
+    assert all("function".startswith(tok.decode([t])) for t in allowed())
+    feed("function")
+    assert allowed() == {ids[TOOL_SEP]}
+    feed(TOOL_SEP + 'search\n```json\n{"q":"x')
+    inside = allowed()  # string content: any text, but no marker and no EOS
+    assert len(inside) > 200 and not inside & (set(ids.values()) | {tok.eos_id})
+    feed('"}\n```')
+    assert allowed() == {ids[TOOL_CALL_END]}
+    feed(TOOL_CALL_END)
+    assert allowed() == {ids[TOOL_CALLS_END], tok.encode("\n")[0]}
+    feed(TOOL_CALLS_END)
+    assert allowed() == {tok.eos_id} and c.is_finished()
 
 
 def test_parallel_calls_and_exact_text(official):

@@ -24,11 +24,12 @@ to end tool calls. With ``R`` tokens left and a plan of ``L`` tokens:
 tool calls, where the newline after a call starts another whole call, ``WATCH`` plus the first plan's length
 (a whole minimal output: at least one call).
 
-Plans cost a few xgrammar steps each, so they are not made every step: while the model follows the plan it
-stays exact; otherwise the plan's length is estimated (``GROWTH`` more per token in the free zone, ``INERT``
-in the watch zone) and planned again where the estimate would cross into the next zone -- first by checking
-that the last plan still completes the text from the new state (it usually does after a token inside a string
-or number; accepting tokens is much cheaper than choosing them), else by simulating anew.
+Plans cost a few xgrammar steps each, so they are not made every step in the free zone: there the plan's
+length is estimated (``GROWTH`` more per token the model chooses off the plan) and planned again where the
+estimate could reach the watch zone. In the watch and hard zones the plan is kept current: it stays valid while
+the model takes its tokens; otherwise the last plan is first checked to still complete the text from the new
+state (it usually does after a token inside a string or number; accepting tokens is much cheaper than
+choosing them), else a new one is simulated.
 """
 
 from __future__ import annotations
@@ -44,8 +45,6 @@ HARD = 4
 """Tokens of slack at which only the plan's next token is allowed."""
 GROWTH = 4
 """Assumed growth of the plan per token the model chooses freely (to space out simulations)."""
-INERT = 3
-"""Assumed growth of the plan per inert token (at most 2 in practice: ``t`` of ``true``, ``.`` of a number)."""
 
 _CLOSERS, _SEPARATORS, _QUOTE, _BACKSLASH = frozenset(b"}]"), frozenset(b",:"), ord('"'), ord("\\")
 _OPENERS, _SPACE = frozenset(b"{[\\"), frozenset(b" \t\n\r")
@@ -250,6 +249,8 @@ class GrammarConstraint:
         return self._mask.numpy()[0]
 
     def is_finished(self) -> bool:
+        if self._plan:  # a plan ends where only EOS may follow: not here yet
+            return False
         return self._driver.terminated() or np.array_equal(self._grammar_mask(), self._stop_only)
 
     def accept(self, token: int) -> None:
@@ -266,7 +267,7 @@ class GrammarConstraint:
             self._estimate = len(self._plan)
         elif self._estimate is not None:
             self._stale, self._plan = self._plan or self._stale, None
-            self._estimate += INERT if self.zone == "watch" else GROWTH
+            self._estimate += GROWTH
 
     def fill_bitmask(self, row: torch.Tensor) -> None:
         self.zone = self._zone()
@@ -278,18 +279,15 @@ class GrammarConstraint:
         out[:] = self._grammar_mask()
         if self.zone == "watch":
             out &= self._table.inert_words
-            if self._plan is None and not out.any():  # nothing inert: the plan's token is needed
-                self._simulate()
-            if self._plan:
-                set_bit(out, self._plan[0])
+            set_bit(out, self._plan[0])
 
     def _zone(self) -> str:
         if self.max_tokens is None:
             return "free"
         remaining = self.max_tokens - self.generated
         if self._plan is None and (self._estimate is None or remaining <= self._plan_at
-                                   or remaining <= self._estimate + HARD):
-            self._simulate()
+                                   or remaining <= self._estimate + self._watch):
+            self._simulate()  # a plan is kept current in the watch and hard zones
         if self._plan == []:
             return "free"  # the text is complete: only EOS is allowed anyway
         if remaining <= self._estimate + HARD:
@@ -306,8 +304,5 @@ class GrammarConstraint:
         self._estimate = length = len(self._plan)
         if self._repeats and self.generated == 0:
             self._watch = WATCH + length
-        if remaining - length > self._watch:  # the estimate reaches the watch zone then
-            steps = (remaining - length - self._watch) // (GROWTH + 1)
-        else:  # the estimate reaches the hard zone then
-            steps = (remaining - length - HARD) // (INERT + 1)
+        steps = (remaining - length - self._watch) // (GROWTH + 1)  # when the estimate may reach the watch zone
         self._plan_at = remaining - max(1, steps)

@@ -7,7 +7,7 @@ request's schema or tools) and makes a fresh :class:`GrammarConstraint` per requ
     factory = GrammarFactory(tokenizer, model.config.vocab_size)       # once, at server start
     constraint = factory.json_schema(schema, max_tokens=params.max_new_tokens)   # per request
     constraint = factory.response_format(body["response_format"], max_tokens=...)  # or None for "text"
-    constraint = factory.tool_call(body["tools"], body["tool_choice"], max_tokens=...)
+    constraint = factory.tool_call(body["tools"], body["tool_choice"], max_tokens=...)  # "required" / named
 
 Ids the model has beyond the tokenizer's (padding rows of the embedding) are never allowed, nor are the
 tokenizer's added tokens (BOS, FIM, tool markers ...) as text: xgrammar sees them as special. JSON is compact
@@ -16,6 +16,12 @@ complete only EOS may follow, and :meth:`GrammarConstraint.is_finished` is alrea
 
 Told the request's ``max_tokens``, a constraint also makes sure the text completes within it, even for a weak
 (random) model: :mod:`dsv3.inference.finishing`.
+
+Tool calls follow :mod:`dsv3.inference.tool_calls`' format. With a tokenizer that has the markers as special
+tokens (DeepSeek-V3's), the markers are placed by :class:`_ToolCallDriver` and xgrammar matches the text
+between them; with one that has not (trained by dsv3), the whole output is one xgrammar structural tag.
+Written against xgrammar 0.2.9 (structural tags with ``format``, ``GrammarMatcher.fork`` and
+``override_stop_tokens``).
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-from .finishing import TokenTable, GrammarConstraint, set_bit
+from .finishing import GrammarConstraint, TokenTable, set_bit
 from .tool_calls import (
     ARGS_BEGIN, ARGS_END, CALL_SEPARATOR, TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_CALLS_BEGIN, TOOL_CALLS_END,
     TOOL_SEP, function_specs,
@@ -96,7 +102,10 @@ class GrammarFactory:
 
     ``tokenizer``: a :class:`dsv3.data.Tokenizer` (byte-level BPE: DeepSeek-V3's or one trained by dsv3);
     ``vocab_size``: the model's (logit rows; at least the tokenizer's). ``cache_size`` compiled grammars are
-    kept (least recently used dropped). Not thread-safe: use it from one thread (the server's event loop).
+    kept (least recently used dropped). Building one reads the whole vocabulary (about a second for 129K
+    tokens); compiling a new schema takes a few tens of milliseconds to a few hundred. Make constraints from
+    one thread (the server's); each constraint is then used by one thread (the engine's), and what constraints
+    share (compiled grammars, the token table) is read-only.
     """
 
     def __init__(self, tokenizer, vocab_size: int | None = None, *, cache_size: int = 64, max_threads: int = 2):
@@ -132,7 +141,8 @@ class GrammarFactory:
             self.marker_ids = None  # the markers are plain text
         newline = tokenizer.encode(CALL_SEPARATOR)
         self.newline_id = newline[0] if len(newline) == 1 else None
-        self._table: TokenTable | None = None
+        texts = list(self.info.decoded_vocab[:self.vocab_size])  # b"" for added tokens and padding
+        self._table = TokenTable(texts, self.added_ids, self.eos_id)
 
     # --- constraints -------------------------------------------------------------------------------------
 
@@ -259,9 +269,6 @@ class GrammarFactory:
         return compiled
 
     def _constraint(self, driver, max_tokens: int | None, repeats: bool = False) -> GrammarConstraint:
-        if self._table is None:
-            texts = list(self.info.decoded_vocab[:self.vocab_size])  # b"" for added tokens and padding
-            self._table = TokenTable(texts, self.added_ids, self.eos_id)
         return GrammarConstraint(driver, self.vocab_size, self.eos_id, max_tokens, self._table, repeats)
 
 
