@@ -1,19 +1,34 @@
-"""Chat messages -> prompt token ids, in DeepSeek-V3's chat format.
+"""Chat messages -> prompt token ids, in DeepSeek-V3's chat format, tool calls and tool results included.
 
-A conversation is a list of ``{"role": "system" | "user" | "assistant", "content": str}`` messages. The
-official checkpoints ship a Jinja ``chat_template`` in ``tokenizer_config.json``; when one is present it is
-rendered (with ``jinja2``, in a sandbox, the way ``transformers`` renders it) and the text is encoded with
-special-token strings turned into their ids. Without one, :data:`DEFAULT_FORMAT` is used -- the same layout
-as the official template for plain text messages:
+A conversation is a list of OpenAI-shaped messages: ``{"role": "system" | "user", "content": str}``,
+``{"role": "assistant", "content": str | None, "tool_calls": [{"id", "type": "function", "function":
+{"name", "arguments"}}]}`` (``tool_calls`` optional) and ``{"role": "tool", "tool_call_id", "content"}``.
+The official checkpoints ship a Jinja ``chat_template`` in ``tokenizer_config.json``; when one is present it
+is rendered (with ``jinja2``, in a sandbox, the way ``transformers`` renders it) and the text is encoded with
+special-token strings turned into their ids. Without one, the fallback format is used -- the official
+template's layout:
 
     <｜begin▁of▁sentence｜>{system}<｜User｜>{user}<｜Assistant｜>{assistant}<｜end▁of▁sentence｜><｜User｜>{user}<｜Assistant｜>
 
-There is no separator between the parts (no newlines). Only the last system message is used (as the official
-template does); the prompt ends with ``<｜Assistant｜>`` so the model writes the next assistant turn, which it
-ends with ``<｜end▁of▁sentence｜>`` (the EOS the engine stops on). The default format encodes the message
-contents as plain text, so a user cannot inject special tokens; the markers are special tokens where the
-tokenizer has them (the official one does; a BPE trained by ``dsv3 tokenizer train`` has only BOS / EOS, and
-encodes the other markers as ordinary text).
+with no separator between the parts. System messages are joined with a blank line, as the official template
+joins them. An assistant message with tool calls is ``<｜Assistant｜>{content}`` and the calls in
+:mod:`dsv3.inference.tool_calls`'s format, then ``<｜end▁of▁sentence｜>``; a run of tool messages is
+``<｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>{result}<｜tool▁output▁end｜>`` (each further result after a
+newline) ``<｜tool▁outputs▁end｜>``, after which the model answers directly: the generation prompt is empty
+there, and an assistant message right after tool results has no ``<｜Assistant｜>``. Where the official
+template's bookkeeping misrenders longer conversations (its "first call" and "first output" flags are never
+reset, so a second tool-calling turn loses ``<｜tool▁calls▁begin｜>`` and a second run of results
+``<｜tool▁outputs▁begin｜>``; a user message after results leaves them unclosed), the fallback renders each
+turn as the model writes a turn of that kind. The prompt ends with ``<｜Assistant｜>`` so the model writes the
+next assistant turn, which it ends with ``<｜end▁of▁sentence｜>`` (the EOS the engine stops on).
+
+Tools: the official V3 template does not describe the request's ``tools`` to the model. A template that uses
+a ``tools`` variable gets them; for one that does not (the official one) and for the fallback, dsv3's
+description (:func:`~dsv3.inference.tool_calls.tools_prompt`) is added as one more system message.
+
+The fallback encodes message contents (and tool names and arguments) as plain text, so a user cannot inject
+special tokens; the markers are special tokens where the tokenizer has them (the official one does; a BPE
+trained by ``dsv3 tokenizer train`` has only BOS / EOS, and encodes the other markers as ordinary text).
 """
 
 from __future__ import annotations
@@ -22,13 +37,20 @@ import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from .tool_calls import (
+    ARGS_BEGIN, ARGS_END, CALL_SEPARATOR, TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_CALLS_BEGIN, TOOL_CALLS_END,
+    TOOL_OUTPUT_BEGIN, TOOL_OUTPUT_END, TOOL_OUTPUTS_BEGIN, TOOL_OUTPUTS_END, TOOL_SEP, arguments_text,
+    tools_prompt,
+)
+
 USER = "<｜User｜>"
 ASSISTANT = "<｜Assistant｜>"
 
 DEFAULT_FORMAT = "{bos}{system}<｜User｜>{user}<｜Assistant｜>{assistant}<｜end▁of▁sentence｜>...<｜Assistant｜>"
-"""The fallback layout (see the module docstring)."""
+"""The fallback layout for plain messages (see the module docstring)."""
 
 Message = Mapping[str, object]
+ROLES = ("system", "user", "assistant", "tool")
 
 
 def message_text(content: object) -> str:
@@ -47,8 +69,30 @@ def message_text(content: object) -> str:
     raise ValueError(f"message content must be a string or a list of text parts, got {type(content).__name__}")
 
 
-def check_messages(messages: Sequence[Message]) -> list[dict[str, str]]:
-    """Validated copies ``{"role", "content"}`` with text content; raises ``ValueError``."""
+def _tool_calls(calls: object, where: str) -> list[dict]:
+    """Validated copies of an assistant message's OpenAI ``tool_calls`` (arguments as JSON text)."""
+    if not isinstance(calls, Sequence) or isinstance(calls, str):
+        raise ValueError(f"{where}.tool_calls must be a list")
+    out = []
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, Mapping) else None
+        if not isinstance(function, Mapping) or not isinstance(function.get("name"), str):
+            raise ValueError(f"{where}.tool_calls[{j}] must be {{'type': 'function', 'function': {{'name', "
+                             "'arguments'}}")
+        if call.get("type", "function") != "function":
+            raise ValueError(f"{where}.tool_calls[{j}].type must be 'function'")
+        copy = {"type": "function", "function": {"name": function["name"],
+                                                 "arguments": arguments_text(function.get("arguments", "{}"))}}
+        if call.get("id") is not None:
+            copy["id"] = str(call["id"])
+        out.append(copy)
+    return out
+
+
+def check_messages(messages: Sequence[Message]) -> list[dict]:
+    """Validated copies: ``{"role", "content"}`` with text content, plus ``tool_calls`` (assistant messages
+    that have calls; their content stays ``None`` when it was) and ``tool_call_id`` (tool messages). Raises
+    ``ValueError``."""
     if not messages:
         raise ValueError("messages must not be empty")
     out = []
@@ -56,22 +100,29 @@ def check_messages(messages: Sequence[Message]) -> list[dict[str, str]]:
         if not isinstance(m, Mapping):
             raise ValueError(f"messages[{i}] must be an object")
         role = m.get("role")
-        if role not in ("system", "user", "assistant"):
-            raise ValueError(f"messages[{i}].role must be 'system', 'user' or 'assistant', got {role!r}")
-        out.append({"role": role, "content": message_text(m.get("content"))})
+        if role not in ROLES:
+            raise ValueError(f"messages[{i}].role must be one of {', '.join(map(repr, ROLES))}, got {role!r}")
+        copy: dict = {"role": role, "content": message_text(m.get("content"))}
+        if role == "assistant" and m.get("tool_calls"):
+            copy["tool_calls"] = _tool_calls(m["tool_calls"], f"messages[{i}]")
+            if m.get("content") is None:
+                copy["content"] = None  # the official template tells "no content" by None
+        if role == "tool" and m.get("tool_call_id") is not None:
+            copy["tool_call_id"] = str(m["tool_call_id"])
+        out.append(copy)
     return out
 
 
 class ChatTemplate:
     """Renders conversations for one tokenizer: with a Jinja ``template`` (from tokenizer_config.json) or,
-    when ``template`` is ``None``, with :data:`DEFAULT_FORMAT`."""
+    when ``template`` is ``None``, with the fallback format (module docstring)."""
 
     def __init__(self, tokenizer, template: str | None = None):
         self.tokenizer = tokenizer
         self.template = template
         self.bos_token = tokenizer.hf.id_to_token(tokenizer.bos_id)
         self.eos_token = tokenizer.hf.id_to_token(tokenizer.eos_id)
-        self._compiled = _compile(template) if template is not None else None
+        self._compiled, self._renders_tools = _compile(template) if template is not None else (None, False)
 
     @classmethod
     def load(cls, tokenizer, directory: str | Path | None) -> ChatTemplate:
@@ -79,43 +130,77 @@ class ChatTemplate:
         as in a ``dsv3 train`` run), else the default."""
         return cls(tokenizer, find_chat_template(directory) if directory is not None else None)
 
-    def render(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
-        """The prompt as text (special tokens as their strings)."""
-        messages = check_messages(messages)
+    def _with_tools(self, messages: list[dict], tools: Sequence[Mapping] | None) -> list[dict]:
+        """``messages`` with dsv3's tool description as a last system message, unless the template renders
+        ``tools`` itself."""
+        if not tools or self._renders_tools:
+            return messages
+        system = [i for i, m in enumerate(messages) if m["role"] == "system"]
+        at = system[-1] + 1 if system else 0
+        return messages[:at] + [{"role": "system", "content": tools_prompt(tools)}] + messages[at:]
+
+    def render(self, messages: Sequence[Message], add_generation_prompt: bool = True,
+               tools: Sequence[Mapping] | None = None) -> str:
+        """The prompt as text (special tokens as their strings). ``tools``: the request's OpenAI tools."""
+        messages = self._with_tools(check_messages(messages), tools)
         if self._compiled is not None:
             from jinja2.exceptions import TemplateError
 
             try:
                 return self._compiled.render(
-                    messages=messages, add_generation_prompt=add_generation_prompt,
+                    messages=messages, add_generation_prompt=add_generation_prompt, tools=tools or None,
                     bos_token=self.bos_token, eos_token=self.eos_token,
                 )
             except TemplateError as e:
                 raise ValueError(f"chat template: {e}") from e
         return "".join(text for text, _ in self._default_parts(messages, add_generation_prompt))
 
-    def encode(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[int]:
+    def encode(self, messages: Sequence[Message], add_generation_prompt: bool = True,
+               tools: Sequence[Mapping] | None = None) -> list[int]:
         """The prompt's token ids. A Jinja template's text is encoded with special tokens recognised (as
         ``transformers`` does); the default format encodes markers and contents separately."""
-        messages = check_messages(messages)
         if self._compiled is not None:
-            return self.tokenizer.encode(self.render(messages, add_generation_prompt), allow_special=True)
+            return self.tokenizer.encode(self.render(messages, add_generation_prompt, tools), allow_special=True)
+        messages = self._with_tools(check_messages(messages), tools)
         ids: list[int] = []
         for text, special in self._default_parts(messages, add_generation_prompt):
             if text:
                 ids += self.tokenizer.encode(text, allow_special=special)
         return ids
 
-    def _default_parts(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> list[tuple[str, bool]]:
-        """(text, is_marker) pieces of :data:`DEFAULT_FORMAT`."""
+    def _default_parts(self, messages: list[dict], add_generation_prompt: bool) -> list[tuple[str, bool]]:
+        """(text, is_marker) pieces of the fallback format."""
         system = [m["content"] for m in messages if m["role"] == "system"]
-        parts = [(self.bos_token, True), (system[-1] if system else "", False)]
+        parts = [(self.bos_token, True), ("\n\n".join(system), False)]
+        in_outputs = False  # after tool results, before the model's answer
         for m in messages:
-            if m["role"] == "user":
-                parts += [(USER, True), (m["content"], False)]
-            elif m["role"] == "assistant":
-                parts += [(ASSISTANT, True), (m["content"], False), (self.eos_token, True)]
-        if add_generation_prompt:
+            role, content = m["role"], m["content"] or ""
+            if role == "system":
+                continue
+            if role == "tool":
+                parts.append((CALL_SEPARATOR, False) if in_outputs else (TOOL_OUTPUTS_BEGIN, True))
+                parts += [(TOOL_OUTPUT_BEGIN, True), (content, False), (TOOL_OUTPUT_END, True)]
+                in_outputs = True
+                continue
+            if role == "user":
+                parts += [(TOOL_OUTPUTS_END, True)] if in_outputs else []
+                parts += [(USER, True), (content, False)]
+            else:  # the model answers right after tool results, else after <｜Assistant｜>
+                parts += [(TOOL_OUTPUTS_END if in_outputs else ASSISTANT, True), (content, False)]
+                if m.get("tool_calls"):
+                    parts.append((TOOL_CALLS_BEGIN, True))
+                    for j, call in enumerate(m["tool_calls"]):
+                        function = call["function"]
+                        parts += [(CALL_SEPARATOR if j else "", False), (TOOL_CALL_BEGIN, True),
+                                  (call["type"], False), (TOOL_SEP, True),
+                                  (function["name"] + ARGS_BEGIN + function["arguments"] + ARGS_END, False),
+                                  (TOOL_CALL_END, True)]
+                    parts.append((TOOL_CALLS_END, True))
+                parts.append((self.eos_token, True))
+            in_outputs = False
+        if in_outputs:
+            parts.append((TOOL_OUTPUTS_END, True))
+        elif add_generation_prompt:
             parts.append((ASSISTANT, True))
         return parts
 
@@ -136,8 +221,10 @@ def find_chat_template(directory: str | Path) -> str | None:
 
 
 def _compile(template: str):
-    """A Jinja template compiled in a sandbox with the helpers chat templates expect."""
+    """A Jinja template compiled in a sandbox with the helpers chat templates expect, and whether it uses a
+    ``tools`` variable."""
     try:
+        from jinja2 import meta
         from jinja2.exceptions import TemplateError
         from jinja2.sandbox import ImmutableSandboxedEnvironment
     except ImportError as e:  # pragma: no cover - jinja2 is in the serve extra
@@ -149,4 +236,5 @@ def _compile(template: str):
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
     env.globals["raise_exception"] = raise_exception
-    return env.from_string(template)
+    renders_tools = "tools" in meta.find_undeclared_variables(env.parse(template))
+    return env.from_string(template), renders_tools
