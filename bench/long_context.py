@@ -3,7 +3,7 @@ the context length (report §2.1.1: the cache holds 576 values per token per lay
 128K tokens).
 
     python bench/long_context.py [--contexts 512,4096,16384,65536,131072] [--batches 1,8]
-                                 [--decode-contexts 512,4096,16384] [--skip-decode]
+                                 [--decode-contexts 512,4096,16384] [--skip-decode] [--sweep]
 
 1. **kernel**: ``dsv3.inference.triton_mla.latent_attention`` at the ``16b`` preset's attention sizes (16 heads,
    d_c 512, d_r 64, pages of 16 tokens in random order), one decode token per sequence, timed with CUDA
@@ -73,6 +73,38 @@ def kernel_table(contexts: list[int], batches: list[int]) -> None:
             print(f"| {b} | {keys} | {cells} |", flush=True)
 
 
+SWEEP = [{"waves": 2}, {"waves": 8}, {"keys_per_split": 128}, {"block_t": 64}, {"num_stages": 3},
+         {"combine_block": 512}, {"combine_block": 64}, {"num_warps": 8}]
+"""Launch changes ``--sweep`` times against the defaults."""
+
+
+def sweep(contexts: list[int], batches: list[int]) -> None:
+    from triton.testing import do_bench_cudagraph
+
+    from dsv3.inference import triton_mla
+
+    config = dsv3.preset("16b")
+    h, d_c, d_r, page = config.num_attention_heads, config.kv_lora_rank, config.qk_rope_head_dim, 16
+    base = dict(triton_mla.LAUNCH)
+    print("\n| LAUNCH change | " + " | ".join(f"b{b} {k // 1024}K us" for b in batches for k in contexts) + " |")
+    print("|---|" + "---:|" * (len(batches) * len(contexts)))
+    inputs = []
+    for b in batches:
+        for keys in contexts:
+            n_pages = keys // page
+            inputs.append((torch.randn(1, 1, h, d_c, device="cuda", dtype=torch.bfloat16).expand(b, 1, h, d_c),
+                           torch.randn(b, 1, h, d_r, device="cuda", dtype=torch.bfloat16),
+                           torch.randn(b * n_pages + 1, page, d_c + d_r, device="cuda", dtype=torch.bfloat16),
+                           torch.randperm(b * n_pages, device="cuda").view(b, n_pages),
+                           torch.full((b, 1), keys - 1, device="cuda"),
+                           *torch.randn(2, b, 1, d_r // 2, device="cuda").unbind(0)))
+    for change in [{}] + SWEEP:
+        triton_mla.LAUNCH.update(base, **change)
+        cells = [do_bench_cudagraph(lambda: triton_mla.latent_attention(*x, 0.1)) * 1e3 for x in inputs]
+        print(f"| {change or 'default'} | " + " | ".join(f"{us:.1f}" for us in cells) + " |", flush=True)
+    triton_mla.LAUNCH.update(base)
+
+
 def decode_table(contexts: list[int], new: int = 64) -> None:
     config = dsv3.preset("16b")
     model = dsv3.build_model(config, device="cuda", dtype=torch.bfloat16, seed=0)
@@ -113,10 +145,13 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--decode-contexts", default="512,4096,16384")
     ap.add_argument("--skip-decode", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="time launch settings (SWEEP) instead of the tables")
     args = ap.parse_args()
     ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, date {datetime.date.today()}")
     print(f"device-to-device copy: {copy_bandwidth() / 1e12:.2f} TB/s (read + write)")
+    if args.sweep:
+        return sweep([16384, 131072], ints(args.batches))
     kernel_table(ints(args.contexts), ints(args.batches))
     if not args.skip_decode:
         decode_table(ints(args.decode_contexts))

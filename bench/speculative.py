@@ -16,6 +16,7 @@ one run (report §2.2; :mod:`dsv3.inference.speculative`).
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime
 import tempfile
 import time
@@ -107,6 +108,7 @@ def breakdown(args) -> None:
     print(f"\ntiny x {args.layers} layers, random weights, bf16, batch 1, per step:")
     print("| step | wall ms | kernel ms | kernels | host-bound ms (wall - kernel) |")
     print("|---|---:|---:|---:|---:|")
+    tops: dict[str, dict[str, float]] = {}
     for name, spec in (("plain", False), ("speculative", True)):
         engine = Engine(model, max_batch=1, max_seq_len=512, page_size=16, speculative=spec)
         timed_generate(engine, prompt, 32)  # compile and capture
@@ -127,7 +129,13 @@ def breakdown(args) -> None:
         kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
         kernel_ms = sum(e.time_range.elapsed_us() for e in kernels) / 20 / 1e3
         print(f"| {name} | {wall:.3f} | {kernel_ms:.3f} | {len(kernels) / 20:.0f} | {wall - kernel_ms:.3f} |")
+        counts = collections.Counter(e.name[:60] for e in kernels)
+        tops[name] = {k: v / 20 for k, v in counts.items()}
         del engine
+    extra = sorted(tops["speculative"], key=lambda k: tops["plain"].get(k, 0) - tops["speculative"][k])[:12]
+    print("\n| kernel | per plain step | per speculative step |\n|---|---:|---:|")
+    for k in extra:
+        print(f"| {k} | {tops['plain'].get(k, 0):.0f} | {tops['speculative'][k]:.0f} |")
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ SCRIPT = textwrap.dedent("""
     from dsv3.model.rope import apply_rope
 
     g = torch.Generator().manual_seed(0)
-    triton_mla.LAUNCH.update(keys_per_split=8, block_t=8)  # many splits from few keys: the combine loops
+    triton_mla.LAUNCH.update(keys_per_split=8, block_t=8, combine_block=16)  # many splits from few keys: the combine loops
     for b, s, h, d_c, d_r, page, n_pages in [(1, 1, 4, 64, 16, 8, 40), (2, 2, 4, 64, 16, 8, 9)]:
         latent = torch.randn(3 * n_pages + 1, page, d_c + d_r, generator=g)
         pages = torch.stack([torch.randperm(3 * n_pages, generator=g)[:n_pages] for _ in range(b)])

@@ -133,15 +133,15 @@ def _latent_attention_kernel(
 
 @triton.jit
 def _combine_splits_kernel(o_ptr, m_ptr, l_ptr, out_ptr, H, SPLITS, stride_out,
-                           BLOCK_S: tl.constexpr, D_C: tl.constexpr):
+                           BLOCK_S: tl.constexpr, D_C: tl.constexpr, BLOCK_C: tl.constexpr):
     """out[tok, h] = sum_s e^(m_s - max m) o_s / sum_s e^(m_s - max m) l_s over the splits s, BLOCK_S splits
-    at a time with a running maximum (any number of splits)."""
+    at a time with a running maximum (any number of splits); program (token, head, BLOCK_C of the d_c values)."""
     tok = tl.program_id(0)
     h = tl.program_id(1)
-    cs = tl.arange(0, D_C)
+    cs = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     m_run = tl.full((), float("-inf"), dtype=tl.float32)
     l_run = tl.zeros((), dtype=tl.float32)
-    acc = tl.zeros((D_C,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
     for s0 in range(0, SPLITS, BLOCK_S):
         ss = s0 + tl.arange(0, BLOCK_S)
         stat = tok * SPLITS * H + ss * H + h
@@ -157,11 +157,12 @@ def _combine_splits_kernel(o_ptr, m_ptr, l_ptr, out_ptr, H, SPLITS, stride_out,
     tl.store(out_ptr + tok * stride_out + h * D_C + cs, (acc / l_run).to(out_ptr.dtype.element_ty))
 
 
-LAUNCH = {"block_t": 32, "keys_per_split": 64, "num_warps": 4, "num_stages": 2, "waves": 4, "max_splits": 1024}
+LAUNCH = {"block_t": 32, "keys_per_split": 64, "num_warps": 4, "num_stages": 2, "waves": 4, "max_splits": 1024,
+          "combine_block": 128}
 """Launch settings of :func:`latent_attention`: keys per inner step and per split (at least), warps and
 pipeline stages of the split kernel, the programs the splits aim for in multiples of the GPU's
 multiprocessors (a long context at batch 1 is only memory-bound when it is spread over all of them), and the
-most splits per token."""
+most splits per token; the combine kernel's values per program (a power of two)."""
 
 
 @functools.cache
@@ -213,8 +214,10 @@ def latent_attention(
         PAGE=page, D_C=d_c, D_R=d_r, BLOCK_H=max(16, triton.next_power_of_2(h)), BLOCK_T=block_t,
         num_warps=LAUNCH["num_warps"], num_stages=LAUNCH["num_stages"],
     )
-    _combine_splits_kernel[(t, h)](o, m, l, out, h, splits, h * d_c,
-                                   BLOCK_S=min(32, triton.next_power_of_2(splits)), D_C=d_c, num_warps=4)
+    block_c = min(d_c, LAUNCH["combine_block"])
+    _combine_splits_kernel[(t, h, d_c // block_c)](o, m, l, out, h, splits, h * d_c,
+                                                   BLOCK_S=min(32, triton.next_power_of_2(splits)), D_C=d_c,
+                                                   BLOCK_C=block_c, num_warps=4)
     return out
 
 
