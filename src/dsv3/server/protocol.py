@@ -4,8 +4,8 @@ out and make the OpenAPI schema at ``/openapi.json`` describe the real API.
 Requests follow OpenAI's and vLLM's field names. Unknown fields are ignored, as vLLM does
 (``extra="ignore"``), so clients that send parameters this server does not know keep working; a value out of
 range is a 400 naming the parameter. New sampling parameters are new fields on :class:`SamplingFields` (both
-endpoints get them); their mapping to the engine is :func:`dsv3.server.generation.sampling_params` (and the checks pydantic cannot
-make, :func:`dsv3.server.generation.check_sampling`).
+endpoints get them); their mapping to the engine is :func:`dsv3.server.generation.sampling_params`, the checks
+pydantic's bounds cannot make :func:`dsv3.server.generation.check_sampling`.
 """
 
 from __future__ import annotations
@@ -199,7 +199,7 @@ class CompletionLogprobs(Response):
     one key (the later one's value, as vLLM)."""
     text_offset: list[int]
     """Each token's character offset in the choice's text: the sum of the lengths of the token strings before
-    it (as vLLM; in a stream, counted from the choice's first chunk)."""
+    it (as vLLM; a stream's chunks continue the count, so they concatenate to the non-streamed object)."""
 
 
 class CompletionChoice(Response):
