@@ -163,3 +163,27 @@ def metric(samples: dict, name: str, **labels) -> float:
     """The value of one sample (labels other than ``model_name`` as keywords); 0 when absent."""
     want = tuple(sorted({"model_name": MODEL, **labels}.items()))
     return samples.get((name, want), 0.0)
+
+
+# ------------------------------------------------------------------------------------------------------
+# the served model's own forward, for checking what the server computed
+
+def full_logits(loaded, ids: list[int]):
+    """The model's raw float32 logits at every position of ``ids`` (its full forward, no cache): (len, V). Call
+    it while the server is idle (the engine thread shares the model)."""
+    import torch
+
+    model, _ = loaded
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float()
+
+
+def greedy_ids(loaded, prompt: list[int], n: int, process=None) -> list[int]:
+    """``n`` greedy tokens after ``prompt`` computed from scratch with full forwards: each the argmax of
+    ``process(logits, generated so far)`` (default: the raw logits), the definition a server's sampling controls
+    are checked against."""
+    out: list[int] = []
+    for _ in range(n):
+        logits = full_logits(loaded, prompt + out)[-1]
+        out.append(int((logits if process is None else process(logits, out)).argmax()))
+    return out

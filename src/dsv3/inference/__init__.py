@@ -13,7 +13,7 @@ device, after :mod:`.penalties`: penalties, biases, constraint masks; with :mod:
 from .cache import CacheFullError, PagedLatentCache
 from .config import EngineConfig
 from .constraint import TokenConstraint
-from .engine import Engine
+from .engine import Engine, UnsupportedOptionError
 from .layers import run_block
 from .prepare import prepare_model
 from .runner import ModelRunner
@@ -28,5 +28,5 @@ Result = GenerationResult
 __all__ = [
     "CacheFullError", "Engine", "EngineConfig", "GenerationRequest", "GenerationResult", "MTPSpeculator",
     "ModelRunner", "PagedLatentCache", "Result", "SamplingParams", "Scheduler", "Sequence", "TokenConstraint",
-    "TokenEvent", "TokenLogprobs", "prepare_model", "run_block", "sample_token", "speculative_accept", "token_probs",
+    "TokenEvent", "TokenLogprobs", "UnsupportedOptionError", "prepare_model", "run_block", "sample_token", "speculative_accept", "token_probs",
 ]

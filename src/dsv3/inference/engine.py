@@ -46,6 +46,17 @@ _NOT_SPECULATIVE = {
 (penalty counts and masks that depend on whether the draft is accepted)."""
 
 
+class UnsupportedOptionError(ValueError):
+    """A request option this engine cannot apply as configured (e.g. penalties with speculative decoding).
+    ``options`` names them (:class:`SamplingParams` field names, or ``"constraint"``), so that callers such as the
+    HTTP server can say which parameter is at fault without reading the message."""
+
+    def __init__(self, options: Seq[str], why: str):
+        self.options = tuple(options)
+        verb = "is" if len(self.options) == 1 else "are"
+        super().__init__(f"{', '.join(self.options)} {verb} not supported {why}")
+
+
 class Engine:
     """Generation with a :class:`DeepSeekV3` model over a paged latent cache.
 
@@ -101,7 +112,8 @@ class Engine:
 
     def submit(self, request: GenerationRequest) -> GenerationResult:
         """Queue a request; its result fills in place as :meth:`step` runs. Raises ``ValueError`` for a bad
-        prompt and :class:`~dsv3.inference.cache.CacheFullError` for one that could never fit the cache."""
+        prompt, :class:`UnsupportedOptionError` (a ``ValueError``) for options this engine cannot apply, and
+        :class:`~dsv3.inference.cache.CacheFullError` for a prompt that could never fit the cache."""
         prompt = self.encode_prompt(request.prompt)
         params = request.params
         vocab = self.config.vocab_size
@@ -111,8 +123,7 @@ class Engine:
             names = [n for n, used in _NOT_SPECULATIVE.items() if used(params)]
             names += ["constraint"] if request.constraint is not None else []
             if names:
-                raise ValueError(f"{', '.join(names)} {'is' if len(names) == 1 else 'are'} not supported with "
-                                 "speculative decoding")
+                raise UnsupportedOptionError(names, "with speculative decoding")
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos and self.eos_id is not None:
             stop_ids.add(self.eos_id)

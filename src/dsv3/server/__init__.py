@@ -2,9 +2,10 @@
 
 Layers, each importing only those before it: :mod:`.config` (options; no web framework), :mod:`.protocol`
 (request and response bodies), :mod:`.errors` (OpenAI-shaped errors), :mod:`.loop` (the engine thread),
-:mod:`.metrics` (Prometheus), :mod:`.state` (what the routes share), :mod:`.middleware` (request ids, log
-lines, the API key), :mod:`.generation` and :mod:`.routes` (the endpoints), :mod:`.app` (:func:`create_app`,
-:func:`serve`). The routes and their behaviour are described in ``docs/serving.md``.
+:mod:`.logprobs` (log-probabilities in OpenAI's shapes), :mod:`.metrics` (Prometheus), :mod:`.state` (what the
+routes share), :mod:`.middleware` (request ids, log lines, the API key), :mod:`.generation` (what the generation
+endpoints share), :mod:`.completions`, :mod:`.chat` and :mod:`.routes` (the endpoints), :mod:`.app`
+(:func:`create_app`, :func:`serve`). The routes and their behaviour are described in ``docs/serving.md``.
 
 >>> app = create_app(Engine(model, tokenizer, max_batch=16), "my-model")   # then uvicorn.run(app)
 >>> serve("runs/tiny", ServerConfig(port=8000))                             # load and serve a checkpoint

@@ -16,7 +16,7 @@ from ..inference import Engine, EngineConfig
 from ..inference.chat import ChatTemplate
 from ..loading import DeviceOptions, load
 from ..runs import model_name as name_of
-from . import generation, routes
+from . import chat, completions, routes
 from .config import API_KEY_ENV, ServerConfig
 from .errors import install_error_handlers
 from .loop import EngineLoop
@@ -64,7 +64,8 @@ def create_app(
     app.state.server = state
     install_error_handlers(app)
     guarded = [Depends(require_api_key)]
-    app.include_router(generation.router, prefix="/v1", dependencies=guarded)
+    app.include_router(completions.router, prefix="/v1", dependencies=guarded)
+    app.include_router(chat.router, prefix="/v1", dependencies=guarded)
     app.include_router(routes.models_router, prefix="/v1", dependencies=guarded)
     app.include_router(routes.router)
     app.add_middleware(RequestContext)

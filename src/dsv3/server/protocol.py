@@ -4,7 +4,8 @@ out and make the OpenAPI schema at ``/openapi.json`` describe the real API.
 Requests follow OpenAI's and vLLM's field names. Unknown fields are ignored, as vLLM does
 (``extra="ignore"``), so clients that send parameters this server does not know keep working; a value out of
 range is a 400 naming the parameter. New sampling parameters are new fields on :class:`SamplingFields` (both
-endpoints get them); their mapping to the engine is :func:`dsv3.server.generation.sampling_params`.
+endpoints get them); their mapping to the engine is :func:`dsv3.server.generation.sampling_params`, the checks
+pydantic's bounds cannot make :func:`dsv3.server.generation.check_sampling`.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag
+
+from ..inference.sampling import MAX_LOGPROBS
 
 TokenId = Annotated[int, Field(ge=0)]
 
@@ -38,7 +41,8 @@ class StreamOptions(Request):
 
 
 class SamplingFields(Request):
-    """The fields /v1/completions and /v1/chat/completions share: the model, how to sample, when to stop."""
+    """The fields /v1/completions and /v1/chat/completions share: the model, how to sample, when to stop.
+    ``logprobs`` differs between them (an int for completions, a bool for chat), so each declares its own."""
 
     model: str | None = None
     max_tokens: Annotated[int | None, Field(ge=1)] = None
@@ -54,8 +58,22 @@ class SamplingFields(Request):
     """Choice i samples with seed + i: the same request gives the same choices."""
     ignore_eos: bool = False
     """vLLM's extension: keep generating after the end-of-sequence token (benchmarks)."""
-    logprobs: Any = None
-    """Not supported yet: a request that asks for log-probabilities is a 400."""
+    presence_penalty: Annotated[float | None, Field(ge=-2, le=2)] = None
+    """Subtracted once from the logit of every token already in the completion (the prompt does not count)."""
+    frequency_penalty: Annotated[float | None, Field(ge=-2, le=2)] = None
+    """Subtracted from a token's logit once per occurrence in the completion so far."""
+    repetition_penalty: Annotated[float | None, Field(gt=0, allow_inf_nan=False)] = None
+    """vLLM's extension: the logits of tokens seen in the prompt or the completion are divided by it when positive,
+    multiplied when negative (1: off; > 1 discourages repetition)."""
+    logit_bias: dict[TokenId, Annotated[float, Field(ge=-100, le=100)]] | None = None
+    """Token id (a string in JSON, as OpenAI sends it) -> bias in [-100, 100] added to its logit before sampling."""
+    min_p: Annotated[float | None, Field(ge=0, le=1)] = None
+    """vLLM's extension: drop the tokens less likely than min_p times the most likely one (after temperature)."""
+    min_tokens: Annotated[int, Field(ge=0)] = 0
+    """vLLM's extension: the stop tokens (EOS, stop_token_ids) are masked until this many tokens were generated
+    (at most max_tokens). Stop strings still apply."""
+    stop_token_ids: Annotated[list[TokenId], Field(max_length=64)] | None = None
+    """vLLM's extension: finish ("stop") after any of these tokens (the EOS always, unless ignore_eos)."""
     user: str | None = None
 
 
@@ -88,8 +106,14 @@ class CompletionRequest(SamplingFields):
     prompt: Prompt
     """A string, a list of strings, a list of token ids, or a list of token-id lists: each entry of a list of
     prompts is completed on its own (choice index = prompt index x n + sample)."""
+    max_tokens: Annotated[int | None, Field(ge=0)] = None
+    """Tokens to generate (default 16); 0 only with ``echo`` (the prompt and its log-probabilities alone)."""
+    logprobs: Annotated[int | None, Field(ge=0, le=MAX_LOGPROBS)] = None
+    """N: each token's log-probability and the N most likely alternatives plus the chosen token (OpenAI's legacy
+    format; OpenAI allows up to 5, vLLM and this server 20)."""
     echo: bool = False
-    """Not supported yet (400 when true)."""
+    """Prepend the prompt to each choice's text (and, with ``logprobs``, its tokens' log-probabilities, the first
+    token's ``None``)."""
 
 
 class ChatMessage(Request):
@@ -104,6 +128,10 @@ class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[int | None, Field(ge=1)] = None
     """OpenAI's newer name of max_tokens (wins when both are given)."""
+    logprobs: bool | None = False
+    """Each generated token's log-probability in ``choices[i].logprobs.content``."""
+    top_logprobs: Annotated[int | None, Field(ge=0, le=MAX_LOGPROBS)] = None
+    """With ``logprobs``: the N most likely alternatives of each token."""
 
 
 class TokenizeCompletionRequest(Request):
@@ -157,10 +185,27 @@ class Usage(Response):
     prompt_tokens_details: PromptTokensDetails | None = None
 
 
+class CompletionLogprobs(Response):
+    """OpenAI's legacy completions ``logprobs``: one entry per token of the choice's text (the prompt's first with
+    ``echo``). Token strings are each token decoded on its own (as vLLM), so a character split over tokens shows
+    as U+FFFD in each."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    """Under the model's raw distribution (before penalties, biases, temperature, top-k / top-p); ``None`` for the
+    first prompt token, which has no context."""
+    top_logprobs: list[dict[str, float] | None]
+    """The N most likely tokens and the chosen one (up to N + 1 entries); tokens whose strings are equal share
+    one key (the later one's value, as vLLM)."""
+    text_offset: list[int]
+    """Each token's character offset in the choice's text: the sum of the lengths of the token strings before
+    it (as vLLM; a stream's chunks continue the count, so they concatenate to the non-streamed object)."""
+
+
 class CompletionChoice(Response):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length", "cancelled"] | None = None
 
 
@@ -189,10 +234,35 @@ class AssistantMessage(Response):
     content: str | None = None
 
 
+class TopLogprob(Response):
+    token: str
+    """The token decoded on its own."""
+    logprob: float
+    bytes: list[int] | None = None
+    """The token's own bytes (for a byte-level BPE; a character split over tokens is whole in their
+    concatenation), else the UTF-8 of ``token``."""
+
+
+class ChatTokenLogprob(TopLogprob):
+    """One token of the message, under the model's raw distribution (before penalties, biases, temperature,
+    top-k / top-p)."""
+
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+    """The ``top_logprobs`` most likely tokens at this position, most likely first."""
+
+
+class ChatLogprobs(Response):
+    """OpenAI's chat ``logprobs``: one entry per generated token (a final stop token, e.g. EOS, included)."""
+
+    content: list[ChatTokenLogprob] | None = None
+    refusal: list[ChatTokenLogprob] | None = None
+    """Always ``None`` (no refusals)."""
+
+
 class ChatCompletionChoice(Response):
     index: int
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: Literal["stop", "length", "cancelled"] | None = None
 
 
@@ -219,7 +289,8 @@ class DeltaMessage(Response):
 class ChatCompletionStreamChoice(Response):
     index: int
     delta: DeltaMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
+    """The log-probabilities of the tokens since the previous chunk of this choice."""
     finish_reason: Literal["stop", "length", "cancelled"] | None = None
 
 

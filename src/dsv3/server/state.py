@@ -11,6 +11,7 @@ import asyncio
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TypeVar
 
 from fastapi import Request
@@ -18,6 +19,7 @@ from fastapi import Request
 from ..inference import Engine
 from ..inference.chat import ChatTemplate
 from .errors import ContextLengthError, InvalidPromptError, ModelNotFoundError
+from .logprobs import TokenTexts
 from .loop import EngineLoop
 from .metrics import ServerMetrics
 
@@ -44,6 +46,11 @@ class ServerState:
     @property
     def tokenizer(self):
         return self.engine.tokenizer
+
+    @cached_property
+    def token_texts(self) -> TokenTexts:
+        """Each token's string and bytes for log-probabilities, cached per id."""
+        return TokenTexts(self.tokenizer)
 
     async def tokenize(self, fn: Callable[[], T]) -> T:
         """``fn()`` (which uses the tokenizer or chat template) on the tokenizer thread."""
