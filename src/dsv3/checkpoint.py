@@ -162,15 +162,15 @@ def load_pretrained(
             stacklevel=2,
         )
         config = config.replace(num_nextn_predict_layers=0)
-    keep_fp8 = None
     dequantized = _parameter_count(config) * torch.finfo(dtype).bits // 8 \
         if fp8 == "auto" and config.quantization_config else None
-    if wants_fp8_serving(fp8, config.quantization_config, device, dequantized):
-        def keep_fp8(meta_model: DeepSeekV3) -> None:  # modules whose checkpoint weights are FP8 stay FP8
-            names = {ours.rsplit(".", 1)[0] for hf, ours, _, _ in hf_tensors(meta_model)
-                     if hf + "_scale_inv" in weight_map}
-            apply_fp8_serving(meta_model, names)
-    model = build_empty(config, device, dtype, transform=keep_fp8)
+
+    def keep_fp8(meta_model: DeepSeekV3) -> None:  # modules whose checkpoint weights are FP8 stay FP8
+        names = {ours.rsplit(".", 1)[0] for hf, ours, _, _ in hf_tensors(meta_model)
+                 if hf + "_scale_inv" in weight_map}
+        apply_fp8_serving(meta_model, names)
+    fp8_kept = wants_fp8_serving(fp8, config.quantization_config, device, dequantized)
+    model = build_empty(config, device, dtype, transform=keep_fp8 if fp8_kept else None)
 
     targets: dict[str, tuple[str, torch.Tensor, tuple | None]] = {
         hf: (ours, t, idx) for hf, ours, t, idx in hf_tensors(model)

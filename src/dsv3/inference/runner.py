@@ -23,6 +23,7 @@ stays the reference (CPU, tests).
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from collections.abc import Mapping, Sequence as Seq
 
 import torch
@@ -343,8 +344,4 @@ def experts_grouped(model: DeepSeekV3, device: torch.device, dtype: torch.dtype)
 
 
 def _has_triton() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("triton") is not None
