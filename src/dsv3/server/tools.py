@@ -20,7 +20,7 @@ finish reason ``tool_calls``; streamed, :class:`ToolStream` turns the text delta
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..inference.tool_calls import ToolCallStreamParser, function_specs, parse_tool_calls
 from .errors import InvalidRequestError
@@ -53,7 +53,6 @@ class ToolPlan:
     forced: str | dict | None = None
     """``"required"`` or the named choice: the output is constrained to calls (:meth:`GrammarFactory.tool_call`)."""
     parallel: bool = True
-    specs: list[dict] = field(default_factory=list)
 
 
 def plan_tools(body: ChatCompletionRequest) -> ToolPlan:
@@ -66,21 +65,21 @@ def plan_tools(body: ChatCompletionRequest) -> ToolPlan:
         return ToolPlan()
     tools = [t.model_dump(exclude_none=True) for t in body.tools]
     try:
-        specs = function_specs(tools)
+        names = {spec["name"] for spec in function_specs(tools)}
     except ValueError as e:
         raise InvalidRequestError(str(e), param="tools") from e
     choice = "auto" if choice is None else choice
     if choice == "none":
         return ToolPlan()
     if choice == "auto":
-        return ToolPlan(tools, parse=True, parallel=parallel, specs=specs)
+        return ToolPlan(tools, parse=True, parallel=parallel)
     if isinstance(choice, NamedToolChoice):
         name = choice.function.name
-        if name not in {s["name"] for s in specs}:
+        if name not in names:
             raise InvalidRequestError(f"tool_choice names the function {name!r}, which is not among the tools",
                                       param="tool_choice")
-        return ToolPlan(tools, parse=True, forced=choice.model_dump(), parallel=False, specs=specs)
-    return ToolPlan(tools, parse=True, forced="required", parallel=parallel, specs=specs)
+        return ToolPlan(tools, parse=True, forced=choice.model_dump(), parallel=False)
+    return ToolPlan(tools, parse=True, forced="required", parallel=parallel)
 
 
 def finish_reason(reason: str | None, has_calls: bool) -> str | None:
