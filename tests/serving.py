@@ -50,6 +50,35 @@ def loaded(checkpoint):
     return dsv3.load(checkpoint, "cpu")
 
 
+TOOL_MAX_SEQ_LEN = 1024
+
+
+@pytest.fixture(scope="session")
+def tool_loaded(tmp_path_factory):
+    """(model, tokenizer) whose byte-level BPE has DeepSeek-V3's tool-call and tool-output markers as special
+    tokens (as the official tokenizer has), trained on text, JSON and tool calls; a tiny random model over it,
+    with room for a prompt that describes tools."""
+    import dsv3
+    from dsv3.data import train_tokenizer
+    from dsv3.inference import tool_calls as tc
+
+    root = tmp_path_factory.mktemp("serve-tools")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    calls = [tc.format_tool_calls([tc.ToolCall("", "get_weather", '{"city":"Paris","unit":"C"}')]),
+             '{"type":"object","properties":{"city":{"type":"string"}},"required":["city"]}',
+             '## Tools\n\nYou can call these functions:\n\n### search\nParameters (JSON schema): ']
+    for i, text in enumerate(TEXT + calls):
+        (corpus / f"doc{i}.txt").write_text(text * 3)
+    tok = train_tokenizer(corpus, root / "tok", vocab_size=400, show_progress=False)
+    tok.hf.add_special_tokens([tc.TOOL_CALLS_BEGIN, tc.TOOL_CALLS_END, tc.TOOL_CALL_BEGIN, tc.TOOL_CALL_END,
+                               tc.TOOL_SEP, tc.TOOL_OUTPUTS_BEGIN, tc.TOOL_OUTPUTS_END, tc.TOOL_OUTPUT_BEGIN,
+                               tc.TOOL_OUTPUT_END])
+    cfg = dsv3.preset("tiny").replace(vocab_size=tok.vocab_size, num_hidden_layers=2,
+                                      max_position_embeddings=TOOL_MAX_SEQ_LEN)
+    return dsv3.build_model(cfg, seed=0).eval(), tok
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

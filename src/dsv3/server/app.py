@@ -59,6 +59,7 @@ def create_app(
         finally:
             state.loop.stop()
             state.tokenizer_thread.shutdown(wait=False, cancel_futures=True)
+            state.grammars.close()
 
     app = FastAPI(title="dsv3", version=__version__, description=DESCRIPTION, lifespan=lifespan)
     app.state.server = state

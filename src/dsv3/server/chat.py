@@ -1,6 +1,10 @@
 """``POST /v1/chat/completions``: OpenAI's chat completions over the checkpoint's chat template, with ``logprobs``
 (and ``top_logprobs``) in OpenAI's chat shape. ``max_tokens`` (or ``max_completion_tokens``) defaults to the rest
-of the context."""
+of the context.
+
+``response_format`` constrains the message to JSON (:mod:`.structured`); ``tools`` / ``tool_choice`` render the
+tools into the prompt, parse the output for tool calls and, for ``required`` or a named function, constrain it
+to calls (:mod:`.tools`)."""
 
 from __future__ import annotations
 
@@ -12,12 +16,15 @@ from ..inference import TokenLogprobs
 from .errors import InvalidRequestError
 from .generation import ERRORS, STREAM, Delta, Generation, check_sampling, client_gone, sampling_params
 from .logprobs import chat_logprobs
+from .loop import Job
 from .middleware import request_id
 from .protocol import (
-    AssistantMessage, ChatCompletionChoice, ChatCompletionRequest, ChatCompletionResponse, ChatCompletionStreamChoice,
+    ChatCompletionChoice, ChatCompletionRequest, ChatCompletionResponse, ChatCompletionStreamChoice,
     ChatCompletionStreamResponse, ChatLogprobs, DeltaMessage,
 )
 from .state import ServerState, get_state
+from .structured import response_format_constraints, token_budget, wants_constraint
+from .tools import ToolPlan, ToolStream, chat_message, finish_reason, message_dicts, plan_tools
 
 router = APIRouter(tags=["OpenAI"])
 
@@ -32,15 +39,20 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request,
         raise InvalidRequestError("top_logprobs needs logprobs set to true", param="top_logprobs")
     max_tokens = body.max_completion_tokens or body.max_tokens or state.engine.max_seq_len
     check_sampling(body, state, max_tokens)
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in body.messages]
+    plan = plan_tools(body)
+    if plan.forced is not None and wants_constraint(body.response_format):
+        raise InvalidRequestError("response_format cannot constrain a message that tool_choice forces to be tool "
+                                  "calls", param="response_format")
+    messages = message_dicts(body.messages)
     try:
-        ids = await state.tokenize(lambda: state.template.encode(messages))
+        ids = await state.tokenize(lambda: state.template.encode(messages, tools=plan.tools))
     except ValueError as e:  # the template's checks (roles, content parts) or its own raise_exception
         raise InvalidRequestError(str(e), param="messages") from e
     state.check_prompt(ids, param="messages")
     n_top = (body.top_logprobs or 0) if body.logprobs else None
     params = [sampling_params(body, max_tokens, j, logprobs=n_top) for j in range(body.n)]
-    gen = await Generation.start(state, request, [(ids, params)], body.n)
+    constraints, param = await _constraints(state, body, plan, token_budget(state, max_tokens, ids))
+    gen = await Generation.start(state, request, [Job(ids, params, constraints)], body.n, constraint_param=param)
     base = {"id": f"chatcmpl-{request_id(request)}", "created": int(time.time()), "model": state.model_name}
     texts = state.token_texts
 
@@ -52,17 +64,44 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request,
         first = [ChatCompletionStreamResponse(**base, choices=[ChatCompletionStreamChoice(
             index=i, delta=DeltaMessage(role="assistant", content=""))]) for i in range(body.n)]
 
-        def chunk(d: Delta) -> ChatCompletionStreamResponse:
-            return ChatCompletionStreamResponse(**base, choices=[ChatCompletionStreamChoice(
-                index=d.index, delta=DeltaMessage(content=d.text or None), logprobs=logprobs(d.logprobs),
-                finish_reason=d.finish_reason)])
+        streams = [ToolStream() for _ in range(body.n)] if plan.parse else None
+
+        def chunk(d: Delta) -> list[ChatCompletionStreamResponse]:
+            """The delta's content (and, parsing tool calls, its call pieces), its tokens' log-probabilities on
+            the first chunk, the finish on the last."""
+            if streams is None:
+                deltas, reason = [DeltaMessage(content=d.text or None)], d.finish_reason
+            else:
+                stream = streams[d.index]
+                deltas = stream.feed(d.text, d.finish_reason is not None)
+                reason = finish_reason(d.finish_reason, stream.has_calls)
+                if not deltas and (reason is not None or d.logprobs):
+                    deltas = [DeltaMessage()]
+            return [ChatCompletionStreamResponse(**base, choices=[ChatCompletionStreamChoice(
+                index=d.index, delta=delta, logprobs=logprobs(d.logprobs) if k == 0 else None,
+                finish_reason=reason if k == len(deltas) - 1 else None)]) for k, delta in enumerate(deltas)]
 
         return gen.stream(chunk, first, (lambda usage: ChatCompletionStreamResponse(**base, choices=[], usage=usage))
                           if include_usage else None)
 
     if not await gen.wait():
         return client_gone()
-    choices = [ChatCompletionChoice(index=i, message=AssistantMessage(content=r.text or ""),
-                                    logprobs=logprobs(r.logprobs or []), finish_reason=r.finish_reason)
-               for i, r in enumerate(gen.results)]
+    choices = []
+    for i, r in enumerate(gen.results):
+        message, has_calls = chat_message(r.text or "", plan.parse)
+        choices.append(ChatCompletionChoice(index=i, message=message, logprobs=logprobs(r.logprobs or []),
+                                            finish_reason=finish_reason(r.finish_reason, has_calls)))
     return ChatCompletionResponse(**base, choices=choices, usage=gen.usage())
+
+
+async def _constraints(state: ServerState, body: ChatCompletionRequest, plan: ToolPlan,
+                       budget: int) -> tuple[list | None, str | None]:
+    """Each choice's constraint (forced tool calls, else ``response_format``; ``None``: unconstrained) and the
+    request field it comes from."""
+    if plan.forced is not None:
+        tools, forced, parallel = plan.tools, plan.forced, plan.parallel
+        constraints = await state.grammars.make("tools", lambda f: [
+            f.tool_call(tools, forced, parallel=parallel, max_tokens=budget) for _ in range(body.n)])
+        return constraints, "tool_choice"
+    constraints = await response_format_constraints(state, body.response_format, [budget] * body.n)
+    return constraints, "response_format" if constraints else None

@@ -5,6 +5,8 @@ given, or decoded from token ids) and, with ``logprobs``, its log-probabilities 
 engine's ``prompt_logprobs``). ``echo`` with ``max_tokens`` 0 is how evaluation harnesses score a text: the
 engine generates at least one token, so the server asks for one (greedy, EOS ignored, nothing else applied),
 drops it and answers the prompt alone with ``finish_reason`` "length" and ``completion_tokens`` 0.
+
+``response_format`` (vLLM's extension here) constrains each choice's text as on chat (:mod:`.structured`).
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ from .errors import InvalidRequestError
 from .generation import ERRORS, STREAM, Delta, Generation, check_sampling, client_gone, sampling_params
 from .logprobs import completion_logprobs
 from .middleware import request_id
+from .loop import Job
 from .protocol import CompletionChoice, CompletionRequest, CompletionResponse, CompletionStreamResponse
 from .state import ServerState, get_state
+from .structured import response_format_constraints, token_budget
 
 router = APIRouter(tags=["OpenAI"])
 
@@ -65,8 +69,11 @@ async def create_completion(body: CompletionRequest, request: Request, state: Se
     for prompt in ids:
         state.check_prompt(prompt)
     n, zero = body.n, max_tokens == 0
-    jobs = [(prompt, [engine_params(body, max_tokens, p * n + j) for j in range(n)]) for p, prompt in enumerate(ids)]
-    gen = await Generation.start(state, request, jobs, n, discard_tokens=zero)
+    constraints = None if zero else await response_format_constraints(
+        state, body.response_format, [token_budget(state, max_tokens, prompt) for prompt in ids for _ in range(n)])
+    jobs = [Job(prompt, [engine_params(body, max_tokens, p * n + j) for j in range(n)],
+                constraints[p * n:(p + 1) * n] if constraints else None) for p, prompt in enumerate(ids)]
+    gen = await Generation.start(state, request, jobs, n, discard_tokens=zero, constraint_param="response_format")
     base = {"id": f"cmpl-{request_id(request)}", "created": int(time.time()), "model": state.model_name}
     texts = state.token_texts
 

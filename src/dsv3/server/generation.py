@@ -111,11 +111,13 @@ class Generation:
 
     @classmethod
     async def start(cls, state: ServerState, request: Request, jobs: list[Job], n: int,
-                    discard_tokens: bool = False) -> Generation:
+                    discard_tokens: bool = False, constraint_param: str | None = None) -> Generation:
+        """Submit ``jobs``. ``constraint_param``: the request field whose grammar constraint an engine that
+        refuses constraints (a speculative one) is named for in the 400 (the engine says ``"constraint"``)."""
         loop = state.loop
         if not loop.alive:
             raise UnavailableError("the engine is not running")
-        count = sum(len(params) for _, params in jobs)
+        count = sum(len(job.params) for job in jobs)
         if state.max_pending is not None and loop.pending + count > state.max_pending:
             raise OverloadedError("too many requests in flight; retry later")
         loop.pending += count  # before awaiting: concurrent requests see it at once
@@ -126,6 +128,9 @@ class Generation:
             if isinstance(e, CacheFullError):
                 raise ContextLengthError(str(e), param="max_tokens") from e
             if isinstance(e, UnsupportedOptionError):  # e.g. penalties on a speculative engine
+                if e.options[0] == "constraint" and constraint_param:
+                    raise UnsupportedParameterError(f"{constraint_param} needs a grammar constraint, and {e}",
+                                                    param=constraint_param) from e
                 raise UnsupportedParameterError(str(e), param=e.options[0]) from e
             if isinstance(e, ValueError):  # the engine's own prompt checks (ours ran first; this is a backstop)
                 raise InvalidPromptError(str(e), param="prompt") from e
@@ -178,10 +183,12 @@ class Generation:
             gone.cancel()
             self.close()
 
-    def stream(self, chunk: Callable[[Delta], BaseModel], first: list[BaseModel],
+    def stream(self, chunk: Callable[[Delta], BaseModel | list[BaseModel]], first: list[BaseModel],
                usage_chunk: Callable[[Usage], BaseModel] | None) -> StreamingResponse:
         """Server-sent events: ``first``, then ``chunk(delta)`` whenever a choice has new text or finishes (its
-        :class:`Delta` since its previous chunk), then ``usage_chunk(usage)`` when asked for, then ``[DONE]``."""
+        :class:`Delta` since its previous chunk; one chunk, or several, e.g. content and then tool-call pieces,
+        or none while a parser holds the text back), then ``usage_chunk(usage)`` when asked for, then
+        ``[DONE]``."""
         index = {r.request_id: i for i, r in enumerate(self.results)}
 
         async def body() -> AsyncIterator[str]:
@@ -207,7 +214,9 @@ class Generation:
                     delta.text, delta.finish_reason = event.text, event.finish_reason
                     del waiting[i]
                     started.add(i)
-                    yield _sse(chunk(delta))
+                    out = chunk(delta)
+                    for c in out if isinstance(out, list) else [out]:
+                        yield _sse(c)
             if usage_chunk is not None:
                 yield _sse(usage_chunk(self.usage()))
             yield "data: [DONE]\n\n"

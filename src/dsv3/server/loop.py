@@ -24,12 +24,24 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..inference import Engine, GenerationRequest, GenerationResult, SamplingParams, TokenEvent
+from ..inference import Engine, GenerationRequest, GenerationResult, SamplingParams, TokenConstraint, TokenEvent
 
 log = logging.getLogger("dsv3.server")
 
-Job = tuple[list[int], list[SamplingParams]]
-"""A prompt's token ids and one SamplingParams per choice."""
+
+@dataclass
+class Job:
+    """A prompt's token ids and one :class:`SamplingParams` per choice, with each choice's constraint (or none):
+    a constraint holds one sequence's grammar state, so every choice has its own object."""
+
+    prompt: list[int]
+    params: list[SamplingParams]
+    constraints: list[TokenConstraint | None] | None = None
+
+    def requests(self) -> list[GenerationRequest]:
+        constraints = self.constraints or [None] * len(self.params)
+        return [GenerationRequest(prompt=self.prompt, params=p, constraint=c)
+                for p, c in zip(self.params, constraints, strict=True)]
 
 
 @dataclass
@@ -182,9 +194,8 @@ class EngineLoop:
                 return
             tracked: list[tuple[str, _Tracked]] = []
             try:
-                for prompt, choices in sub.jobs:
-                    for params in choices:
-                        request = GenerationRequest(prompt=prompt, params=params)
+                for job in sub.jobs:
+                    for request in job.requests():
                         result = self.engine.submit(request)
                         tracked.append((request.request_id, _Tracked(sub.loop, sub.events, result,
                                                                      RequestTiming(sub.arrival))))

@@ -100,7 +100,46 @@ def _check_prompt(value: Any) -> Any:
 Prompt = Annotated[str | list[str] | list[TokenId] | list[list[TokenId]], BeforeValidator(_check_prompt)]
 
 
-class CompletionRequest(SamplingFields):
+class JSONSchemaFormat(Request):
+    """``response_format.json_schema``: OpenAI's named schema."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True, serialize_by_alias=True)
+
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    """The JSON schema the output must satisfy (the features constrained decoding cannot enforce are a 400)."""
+    strict: bool | None = None
+    """OpenAI's strict mode: properties and items the schema leaves open are forbidden."""
+
+
+class ResponseFormatText(Request):
+    type: Literal["text"]
+
+
+class ResponseFormatJSONObject(Request):
+    type: Literal["json_object"]
+
+
+class ResponseFormatJSONSchema(Request):
+    type: Literal["json_schema"]
+    json_schema: JSONSchemaFormat
+
+
+ResponseFormat = Annotated[ResponseFormatText | ResponseFormatJSONObject | ResponseFormatJSONSchema,
+                           Field(discriminator="type")]
+"""OpenAI's ``response_format``: free text, any JSON object, or JSON valid against a schema (grammar-constrained
+decoding, finished within ``max_tokens``: :mod:`dsv3.server.structured`)."""
+
+
+class StructuredFields(Request):
+    """What both generation endpoints take to constrain the output (vLLM accepts ``response_format`` on
+    completions too)."""
+
+    response_format: ResponseFormat | None = None
+
+
+class CompletionRequest(StructuredFields, SamplingFields):
     """``POST /v1/completions``."""
 
     prompt: Prompt
@@ -116,13 +155,60 @@ class CompletionRequest(SamplingFields):
     token's ``None``)."""
 
 
+class FunctionCall(Request):
+    name: str
+    arguments: str | dict[str, Any] = "{}"
+    """JSON text (OpenAI's); an object is accepted too."""
+
+
+class ToolCallItem(Request):
+    """An assistant message's call, as OpenAI's ``tool_calls[i]``."""
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(Request):
-    role: Literal["system", "user", "assistant", "developer"]
+    role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict[str, Any]] | None = None
     """Text, or OpenAI's content parts of type "text"."""
+    tool_calls: list[ToolCallItem] | None = None
+    """An assistant message's calls (rendered in DeepSeek-V3's tool-call format)."""
+    tool_call_id: str | None = None
+    """A ``tool`` message's: the call it answers."""
+    name: str | None = None
 
 
-class ChatCompletionRequest(SamplingFields):
+class FunctionDefinition(Request):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    """The arguments' JSON schema (default: an object without properties)."""
+    strict: bool | None = None
+    """OpenAI's strict mode, applied when the call is grammar-constrained."""
+
+
+class Tool(Request):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedFunction(Request):
+    name: str
+
+
+class NamedToolChoice(Request):
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+"""``none``: no tool calls (tools left out of the prompt, the output not parsed); ``auto``: the model decides
+(the output parsed for calls); ``required`` / a named function: the output is grammar-constrained to calls."""
+
+
+class ChatCompletionRequest(StructuredFields, SamplingFields):
     """``POST /v1/chat/completions``."""
 
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
@@ -132,6 +218,12 @@ class ChatCompletionRequest(SamplingFields):
     """Each generated token's log-probability in ``choices[i].logprobs.content``."""
     top_logprobs: Annotated[int | None, Field(ge=0, le=MAX_LOGPROBS)] = None
     """With ``logprobs``: the N most likely alternatives of each token."""
+    tools: Annotated[list[Tool], Field(max_length=128)] | None = None
+    """Functions the model may call: described in the prompt, its calls parsed into ``message.tool_calls``."""
+    tool_choice: ToolChoice | None = None
+    """Default ``auto`` with tools, ``none`` without."""
+    parallel_tool_calls: bool | None = None
+    """Whether ``required`` may make several calls (default true)."""
 
 
 class TokenizeCompletionRequest(Request):
@@ -148,6 +240,8 @@ class TokenizeChatRequest(Request):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     add_generation_prompt: bool = True
     """End with the assistant marker, as /v1/chat/completions does."""
+    tools: Annotated[list[Tool], Field(max_length=128)] | None = None
+    """Rendered into the prompt as /v1/chat/completions does."""
 
 
 def _tokenize_form(body: Any) -> str:
@@ -202,11 +296,15 @@ class CompletionLogprobs(Response):
     it (as vLLM; a stream's chunks continue the count, so they concatenate to the non-streamed object)."""
 
 
+FinishReason = Literal["stop", "length", "cancelled", "tool_calls"]
+"""``tool_calls``: the chat message ended with tool calls."""
+
+
 class CompletionChoice(Response):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
-    finish_reason: Literal["stop", "length", "cancelled"] | None = None
+    finish_reason: FinishReason | None = None
 
 
 class CompletionResponse(Response):
@@ -229,9 +327,23 @@ class CompletionStreamResponse(Response):
     usage: Usage | None = None
 
 
+class FunctionCallOut(Response):
+    name: str
+    arguments: str
+    """JSON text, as the model wrote it."""
+
+
+class ToolCallOut(Response):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
 class AssistantMessage(Response):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    """``None`` when the message is only tool calls."""
+    tool_calls: list[ToolCallOut] | None = Field(default=None, exclude_if=lambda v: v is None)
 
 
 class TopLogprob(Response):
@@ -263,7 +375,7 @@ class ChatCompletionChoice(Response):
     index: int
     message: AssistantMessage
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length", "cancelled"] | None = None
+    finish_reason: FinishReason | None = None
 
 
 class ChatCompletionResponse(Response):
@@ -279,11 +391,28 @@ def _unset(value: Any) -> bool:
     return value is None
 
 
+class DeltaFunction(Response):
+    name: str | None = Field(default=None, exclude_if=_unset)
+    """In a call's first delta."""
+    arguments: str | None = Field(default=None, exclude_if=_unset)
+    """The next piece of the arguments' JSON text ("" in the first delta)."""
+
+
+class DeltaToolCall(Response):
+    """A piece of call ``index``: its first has ``id``, ``type`` and the function's name."""
+
+    index: int
+    id: str | None = Field(default=None, exclude_if=_unset)
+    type: Literal["function"] | None = Field(default=None, exclude_if=_unset)
+    function: DeltaFunction
+
+
 class DeltaMessage(Response):
     """What a chunk adds to a choice's message; absent fields are left out (``{}`` in the last chunk)."""
 
     role: Literal["assistant"] | None = Field(default=None, exclude_if=_unset)
     content: str | None = Field(default=None, exclude_if=_unset)
+    tool_calls: list[DeltaToolCall] | None = Field(default=None, exclude_if=_unset)
 
 
 class ChatCompletionStreamChoice(Response):
@@ -291,7 +420,7 @@ class ChatCompletionStreamChoice(Response):
     delta: DeltaMessage
     logprobs: ChatLogprobs | None = None
     """The log-probabilities of the tokens since the previous chunk of this choice."""
-    finish_reason: Literal["stop", "length", "cancelled"] | None = None
+    finish_reason: FinishReason | None = None
 
 
 class ChatCompletionStreamResponse(Response):

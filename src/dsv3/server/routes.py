@@ -16,6 +16,7 @@ from .protocol import (
     TokenizeRequest, TokenizeResponse, VersionResponse,
 )
 from .state import ServerState, get_state
+from .tools import message_dicts
 
 models_router = APIRouter(tags=["OpenAI"])
 """Mounted under /v1."""
@@ -67,11 +68,10 @@ async def tokenize(body: TokenizeRequest, state: ServerState = Depends(get_state
     /v1/completions does (no BOS added), or ``messages`` rendered with the chat template."""
     state.check_model(body.model)
     if isinstance(body, TokenizeChatRequest):
-        messages = [m.model_dump() for m in body.messages]
-        for m in messages:
-            m["role"] = "system" if m["role"] == "developer" else m["role"]
+        messages = message_dicts(body.messages)
+        tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
         try:
-            ids = await state.tokenize(lambda: state.template.encode(messages, body.add_generation_prompt))
+            ids = await state.tokenize(lambda: state.template.encode(messages, body.add_generation_prompt, tools))
         except ValueError as e:
             raise InvalidRequestError(str(e), param="messages") from e
     else:

@@ -22,6 +22,7 @@ from .errors import ContextLengthError, InvalidPromptError, ModelNotFoundError
 from .logprobs import TokenTexts
 from .loop import EngineLoop
 from .metrics import ServerMetrics
+from .structured import Grammars
 
 T = TypeVar("T")
 
@@ -42,6 +43,11 @@ class ServerState:
     """Tokenizing runs here: off the event loop (a long prompt would stall every stream) and off the engine
     thread (it would stall every sequence), on one thread because the tokenizer's special-token switch is
     shared state."""
+
+    @cached_property
+    def grammars(self) -> Grammars:
+        """Grammar constraints (``response_format``, forced tool calls): the factory is built on first use."""
+        return Grammars(self)
 
     @property
     def tokenizer(self):
