@@ -413,3 +413,34 @@ def test_engine_writes_valid_json_with_a_random_model(plain, cuda_graph):
         assert res.finish_reason == "stop" and len(res.tokens) <= budget, (res.finish_reason, len(res.tokens))
         validate(json.loads(res.text), schema)
     assert results[3].finish_reason == "length"  # the unconstrained row ran on, unaffected
+
+
+def test_no_surrogates_in_strings(plain):
+    """UTF-8-encoded surrogates (bytes ED A0..BF ..) are not UTF-8; xgrammar (0.2.9) lets them into strings with
+    a maxLength, dsv3 does not (within a token, nor across two: after a token ending in ED); and a random
+    model's strings decode as strict UTF-8 within the length."""
+    import re
+
+    tok, factory = plain
+    vocab = factory.vocab_size
+    texts = list(factory.info.decoded_vocab[:vocab])
+    inside = [i for i, t in enumerate(texts) if re.search(rb"\xed[\xa0-\xbf]", t)]
+    tails = [i for i, t in enumerate(texts) if t[:1] and 0xa0 <= t[0] <= 0xbf]
+    ed = texts.index(b"\xed")
+    assert tails  # the byte-level vocabulary has every single byte (this small one no merged surrogate)
+    c = factory.json_schema(PERSON)
+    for token in tok.encode('{"name":"A'):
+        c.accept(token)
+    row = torch.zeros(bitmask_words(vocab), dtype=torch.int32)
+    c.fill_bitmask(row)
+    allowed = allowed_from_bitmask(row, vocab)
+    assert not allowed[inside].any() and allowed[ed]
+    c.accept(ed)
+    c.fill_bitmask(row)
+    allowed = allowed_from_bitmask(row, vocab)
+    assert not allowed[tails].any() and allowed[texts.index(b"\x80")]  # U+D000..D7FF may still follow
+    schema = {"type": "object", "properties": {"s": {"type": "string", "maxLength": 6}}, "required": ["s"]}
+    for seed in range(40):
+        tokens = sample(factory.json_schema(schema, max_tokens=32), vocab, seed, 32)
+        value = json.loads(b"".join(texts[t] for t in tokens if t != tok.eos_id).decode("utf-8"))
+        assert len(value["s"]) <= 6, value

@@ -27,11 +27,10 @@ from dsv3.inference.tool_calls import (  # noqa: E402
 pytest_plugins = ["serving"]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-# (no maxLength: xgrammar lets a random model write UTF-8-encoded surrogates, which decode to 3 characters)
-WEATHER = {"type": "object", "properties": {"city": {"type": "string"},
+WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 24},
                                             "unit": {"enum": ["C", "F"]}},
            "required": ["city", "unit"], "additionalProperties": False}
-SEARCH = {"type": "object", "properties": {"q": {"type": "string"},
+SEARCH = {"type": "object", "properties": {"q": {"type": "string", "maxLength": 16},
                                            "n": {"type": "integer", "minimum": 1, "maximum": 9}},
           "required": ["q"]}
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city.",

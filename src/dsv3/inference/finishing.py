@@ -34,6 +34,8 @@ choosing them), else a new one is simulated.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import torch
 
@@ -88,10 +90,14 @@ def _inert(text: bytes) -> bool:
     return bool(text) and not set(text) & (_OPENERS | _SEPARATORS | _SPACE | {_QUOTE})
 
 
-def in_string(text: bytes, state: tuple[bool, bool]) -> tuple[bool, bool]:
-    """(inside a JSON string, after a backslash there) once ``text`` follows ``state``. Tool-call markers and
-    the text between them have no quotes, so this reads a whole tool-call output correctly too."""
-    inside, escaped = state
+Lexer = tuple[bool, bool, bool]
+"""(inside a JSON string, after a backslash there, after a byte ED there: a surrogate may not follow)."""
+
+
+def in_string(text: bytes, state: Lexer) -> Lexer:
+    """The :data:`Lexer` state once ``text`` follows ``state``. Tool-call markers and the text between them
+    have no quotes, so this reads a whole tool-call output correctly too."""
+    inside, escaped, _ = state
     if _QUOTE not in text and not inside:
         return state
     for c in text:
@@ -103,7 +109,7 @@ def in_string(text: bytes, state: tuple[bool, bool]) -> tuple[bool, bool]:
             escaped = True
         elif c == _QUOTE:
             inside = False
-    return inside, escaped
+    return inside, escaped, inside and text.endswith(b"\xed")
 
 
 def set_bit(words: np.ndarray, token: int, clear: bool = False) -> None:
@@ -146,6 +152,16 @@ class _Order:
         return int(ids[np.argmax(self.rank[ids])]) if ids.size else None
 
 
+_SURROGATE = re.compile(rb"\xed[\xa0-\xbf]")
+"""UTF-8 bytes of a surrogate code point (U+D800-U+DFFF): not UTF-8, yet xgrammar (0.2.9) lets them into strings
+with a ``minLength`` / ``maxLength`` (each decodes to U+FFFD characters, breaking the length). Within a token
+the table forbids them; across tokens (one ending in ED, the next starting with A0-BF) the lexer state does."""
+
+
+def _not_string_content(text: bytes) -> bool:
+    return any(c < 0x20 for c in text) or _SURROGATE.search(text) is not None
+
+
 class TokenTable:
     """Per-token facts of a vocabulary, shared by a factory's constraints: bytes, finishing preferences, the
     inert tokens, and the tokens with control characters -- forbidden inside JSON strings here, as xgrammar
@@ -165,16 +181,23 @@ class TokenTable:
         outside[eos_id] = inside[eos_id] = 10000
         self.outside, self.inside = _Order(outside), _Order(inside)
         self.inert_words = words_of(np.array([_inert(t) for t in texts], dtype=bool))
-        self.text_words = ~words_of(np.array([any(c < 0x20 for c in t) for t in texts], dtype=bool))
-        """Tokens that may be JSON string content as far as this table knows (no control characters)."""
+        self.text_words = ~words_of(np.array([_not_string_content(t) for t in texts], dtype=bool))
+        """Tokens that may be JSON string content as far as this table knows (no control characters, no
+        UTF-8-encoded surrogates)."""
+        self.after_ed_words = ~words_of(np.array([t[:1] >= b"\xa0" and t[:1] <= b"\xbf" for t in texts],
+                                                 dtype=bool))
+        """Tokens that may follow a byte ED inside a string (not the second byte of a surrogate)."""
         self.eos = eos_id
 
-    def fill(self, driver, lexer: tuple[bool, bool], bitmask: torch.Tensor) -> np.ndarray:
-        """``driver``'s mask into ``bitmask`` (1, words), less control characters inside a string; its row."""
+    def fill(self, driver, lexer: Lexer, bitmask: torch.Tensor) -> np.ndarray:
+        """``driver``'s mask into ``bitmask`` (1, words), less control characters and surrogates inside a
+        string; its row."""
         driver.fill(bitmask)
         words = bitmask.numpy()[0]
         if lexer[0]:
             words &= self.text_words
+        if lexer[2]:
+            words &= self.after_ed_words
         return words
 
     def replay(self, driver, plan: list[int], stop_only: np.ndarray) -> bool:
@@ -190,7 +213,7 @@ class TokenTable:
         driver.fill(scratch)
         return np.array_equal(scratch.numpy()[0], stop_only)
 
-    def plan(self, driver, lexer: tuple[bool, bool], stop_only: np.ndarray, limit: int) -> list[int]:
+    def plan(self, driver, lexer: Lexer, stop_only: np.ndarray, limit: int) -> list[int]:
         """The tokens the preference picks from ``driver``'s state (``lexer``: its string state) until only
         EOS may follow (the EOS included when it had to be chosen among other tokens), at most ``limit``."""
         driver = driver.fork()
@@ -232,7 +255,7 @@ class GrammarConstraint:
         self._stop_only = np.zeros(words, dtype=np.int32)
         set_bit(self._stop_only, eos_id)
         self._table = table
-        self._lexer = (False, False)  # inside a JSON string, after a backslash
+        self._lexer: Lexer = (False, False, False)
         self._plan: list[int] | None = None  # a plan from the current state (kept while the model follows it)
         self._stale: list[int] | None = None  # the last plan, from an earlier state: may still do
         self._estimate: int | None = None  # the plan length: exact with a plan, else an upper estimate
