@@ -90,3 +90,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def model():
+    """The ``tiny`` preset with seed 0 (the engine tests' model; a module may define its own)."""
+    return dsv3.build_model("tiny", seed=0)
+
+
+def rand_tokens(n: int, seed: int) -> list[int]:
+    """``n`` random token ids of the ``tiny`` vocabulary (above the special ids), reproducible by ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(2, 4096, (n,), generator=g).tolist()

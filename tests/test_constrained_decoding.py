@@ -20,11 +20,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 V = 4096
 
 
-@pytest.fixture(scope="module")
-def model():
-    return dsv3.build_model("tiny", seed=0)
-
-
 def rand_tokens(n: int, seed: int) -> list[int]:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(2, V, (n,), generator=g).tolist()

@@ -12,22 +12,13 @@ import pytest
 import torch
 
 import dsv3
+from conftest import rand_tokens
 from dsv3.inference import Engine, EngineConfig, GenerationRequest, ModelRunner, SamplingParams
 
 PACKAGE = pathlib.Path(dsv3.__file__).parent / "inference"
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def model():
-    return dsv3.build_model("tiny", seed=0)
-
-
-def rand_tokens(n: int, seed: int) -> list[int]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(2, 4096, (n,), generator=g).tolist()
 
 
 PROMPTS = [rand_tokens(n, 200 + n) for n in (3, 11, 6, 17)]

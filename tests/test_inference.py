@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import dsv3
+from conftest import rand_tokens
 from dsv3.inference import (
     CacheFullError, Engine, GenerationRequest, PagedLatentCache, SamplingParams, speculative_accept, token_probs,
 )
@@ -19,19 +20,9 @@ TOL = 1e-4
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def model():
-    return dsv3.build_model("tiny", seed=0)
-
-
 def full_logits(model, tokens: list[int]) -> torch.Tensor:
     with torch.no_grad():
         return model(torch.tensor([tokens])).logits[0]
-
-
-def rand_tokens(n: int, seed: int) -> list[int]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(2, 4096, (n,), generator=g).tolist()
 
 
 GREEDY = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)

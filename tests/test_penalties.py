@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import dsv3
+from conftest import rand_tokens
 from dsv3.inference import Engine, GenerationRequest, SamplingParams
 from dsv3.inference.constraint import bitmask_from_allowed
 from dsv3.inference.logprobs import logprob_pack, pack_width, read_step, unpack
@@ -197,16 +197,6 @@ def test_params_are_validated(bad, name):
 # the engine against a reference generation loop
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def model():
-    return dsv3.build_model("tiny", seed=0)
-
-
-def rand_tokens(n: int, seed: int) -> list[int]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(2, 4096, (n,), generator=g).tolist()
 
 
 def reference(model, prompt: list[int], params: SamplingParams, seed: int, stop_ids=()) -> list[int]:
