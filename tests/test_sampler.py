@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from dsv3.inference.sampler import SamplingTensors, needs_filter, probs, sample, uniform, verify
+from dsv3.inference.sampler import SamplingTensors, needs_filter, probs, sample, uniform, verify, verify_greedy
 from dsv3.inference.sampling import SamplingParams, token_probs
 
 PARAMS = [
@@ -181,8 +181,9 @@ def test_verify_greedy_is_greedy_decoding() -> None:
             drafts[row, j + 1:] = torch.randint(0, v, (k - j - 1,))  # later drafts don't matter
     t = SamplingTensors.from_params([SamplingParams(temperature=0)] * b, list(range(b)))
     soft = torch.softmax(torch.randn(b, k, v), -1)  # a greedy row ignores q
-    for q in (None, soft):
-        accepted, tokens = verify(target, drafts, q, t, torch.arange(b) * 100)
+    for q in (None, soft, "greedy path"):
+        accepted, tokens = verify_greedy(target, drafts) if isinstance(q, str) else \
+            verify(target, drafts, q, t, torch.arange(b) * 100)
         assert torch.equal(accepted, first_miss)
         for row, a in enumerate(first_miss.tolist()):
             assert torch.equal(tokens[row, :a], argmax[row, :a])  # = the accepted drafts

@@ -210,6 +210,16 @@ def sample_processed(
     return logprob_pack(logits, tokens)
 
 
+def verify_greedy(target_logits: torch.Tensor, draft_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`verify` when every row is greedy, without its sampling work (noise, softmax, one-hot
+    distributions: at a small width, kernels that cost as much as a forward): a draft is accepted iff it is
+    the argmax and every earlier one was; the tokens are the argmaxes, repeated after the first rejection."""
+    top = target_logits.argmax(dim=-1)  # (B, k+1)
+    accepted = (draft_tokens == top[:, :-1]).long().cumprod(dim=1).sum(dim=1)
+    positions = torch.arange(top.shape[1], device=top.device)
+    return accepted, top.gather(1, torch.minimum(positions, accepted[:, None]))
+
+
 def verify(
     target_logits: torch.Tensor,
     draft_tokens: torch.Tensor,

@@ -32,7 +32,7 @@ import torch
 from .cuda_graph import StepGraphs
 from .logprobs import logprob_pack, read_step, unpack
 from .runner import ModelRunner
-from .sampler import SamplingTensors, needs_filter, probs, sample, verify
+from .sampler import SamplingTensors, needs_filter, probs, sample, verify, verify_greedy
 from .sampling import TokenLogprobs, sample_from
 from .scheduler import Sequence
 
@@ -190,8 +190,11 @@ class MTPSpeculator:
                                               valid, n_keys, capturable))
         logits = run.model.lm_head(h)
         # 2. accept or correct the draft, a bonus token when accepted
-        accepted, new = verify(logits.float(), tokens[:, 1:], None if q is None else q[:, None], t, positions[:, 1],
-                               filtered)
+        if mode == "greedy":
+            accepted, new = verify_greedy(logits, tokens[:, 1:])
+        else:
+            accepted, new = verify(logits.float(), tokens[:, 1:], None if q is None else q[:, None], t,
+                                   positions[:, 1], filtered)
         # 3. the MTP module over the kept positions: L with t_{L+1}, L+1 with t_{L+2} if the draft was kept
         kept = valid & (torch.arange(2, device=valid.device) <= accepted[:, None])
         x = self.module.combine(h, run.model.embed_tokens(new))
