@@ -87,7 +87,7 @@ class PipelineStage(nn.Module):
 
     def forward(self, x: torch.Tensor | None, batch, with_mtp: bool) -> torch.Tensor | list[torch.Tensor]:
         model = self.model[0]
-        cos, sin, mask = model.position_inputs(batch.seq_len, batch.tokens.device, batch.doc_ids)
+        cos, sin, mask = model.position_inputs(batch.seq_len, batch.tokens.device, batch.input_doc_ids)
         h = model.embed_tokens(batch.inputs) if self.first else x
         for i in self.layers:
             h = model.layers[i](h, cos, sin, mask)

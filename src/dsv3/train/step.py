@@ -33,7 +33,7 @@ def token_losses(logits: list[torch.Tensor], batch: TrainBatch) -> list[torch.Te
 
 def step_losses(model: nn.Module, batch: TrainBatch, depth: int) -> list[torch.Tensor]:
     """Forward one micro-batch: [main CE sum, MTP depth-1 CE sum, ...]."""
-    out = model(batch.inputs, future_tokens=batch.future_tokens if depth else None, doc_ids=batch.doc_ids,
+    out = model(batch.inputs, future_tokens=batch.future_tokens if depth else None, doc_ids=batch.input_doc_ids,
                 with_mtp=depth > 0)
     return token_losses([out.logits, *out.mtp_logits], batch)
 

@@ -375,7 +375,7 @@ class Trainer:
             batch = mine[i] if i < len(mine) else idle
             tb = TrainBatch.from_window(batch.tokens, cfg.seq_len, batch.doc_ids).to(self.device)
             with self.autocast():
-                logits = self.forward(tb.inputs, doc_ids=tb.doc_ids).logits
+                logits = self.forward(tb.inputs, doc_ids=tb.input_doc_ids).logits
             if i < len(mine):
                 totals[0] += cross_entropy_sum(logits, tb.targets(0)).double()
                 totals[1] += tb.targets(0).numel()

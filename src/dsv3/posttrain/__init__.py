@@ -1,0 +1,1 @@
+"""Post-training (report §5): supervised fine-tuning on packed, isolated samples and GRPO."""
