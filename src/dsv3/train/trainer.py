@@ -117,32 +117,12 @@ class Trainer:
                               f"data-parallel ranks = {cfg.micro_batch_size} x {env.dims.dp} = {micro_global}")
         torch.manual_seed(cfg.seed)
 
-        # ---- data (rank 0 trains the tokenizer and tokenises the corpus once; the others read its cache)
-        if env.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            prepare_tokenizer(cfg, self.log)
-        env.barrier()
-        self.tokenizer = prepare_tokenizer(cfg, self.log)
-        cache = token_cache_dir(cfg, self.tokenizer)
-        if env.is_main:
-            load_or_build(self.tokenizer, cfg.data, "train", cache)
-            load_or_build(self.tokenizer, cfg.data, "val", cache)
-        env.barrier()
-        self.train_data = load_or_build(self.tokenizer, cfg.data, "train", cache)
-        self.val_data = load_or_build(self.tokenizer, cfg.data, "val", cache)
-        if self.val_data.n_tokens < cfg.seq_len + 1:  # else validation would average over no window at all
-            raise DataError(f"the validation split of {cfg.data or 'the stdlib corpus'} has {self.val_data.n_tokens} "
-                            f"tokens, too few for one window of {cfg.seq_len + 1}: use a shorter --seq-len or more data")
+        self.build_data()
 
         # ---- model, parallelism, optimiser
-        mcfg: ModelConfig = cfg.model_config(vocab_size=self.tokenizer.vocab_size)
-        if not cfg.mtp:
-            mcfg = mcfg.replace(num_nextn_predict_layers=0)
-        if cfg.balance == "aux_loss":  # the ablation routes without the bias
-            mcfg = mcfg.replace(topk_method="greedy" if mcfg.n_group == 1 else "group_limited_greedy")
-        self.model_config = mcfg
+        self.model_config, self.model = self.build_model()
+        mcfg = self.model_config
         self.depth = mcfg.num_nextn_predict_layers
-        self.model = build_model(mcfg, device=self.device, dtype=torch.float32, seed=cfg.seed)
         self.pipeline = None
         if env.dims.pp > 1:  # keeps only this rank's stages of the model
             from .pipeline_parallel import Pipeline
@@ -172,13 +152,8 @@ class Trainer:
                                          cfg.bf16_moments, zero1_group=env.dp_group if zero1 else None)
 
         # ---- data stream, schedules, progress
-        self.loader = PackedLoader(self.train_data, cfg.seq_len, cfg.micro_batch_size, n_future=1 + self.depth,
-                                   seed=cfg.seed, fim_rate=cfg.fim_rate if self.train_data.fim_tokens is not None else 0.0,
-                                   return_doc_ids=cfg.doc_mask, rank=env.dp_rank, world_size=env.dims.dp)
-        self.total_tokens = cfg.steps * cfg.batch_size * cfg.seq_len
-        self.sched = Schedules.paper(self.total_tokens, peak_lr=cfg.lr, warmup_tokens=cfg.warmup * self.total_tokens,
-                                     batch_size=cfg.batch_size, batch_start=None if cfg.batch_ramp else cfg.batch_size,
-                                     gamma=cfg.gamma)
+        self.loader = self.build_loader()
+        self.total_tokens, self.sched = self.build_schedules()
         self.step_count, self.tokens_seen = 0, 0
         self.metrics_file = self.run_dir / "metrics.jsonl"
         if ckpt is not None:
@@ -190,6 +165,53 @@ class Trainer:
         self.stats = model_stats(mcfg, seq_len=cfg.seq_len)  # of the whole model, not this rank's shard
         self.flops_per_token = 3 * self.stats.forward_flops_per_token
         self.peak = peak_flops(self.device)
+
+    # ------------------------------------------------------------------------------------------ recipe hooks
+    # What a recipe (pre-training here, SFT and GRPO in dsv3.posttrain) chooses; the rest is shared.
+    def build_data(self) -> None:
+        """Set ``self.tokenizer`` and the recipe's data (rank 0 trains the tokenizer and tokenises the corpus
+        once; the other ranks read its cache)."""
+        cfg, env = self.cfg, self.env
+        if env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            prepare_tokenizer(cfg, self.log)
+        env.barrier()
+        self.tokenizer = prepare_tokenizer(cfg, self.log)
+        cache = token_cache_dir(cfg, self.tokenizer)
+        if env.is_main:
+            load_or_build(self.tokenizer, cfg.data, "train", cache)
+            load_or_build(self.tokenizer, cfg.data, "val", cache)
+        env.barrier()
+        self.train_data = load_or_build(self.tokenizer, cfg.data, "train", cache)
+        self.val_data = load_or_build(self.tokenizer, cfg.data, "val", cache)
+        if self.val_data.n_tokens < cfg.seq_len + 1:  # else validation would average over no window at all
+            raise DataError(f"the validation split of {cfg.data or 'the stdlib corpus'} has {self.val_data.n_tokens} "
+                            f"tokens, too few for one window of {cfg.seq_len + 1}: use a shorter --seq-len or more data")
+
+    def build_model(self) -> tuple[ModelConfig, torch.nn.Module]:
+        """The model's configuration and the model, in float32 on this rank's device (before parallelism)."""
+        cfg = self.cfg
+        mcfg: ModelConfig = cfg.model_config(vocab_size=self.tokenizer.vocab_size)
+        if not cfg.mtp:
+            mcfg = mcfg.replace(num_nextn_predict_layers=0)
+        if cfg.balance == "aux_loss":  # the ablation routes without the bias
+            mcfg = mcfg.replace(topk_method="greedy" if mcfg.n_group == 1 else "group_limited_greedy")
+        return mcfg, build_model(mcfg, device=self.device, dtype=torch.float32, seed=cfg.seed)
+
+    def build_loader(self):
+        """The endless iterator of this rank's micro-batches (with ``state_dict`` / ``load_state_dict``)."""
+        cfg, env = self.cfg, self.env
+        return PackedLoader(self.train_data, cfg.seq_len, cfg.micro_batch_size, n_future=1 + self.depth,
+                            seed=cfg.seed, fim_rate=cfg.fim_rate if self.train_data.fim_tokens is not None else 0.0,
+                            return_doc_ids=cfg.doc_mask, rank=env.dp_rank, world_size=env.dims.dp)
+
+    def build_schedules(self) -> tuple[int, Schedules]:
+        """The run's total tokens and its schedules (learning rate, batch size, gamma, MTP weight)."""
+        cfg = self.cfg
+        total = cfg.steps * cfg.batch_size * cfg.seq_len
+        return total, Schedules.paper(total, peak_lr=cfg.lr, warmup_tokens=cfg.warmup * total,
+                                      batch_size=cfg.batch_size, batch_start=None if cfg.batch_ramp else cfg.batch_size,
+                                      gamma=cfg.gamma)
 
     # ------------------------------------------------------------------------------------------ set-up
     def _run_dir(self) -> Path:
