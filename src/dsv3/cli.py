@@ -411,6 +411,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights' dtype in the files (default: as trained, float32)")
     p.set_defaults(func=cmd_export)
 
+    from .cli_posttrain import add_parsers
+
+    add_parsers(sub)
+
     p = sub.add_parser("plot", help="plot a run's metrics to PNG files",
                        description="Loss curves, expert-load heatmap and MaxVio of a `dsv3 train` run.")
     p.add_argument("run_dir")

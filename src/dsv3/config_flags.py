@@ -18,9 +18,13 @@ from collections.abc import Iterable
 
 @functools.cache
 def field_docs(cls: type) -> dict[str, str]:
-    """The docstring under each field of dataclass ``cls`` (collapsed to one paragraph)."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    """The docstring under each field of dataclass ``cls`` (collapsed to one paragraph); a subclass's own
+    docstring wins over its bases'."""
     docs: dict[str, str] = {}
+    for base in reversed(cls.__mro__[1:]):
+        if dataclasses.is_dataclass(base):
+            docs.update(field_docs(base))
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     body = tree.body[0].body
     for node, nxt in zip(body, body[1:]):
         if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)

@@ -164,7 +164,8 @@ class TrainConfig:
 
         for name in ("steps", "seq_len", "batch_size", "micro_batch_size", "vocab_size", "eval_batches",
                      "keep_last"):
-            need(getattr(self, name) >= 1, name, "an integer >= 1")
+            need(getattr(self, name) >= 1 or (getattr(self, name) == 0 and name in self.derived_when_zero()), name,
+                 "an integer >= 1")
         for name in ("eval_every", "save_every"):
             need(getattr(self, name) >= 0, name, "an integer >= 0 (0 = only at the end)")
         need(self.sample_tokens >= 0, "sample_tokens", "an integer >= 0")
@@ -174,7 +175,7 @@ class TrainConfig:
              f"a multiple of micro_batch_size ({self.micro_batch_size})")
         need(self.tokenizer is not None or self.vocab_size >= MIN_BPE_VOCAB, "vocab_size",
              f">= {MIN_BPE_VOCAB} (256 bytes + {MIN_BPE_VOCAB - 256} special tokens) for the trained BPE")
-        need(0 < self.lr < 1, "lr", "a number in (0, 1)")
+        need(0 < self.lr < 1 or (self.lr == 0 and "lr" in self.derived_when_zero()), "lr", "a number in (0, 1)")
         need(0 <= self.warmup <= MAX_WARMUP, "warmup",
              f"a fraction in [0, {MAX_WARMUP:.3f}] (the constant stage ends at 10T/14.8T of the run)")
         need(0 <= self.weight_decay < 1, "weight_decay", "in [0, 1)")
@@ -204,6 +205,10 @@ class TrainConfig:
         mcfg = self.model_config(vocab_size=self.vocab_size)  # validates preset and overrides
         need(mcfg.n_routed_experts % self.ep == 0, "ep",
              f"a divisor of the routed experts per layer ({mcfg.n_routed_experts})")
+
+    def derived_when_zero(self) -> frozenset[str]:
+        """Fields whose value 0 means "derive it" (post-training recipes); pre-training needs numbers."""
+        return frozenset()
 
     def model_config(self, vocab_size: int) -> ModelConfig:
         overrides = {k: v for k, v in self.model.items() if k != "vocab_size"}

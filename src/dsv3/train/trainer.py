@@ -98,6 +98,8 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, resume: bool = False, log=print):
         self.cfg = cfg
+        self.model_name = getattr(self, "model_name", cfg.preset)
+        self.run_prefix = getattr(self, "run_prefix", cfg.preset)
         self.env: Distributed = init_distributed(resolve_device(cfg.device), ep=cfg.ep, dp_shard=cfg.dp_shard,
                                                  pp=cfg.pp)
         env = self.env
@@ -122,7 +124,7 @@ class Trainer:
         # ---- model, parallelism, optimiser
         self.model_config, self.model = self.build_model()
         mcfg = self.model_config
-        self.depth = mcfg.num_nextn_predict_layers
+        self.depth = mcfg.num_nextn_predict_layers if cfg.mtp else 0  # a checkpoint's MTP may stay untrained
         self.pipeline = None
         if env.dims.pp > 1:  # keeps only this rank's stages of the model
             from .pipeline_parallel import Pipeline
@@ -215,7 +217,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ set-up
     def _run_dir(self) -> Path:
-        name = self.cfg.out or f"runs/{self.cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+        name = self.cfg.out or f"runs/{self.run_prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
         if self.env.dims.distributed:  # one name for all ranks (their clocks may cross a second)
             import torch.distributed as dist
 
@@ -319,7 +321,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ the loop
     def fit(self) -> RunResult:
         cfg, env = self.cfg, self.env
-        self.log(f"model {cfg.preset}: {self.stats.total_params:,} parameters (+{self.stats.mtp_params:,} MTP), "
+        self.log(f"model {self.model_name}: {self.stats.total_params:,} parameters (+{self.stats.mtp_params:,} MTP), "
                  f"{len(self.balancer.gates)} MoE layers, device {self.device}"
                  + (f", pipeline {env.dims.pp} ({cfg.pp_schedule}"
                     + (", F&B pairs overlapped on two CUDA streams" if self.pipeline and self.pipeline.streams else "")
@@ -327,7 +329,8 @@ class Trainer:
                     f"({env.dims.shard}), expert-parallel {env.dims.ep}" if env.dims.distributed else "") + f"; {self.total_tokens:,} tokens planned")
         from tqdm import tqdm
 
-        bar = tqdm(total=self.total_tokens, initial=self.tokens_seen, unit="tok", unit_scale=True, dynamic_ncols=True,
+        bar = tqdm(total=self.total_tokens, initial=self.tokens_seen, unit=self.progress_unit, unit_scale=True,
+                   dynamic_ncols=True,
                    disable=None if env.is_main else True, file=sys.stderr)
         val_loss, steps_this_run, interrupted = None, 0, False
         metrics = open(self.metrics_file, "a") if env.is_main else None
@@ -338,16 +341,12 @@ class Trainer:
                     steps_this_run += 1
                     last = self.tokens_seen >= self.total_tokens
                     if (cfg.eval_every and self.step_count % cfg.eval_every == 0) or last:
-                        val_loss = self.evaluate()
-                        record["val_loss"] = round(val_loss, 5)
-                        record["val_ppl"] = round(math.exp(min(val_loss, 50)), 3)
+                        val_loss = self.add_evaluation(record)
                     if metrics is not None:
                         metrics.write(json.dumps(record) + "\n")
                         metrics.flush()
-                    bar.update(record["batch_size"] * cfg.seq_len)
-                    bar.set_postfix_str(f"step {self.step_count} loss {record['loss']:.3f} lr {record['lr']:.2e} "
-                                        f"maxvio {record['maxvio_mean']:.2f}"
-                                        + (f" val {val_loss:.3f}" if "val_loss" in record else ""))
+                    bar.update(self.tokens_seen - bar.n)
+                    bar.set_postfix_str(self.progress_text(record))
                     stopping = stop.agreed(env) or bool(cfg.stop_after and steps_this_run >= cfg.stop_after)
                     if (cfg.save_every and self.step_count % cfg.save_every == 0) or last or stopping:
                         self.save()
@@ -367,12 +366,27 @@ class Trainer:
             result.sample = self.export()
         return result
 
+    progress_unit = "tok"
+    """What ``total_tokens`` and ``tokens_seen`` count (the progress bar's unit)."""
+
+    def progress_text(self, record: dict[str, Any]) -> str:
+        return (f"step {self.step_count} loss {record['loss']:.3f} lr {record['lr']:.2e} "
+                f"maxvio {record['maxvio_mean']:.2f}" + (f" val {record['val_loss']:.3f}" if "val_loss" in record else ""))
+
     def save(self) -> None:
         self.balancer.check_replicated()
         self.checkpointer.save(self.step_count, self.model, self.optimizer, {
             "tokens": self.tokens_seen, "loader": self.loader.state_dict(),
             "model_config": self.model_config.to_hf_dict(), "train_config": self.cfg.to_dict(),
         })
+
+    def add_evaluation(self, record: dict[str, Any]) -> float | None:
+        """Evaluate now and add the results to ``record``; returns the validation loss (None if the recipe has
+        none)."""
+        val_loss = self.evaluate()
+        record["val_loss"] = round(val_loss, 5)
+        record["val_ppl"] = round(math.exp(min(val_loss, 50)), 3)
+        return val_loss
 
     @torch.no_grad()
     def evaluate(self) -> float:

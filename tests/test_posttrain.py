@@ -1,0 +1,124 @@
+"""`dsv3 sft` and `dsv3 grpo` end to end on a tiny model: they run from a `dsv3 train` run, export a model that
+loads with its tokenizer, write the metrics the issue names, and continue exactly after SIGKILL."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import dsv3
+from conftest import SRC, make_corpus, records, run_cli
+from dsv3.train import TrainConfig, train
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A 2-layer model pre-trained for a few steps (the post-training commands start from a `dsv3 train` run)."""
+    root = tmp_path_factory.mktemp("post")
+    corpus = make_corpus(root / "corpus")
+    cfg = TrainConfig(data=str(corpus), vocab_size=300, cache_dir=str(root / "cache"), out=str(root / "base"),
+                      steps=4, seq_len=32, batch_size=4, micro_batch_size=4, eval_every=0, eval_batches=1,
+                      sample_tokens=2, device="cpu", model={"num_hidden_layers": 2, "hidden_size": 64})
+    train(cfg, log=lambda *a: None)
+    return root / "base"
+
+
+SFT_ARGS = ("--steps", "6", "--seq-len", "128", "--batch-size", "4", "--micro-batch-size", "2", "--save-every", "2",
+            "--builtin-arithmetic", "100", "--eval-problems", "4", "--device", "cpu", "--lr", "1e-3")
+GRPO_ARGS = ("--steps", "4", "--prompts-per-step", "2", "--group-size", "4", "--max-new-tokens", "8",
+             "--save-every", "1", "--eval-problems", "4", "--eval-every", "2", "--device", "cpu", "--lr", "1e-3",
+             "--seq-len", "128")
+
+
+def _popen(*args: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}  # as run_cli: same threads
+    return subprocess.Popen([sys.executable, "-m", "dsv3", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _kill_after_checkpoint(proc: subprocess.Popen, run: Path, step: int, timeout: float = 300) -> None:
+    """SIGKILL ``proc`` as soon as the checkpoint of ``step`` (or a later one) is complete."""
+    latest = run / "checkpoints" / "latest"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if latest.exists() and int(latest.read_text().strip().split("_")[-1]) >= step:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(30)
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"finished before it could be killed: {proc.stderr.read()[-2000:]}")
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError("no checkpoint in time")
+
+
+def _same_records(a: Path, b: Path, keys: tuple[str, ...]) -> None:
+    ra, rb = records(a), records(b)
+    assert [r["step"] for r in ra] == [r["step"] for r in rb]
+    for x, y in zip(ra, rb):
+        for key in keys:
+            assert x.get(key) == y.get(key), (x["step"], key, x.get(key), y.get(key))
+    wa = dsv3.load_pretrained(a / "export", dtype=torch.float32).state_dict()
+    wb = dsv3.load_pretrained(b / "export", dtype=torch.float32).state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_sft_end_to_end_and_exact_resume_after_sigkill(base, tmp_path):
+    full = run_cli("sft", str(base), "--out", str(tmp_path / "full"), *SFT_ARGS, timeout=600)
+    assert full.returncode == 0, full.stderr[-3000:]
+    assert "exported" in full.stdout and "held-out task: accuracy" in full.stdout
+    recs = records(tmp_path / "full")
+    assert [r["step"] for r in recs] == list(range(1, 7)) and all(r["loss"] > 0 for r in recs)
+    assert "val_loss" in recs[-1] and recs[-1]["gamma"] == 0.0
+    # cosine from the peak to 1/5 of it over the run; a step logs the rate it used (at its start)
+    assert recs[0]["lr"] == pytest.approx(1e-3)
+    assert recs[-1]["lr"] == pytest.approx(1e-3 * (0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi * 5 / 6))))
+    model, tokenizer = dsv3.load(tmp_path / "full" / "export", "cpu")  # what `dsv3 chat` / `serve` load
+    assert tokenizer.vocab_size <= model.config.vocab_size
+    assert json.loads((tmp_path / "full" / "task_accuracy.json").read_text())["problems"] == 4
+
+    proc = _popen("sft", str(base), "--out", str(tmp_path / "part"), *SFT_ARGS)
+    _kill_after_checkpoint(proc, tmp_path / "part", 2)
+    resumed = run_cli("sft", str(base), "--out", str(tmp_path / "part"), *SFT_ARGS, "--resume", timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _same_records(tmp_path / "full", tmp_path / "part", ("loss", "mtp_loss", "grad_norm", "lr", "expert_load",
+                                                          "val_loss"))
+
+
+def test_grpo_end_to_end_and_exact_resume_after_sigkill(base, tmp_path):
+    full = run_cli("grpo", str(base), "--out", str(tmp_path / "full"), *GRPO_ARGS, timeout=600)
+    assert full.returncode == 0, full.stderr[-3000:]
+    recs = records(tmp_path / "full")
+    assert [r["step"] for r in recs] == [1, 2, 3, 4]
+    for key in ("loss", "reward", "reward_std", "accuracy", "kl", "clip_fraction", "response_length",
+                "rollout_tokens_per_s", "train_tokens_per_s", "equal_reward_groups"):
+        assert key in recs[0], key
+    assert recs[0]["kl"] == 0.0  # policy = reference before the first update
+    assert "eval_accuracy" in recs[1] and "eval_accuracy" in recs[3]
+    assert all(0 < r["response_length"] <= 8 for r in recs)
+
+    proc = _popen("grpo", str(base), "--out", str(tmp_path / "part"), *GRPO_ARGS)
+    _kill_after_checkpoint(proc, tmp_path / "part", 2)
+    resumed = run_cli("grpo", str(base), "--out", str(tmp_path / "part"), *GRPO_ARGS, "--resume", timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _same_records(tmp_path / "full", tmp_path / "part", ("loss", "reward", "kl", "clip_fraction", "grad_norm",
+                                                          "response_length", "expert_load", "eval_accuracy"))
+
+
+def test_bad_options_are_errors_naming_them(base, tmp_path):
+    r = run_cli("grpo", str(base), "--group-size", "1", "--out", str(tmp_path / "x"))
+    assert r.returncode == 2 and "group_size" in r.stderr
+    r = run_cli("sft", str(tmp_path / "missing"), "--out", str(tmp_path / "y"))
+    assert r.returncode == 2 and "checkpoint" in r.stderr
+    r = run_cli("sft", str(base), "--data", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "z"),
+                "--device", "cpu")
+    assert r.returncode == 2 and "none.jsonl" in r.stderr
