@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from .doc_mask import DocumentMask, flex_attention
 from .norm import RMSNorm
 from .rope import apply_rope
 
@@ -117,19 +118,22 @@ class MLA(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        mask: torch.Tensor | None = None,
+        mask: DocumentMask | None = None,
     ) -> torch.Tensor:
-        """Causal self-attention over x (b, s, d). ``mask`` (b, 1, s, s) bool, True = may attend, replaces
-        the plain causal mask (used for document masking)."""
+        """Causal self-attention over x (b, s, d); ``mask`` also keeps packed documents apart (:mod:`.doc_mask`:
+        a FlexAttention block mask, or the dense reference mask for SDPA)."""
         b, s, _ = x.shape
         q_nope, q_pe = self.query(x, cos, sin)
         k, v = self.expand_kv(*self.latent(x, cos, sin))
-        q = torch.cat([q_nope, q_pe], dim=-1)
-        with _prefer_cudnn(q):
-            o = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                attn_mask=mask, is_causal=mask is None, scale=self.softmax_scale,
-            )
+        q, k, v = (t.transpose(1, 2) for t in (torch.cat([q_nope, q_pe], dim=-1), k, v))
+        if mask is not None and mask.block is not None:
+            o = flex_attention(q, k, v, mask.block, self.softmax_scale)
+        else:
+            with _prefer_cudnn(q):
+                o = F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=None if mask is None else mask.dense, is_causal=mask is None,
+                    scale=self.softmax_scale,
+                )
         return self.o_proj(o.transpose(1, 2).reshape(b, s, self.n_heads * self.v_head_dim))
 
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
+from .doc_mask import DocumentMask
 from .norm import RMSNorm
 from .transformer_block import Block
 
@@ -45,7 +46,7 @@ class MTPModule(Block):
         return self.eh_proj(torch.cat([self.enorm(emb_next), self.hnorm(h_prev)], dim=-1))
 
     def forward(self, h_prev: torch.Tensor, emb_next: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                mask: DocumentMask | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Eq. 21-23 up to the shared head: (h^k, the next depth's input; RMSNorm(h^k), the head's input).
         All of the module's own weights are used inside this call (what FSDP's per-module hooks expect)."""
         h = super().forward(self.combine(h_prev, emb_next), cos, sin, mask)

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
+from .doc_mask import DocumentMask
 from .moe import Experts, Gate
 from .mtp import MTPModule
 from .norm import RMSNorm
@@ -24,14 +25,6 @@ class ModelOutput:
     logits: torch.Tensor
     hidden: torch.Tensor
     mtp_logits: list[torch.Tensor] = field(default_factory=list)
-
-
-def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
-    """Causal mask that also keeps tokens of different packed documents apart: (B, S) -> (B, 1, S, S) bool."""
-    s = doc_ids.shape[1]
-    causal = torch.ones(s, s, dtype=torch.bool, device=doc_ids.device).tril()
-    same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]
-    return (causal & same_doc).unsqueeze(1)
 
 
 class DeepSeekV3(nn.Module):
@@ -103,13 +96,14 @@ class DeepSeekV3(nn.Module):
         return out
 
     def position_inputs(self, seq_len: int, device: torch.device, doc_ids: torch.Tensor | None = None
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """RoPE's cos and sin for positions 0..seq_len-1, and the document mask (None without ``doc_ids``)."""
+                        ) -> tuple[torch.Tensor, torch.Tensor, DocumentMask | None]:
+        """RoPE's cos and sin for positions 0..seq_len-1, and the document mask, built once for all layers in
+        the backend :mod:`.doc_mask` chose (None without ``doc_ids``)."""
         cos, sin = self.rotary(torch.arange(seq_len, device=device))
-        return cos, sin, document_mask(doc_ids) if doc_ids is not None else None
+        return cos, sin, DocumentMask.build(doc_ids) if doc_ids is not None else None
 
     def mtp_forward(self, h: torch.Tensor, window: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                    mask: torch.Tensor | None) -> list[torch.Tensor]:
+                    mask: DocumentMask | None) -> list[torch.Tensor]:
         """The MTP modules' logits (eq. 21-23) from the main model's final hidden state ``h`` (B, S, d) and the
         tokens ``window`` (B, >= S): module k at position i embeds t_{i+k} and predicts t_{i+k+1}."""
         s = h.shape[1]
@@ -118,7 +112,7 @@ class DeepSeekV3(nn.Module):
             n = min(s, window.shape[1] - k)  # positions i whose token t_{i+k} is known
             if n <= 0:
                 break
-            sub_mask = mask[:, :, :n, :n] if mask is not None else None
+            sub_mask = mask.first(n) if mask is not None else None
             h_prev, normed = module(h_prev[:, :n], self.embed_tokens(window[:, k:k + n]), cos[:n], sin[:n], sub_mask)
             logits.append(self.lm_head(normed))
         return logits

@@ -7,6 +7,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .attention import MLA
+from .doc_mask import DocumentMask
 from .ffn import MLP
 from .moe import MoE
 from .norm import RMSNorm
@@ -28,7 +29,7 @@ class Block(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        mask: torch.Tensor | None = None,
+        mask: DocumentMask | None = None,
     ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
         return x + self.mlp(self.post_attention_layernorm(x))

@@ -148,6 +148,10 @@ class Trainer:
             from ..fp8 import fp8_backends
 
             self.log("FP8 GEMMs: " + ", ".join(f"{k} on {v}" for k, v in fp8_backends(self.model).items()))
+        if cfg.doc_mask:
+            from ..model.doc_mask import describe
+
+            self.log(describe(self.device))
         self.grad_sync = grad_sync_context(self.forward, env)
         zero1 = env.dims.distributed and env.dims.shard == "zero1"
         self.optimizer = build_optimizer(self.model, cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay,
