@@ -1,4 +1,5 @@
-"""PNG plots of a training run (``dsv3 plot RUN_DIR``): loss curves, expert-load heatmap, MaxVio."""
+"""PNG plots of a training run (``dsv3 plot RUN_DIR``): loss curves, expert-load heatmap, MaxVio, and for a GRPO
+run its reward, accuracy, KL, clipping, response length and the time split of a step."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
 
 def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
-    """Write loss.png, expert_load.png and maxvio.png; returns their paths."""
+    """Write loss.png, expert_load.png and maxvio.png (and grpo.png for a GRPO run); returns their paths."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -46,6 +47,9 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
     fig.savefig(written[-1], dpi=120)
     plt.close(fig)
 
+    if any("reward" in r for r in records):
+        written.append(_plot_grpo(plt, records, run_dir, out / "grpo.png"))
+
     loads = [r["expert_load"] for r in records if r.get("expert_load")]
     if loads:
         arr = np.asarray(loads, dtype=float)  # (steps, layers, experts)
@@ -63,8 +67,10 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
         fig.savefig(written[-1], dpi=120)
         plt.close(fig)
 
-        fig, ax = plt.subplots(figsize=(8, 4.5))
         maxvio = np.asarray([r["maxvio"] for r in records if r.get("maxvio")])
+        if maxvio.ndim != 2:  # records without MaxVio
+            return written
+        fig, ax = plt.subplots(figsize=(8, 4.5))
         for i in range(maxvio.shape[1]):
             ax.plot(steps[: len(maxvio)], maxvio[:, i], lw=0.8, alpha=0.6, label=f"MoE layer {i}")
         ax.plot(steps[: len(maxvio)], maxvio.mean(axis=1), color="black", lw=1.5, label="mean")
@@ -78,3 +84,41 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
         fig.savefig(written[-1], dpi=120)
         plt.close(fig)
     return written
+
+
+def _plot_grpo(plt, records: list[dict], run_dir, path: Path) -> Path:
+    """Reward and accuracy, KL to the reference, clip fraction, response length, seconds per step."""
+    steps = [r["step"] for r in records]
+    fig, axes = plt.subplots(2, 3, figsize=(14, 7))
+    ax = axes[0, 0]
+    reward = [r["reward"] for r in records]
+    std = [r.get("reward_std", 0) for r in records]
+    ax.plot(steps, reward, label="mean reward", lw=1.2)
+    ax.fill_between(steps, [m - s for m, s in zip(reward, std)], [m + s for m, s in zip(reward, std)], alpha=0.15)
+    ax.plot(steps, [r["accuracy"] for r in records], label="rollout accuracy", lw=1)
+    held = [(r["step"], r["eval_accuracy"]) for r in records if "eval_accuracy" in r]
+    if held:
+        ax.plot(*zip(*held), "o-", color="black", label="held-out accuracy (greedy)")
+    ax.set_title("reward and accuracy")
+    ax.legend(fontsize=8)
+    panels = [(axes[0, 1], "kl", "KL to the reference (k3, per token)"),
+              (axes[0, 2], "clip_fraction", "clipped token fraction"),
+              (axes[1, 0], "response_length", "completion length (tokens)"),
+              (axes[1, 1], "loss", "GRPO loss")]
+    for ax, key, title in panels:
+        ax.plot(steps, [r.get(key, float("nan")) for r in records], lw=1.2)
+        ax.set_title(title)
+    ax = axes[1, 2]
+    rollout = [r.get("rollout_s", 0) for r in records]
+    ax.bar(steps, rollout, label="rollouts (engine)", width=1.0)
+    ax.bar(steps, [r.get("train_s", 0) for r in records], bottom=rollout, label="policy update", width=1.0)
+    ax.set_title("seconds per step")
+    ax.legend(fontsize=8)
+    for ax in axes.flat:
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{Path(run_dir).name}: GRPO")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from ..config import ConfigError, ModelConfig
 from ..inference.sampling import SamplingParams
+from ..train.balance import max_violation
 from ..train.parallel import clip_grad_norm
 from ..train.trainer import RunResult, Trainer
 from .common import PostTrainConfig, REPORT_PRETRAIN_PEAK_LR, cosine_schedules, export, load_start, parse_task, \
@@ -161,7 +162,7 @@ class GRPOTrainer(Trainer):
         self._start = None
         self.rollouts = Rollouts(model, self.tokenizer, self.template, self.device,
                                  max_batch=min(256, cfg.prompts_per_step * cfg.group_size), max_seq_len=cfg.seq_len,
-                                 compile=cfg.compile or None)
+                                 compile=cfg.compile)
         self.reference = None
         if cfg.beta > 0:
             self.reference = copy.deepcopy(model).eval().requires_grad_(False)
@@ -290,7 +291,8 @@ class GRPOTrainer(Trainer):
             "train_tokens_per_s": round(int(mask.shape[1] + 1) * n / max(t_train, 1e-9), 1),
             "expert_load": loads.tolist(),
         }
-        record["maxvio_mean"] = 0.0
+        record["maxvio"] = [round(max_violation(x), 4) for x in loads]
+        record["maxvio_mean"] = round(sum(record["maxvio"]) / max(len(loads), 1), 4)
         return record
 
     def progress_text(self, record: dict[str, Any]) -> str:
