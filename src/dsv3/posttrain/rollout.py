@@ -23,7 +23,12 @@ class Rollouts:
                  max_batch: int = 64, max_seq_len: int = 512, compile: bool | None = None):
         self.template = template
         self.tokenizer = tokenizer
-        config = EngineConfig(device=str(device), max_batch=max_batch, max_seq_len=max_seq_len, compile=compile)
+        sizes = tuple(sorted({min(2 ** k, max_batch) for k in range(max_batch.bit_length() + 1)}))
+        # bf16 on a GPU: the engine's fast paths (grouped-GEMM experts, CUDA graphs of every batch size a
+        # rollout reaches, the Triton decode kernels) need it; the training forward runs in bf16 autocast too
+        config = EngineConfig(device=str(device), max_batch=max_batch, max_seq_len=max_seq_len, compile=compile,
+                              dtype="bfloat16" if torch.device(device).type == "cuda" else None,
+                              graph_batch_sizes=sizes)
         self.engine = Engine(copy.deepcopy(model), tokenizer, config)
 
     def describe(self) -> str:
