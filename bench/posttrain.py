@@ -103,6 +103,8 @@ def main() -> None:
     ap.add_argument("--max-new", type=int, default=16)
     ap.add_argument("--eval-problems", type=int, default=500)
     ap.add_argument("--digits", default="1-2")
+    ap.add_argument("--ops", default="+-")
+    ap.add_argument("--beta", default="0.04")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (checks the pipeline runs)")
     args = ap.parse_args()
     if args.smoke:
@@ -111,7 +113,7 @@ def main() -> None:
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    task = ["--task-digits", args.digits, "--task-ops", "+-"]
+    task = ["--task-digits", args.digits, "--task-ops", args.ops]
     model = ["--set", "model.num_hidden_layers=2"] if args.smoke else []
     times = {}
     times["pretrain"] = dsv3("train", "--steps", str(args.pretrain_steps), "--out", str(out / "base"),
@@ -124,7 +126,7 @@ def main() -> None:
     times["grpo"] = dsv3("grpo", str(out / "sft" / "export"), "--out", str(out / "grpo"), "--device", device,
                          "--steps", str(args.grpo_steps), "--lr", args.grpo_lr, "--prompts-per-step",
                          str(args.prompts), "--group-size", str(args.group), "--max-new-tokens", str(args.max_new),
-                         "--eval-problems", str(args.eval_problems), "--eval-every", "10", *task)
+                         "--eval-problems", str(args.eval_problems), "--eval-every", "10", "--beta", args.beta, *task)
     dsv3("plot", str(out / "grpo"))
     records = [json.loads(x) for x in (out / "grpo" / "metrics.jsonl").read_text().splitlines()]
     steady = records[1:] or records
@@ -140,7 +142,7 @@ def main() -> None:
                "grpo_step_split": split, "rollout_throughput": throughput}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"\ndevice: {summary['device']}, torch {summary['torch']}, date {summary['date']}")
-    print(f"held-out {args.eval_problems} arithmetic problems ({args.digits} digits, +/-), greedy:\n")
+    print(f"held-out {args.eval_problems} arithmetic problems ({args.digits} digits, {args.ops}), greedy:\n")
     print("| model | accuracy | wall time of the stage (s) |\n|---|---:|---:|")
     for stage, key in (("base (dsv3 train)", "pretrain"), ("after SFT", "sft"), ("after GRPO", "grpo")):
         acc = summary["accuracy"][{"pretrain": "base", "sft": "sft", "grpo": "grpo"}[key]]
