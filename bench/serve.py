@@ -13,7 +13,8 @@ the table reports throughput and latency percentiles per run.
 
 Prompts are token ids, so their lengths are exact (``--shared-prefix N``: every prompt starts with the same N
 tokens, and the prefix cache serves them after the first request). Each run (one per ``--max-concurrency``
-value) first sends ``--warmup-prompts`` other prompts (compilation and CUDA-graph capture happen there), then
+value) first sends ``--warmup-prompts`` other prompts (compilation and CUDA-graph capture happen there; with
+``--shared-prefix`` twice, so that prompts continuing cached pages have run too), then
 ``--num-prompts`` requests, all at once or as a Poisson process of ``--request-rate`` requests/s, at most
 ``--max-concurrency`` in flight. Per request: time to first token (TTFT), time per output token after the
 first (TPOT = (latency - TTFT) / (tokens - 1)), and the gaps between streamed chunks (ITL). The prefix cache's
@@ -329,7 +330,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows = []
         for concurrency in args.concurrencies:
             warm = args.warmup_prompts if args.warmup_prompts is not None else min(concurrency or 64, 64)
-            if warm:
+            # with a shared prefix a second round: its prompts continue cached pages (another compiled path)
+            for _ in range(2 if warm and prefix else 1 if warm else 0):
                 asyncio.run(run_load(url, model, make_prompts(rng, warm, args.input_len, prefix, vocab),
                                      args.output_len, float("inf"), concurrency, args.temperature, args.seed))
             prompts = make_prompts(rng, args.num_prompts, args.input_len, prefix, vocab)
