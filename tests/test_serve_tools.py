@@ -94,13 +94,13 @@ def test_named_tool_choice_returns_a_valid_call(tool_client):
     for seed in range(3):
         out = ask(tool_client, tool_choice=NAMED, seed=seed)
         choice = out.choices[0]
-        assert choice.finish_reason == "tool_calls", choice
+        assert choice.finish_reason == "stop", choice  # OpenAI: a forced named function ends with "stop"
         assert choice.message.content is None
         calls = check_calls(choice.message)
         assert len(calls) == 1 and calls[0][0] == "get_weather"
         assert out.usage.completion_tokens <= MAX_TOKENS
         # streamed with the same seed: the same call, piece by piece
-        assert streamed(tool_client, tool_choice=NAMED, seed=seed) == (None, calls, "tool_calls")
+        assert streamed(tool_client, tool_choice=NAMED, seed=seed) == (None, calls, "stop")
 
 
 def test_required_calls_any_of_the_tools(tool_client):
@@ -161,6 +161,7 @@ def test_auto_parses_tool_calls_into_the_message():
     plain, has_calls = chat_message("Just text.", parse=True)
     assert plain.content == "Just text." and plain.tool_calls is None and not has_calls
     assert finish_reason("length", True) == "length"
+    assert finish_reason("stop", True, named=True) == "stop"
     assert chat_message(text, parse=False)[0].content == text  # tool_choice "none": not parsed
 
     stream = ToolStream()

@@ -59,6 +59,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request,
     def logprobs(entries: list[TokenLogprobs]) -> ChatLogprobs | None:
         return None if n_top is None else ChatLogprobs(content=chat_logprobs(texts, entries))
 
+    named = isinstance(plan.forced, dict)  # tool_choice named one function
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         first = [ChatCompletionStreamResponse(**base, choices=[ChatCompletionStreamChoice(
@@ -74,7 +75,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request,
             else:
                 stream = streams[d.index]
                 deltas = stream.feed(d.text, d.finish_reason is not None)
-                reason = finish_reason(d.finish_reason, stream.has_calls)
+                reason = finish_reason(d.finish_reason, stream.has_calls, named)
                 if not deltas and (reason is not None or d.logprobs):
                     deltas = [DeltaMessage()]
             return [ChatCompletionStreamResponse(**base, choices=[ChatCompletionStreamChoice(
@@ -90,7 +91,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request,
     for i, r in enumerate(gen.results):
         message, has_calls = chat_message(r.text or "", plan.parse)
         choices.append(ChatCompletionChoice(index=i, message=message, logprobs=logprobs(r.logprobs or []),
-                                            finish_reason=finish_reason(r.finish_reason, has_calls)))
+                                            finish_reason=finish_reason(r.finish_reason, has_calls, named)))
     return ChatCompletionResponse(**base, choices=choices, usage=gen.usage())
 
 

@@ -82,9 +82,10 @@ def plan_tools(body: ChatCompletionRequest) -> ToolPlan:
     return ToolPlan(tools, parse=True, forced="required", parallel=parallel)
 
 
-def finish_reason(reason: str | None, has_calls: bool) -> str | None:
-    """``tool_calls`` for a message that ended ("stop") with calls; otherwise the engine's reason."""
-    return "tool_calls" if has_calls and reason == "stop" else reason
+def finish_reason(reason: str | None, has_calls: bool, named: bool = False) -> str | None:
+    """``tool_calls`` for a message that ended ("stop") with calls; otherwise the engine's reason. A call forced
+    by a named ``tool_choice`` ends with ``stop``, as OpenAI's API answers it."""
+    return "tool_calls" if has_calls and reason == "stop" and not named else reason
 
 
 def chat_message(text: str, parse: bool) -> tuple[AssistantMessage, bool]:
