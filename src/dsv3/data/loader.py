@@ -195,14 +195,8 @@ class PackedLoader:
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from ``state``; refuses a state saved with different settings or data."""
-        mine = self.state_dict()
         # the position counts windows of the global stream, so the micro-batch and the world size may change
-        free = ("epoch", "position", "batch_size", "world_size")
-        mismatched = [k for k in mine if k not in free and state.get(k) != mine[k]]
-        if mismatched:
-            details = ", ".join(f"{k}: saved {state.get(k)!r} != now {mine[k]!r}" for k in mismatched)
-            raise ValueError(f"loader state does not match this loader ({details})")
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self.epoch, self.position = resume_position(self.state_dict(), state, "loader")
 
 
 def iter_eval_batches(
@@ -240,3 +234,14 @@ def _collate(reads: list[tuple[np.ndarray, np.ndarray]], seq_len: int, with_doc_
     tokens = torch.from_numpy(np.stack([t for t, _ in reads]))
     doc_ids = torch.from_numpy(np.stack([d for _, d in reads])) if with_doc_ids else None
     return Batch(tokens=tokens, doc_ids=doc_ids, seq_len=seq_len)
+
+
+def resume_position(mine: dict, saved: dict, what: str) -> tuple[int, int]:
+    """(epoch, position) of a saved loader state, after checking that every setting but the position, the
+    micro-batch and the world size matches this loader's (``mine``); else ``ValueError`` naming them."""
+    free = ("epoch", "position", "batch_size", "world_size")
+    mismatched = [k for k in mine if k not in free and saved.get(k) != mine[k]]
+    if mismatched:
+        details = ", ".join(f"{k}: saved {saved.get(k)!r} != now {mine[k]!r}" for k in mismatched)
+        raise ValueError(f"{what} state does not match this loader ({details})")
+    return int(saved["epoch"]), int(saved["position"])

@@ -27,6 +27,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from ..data.loader import resume_position
 from ..train.batch import IGNORE_INDEX, TrainBatch
 from .sft_data import SFTSample
 
@@ -218,10 +219,4 @@ class SFTLoader:
     def load_state_dict(self, state: dict) -> None:
         """Continue from ``state``; refuses a state saved with different settings or data. The position counts
         packs of the global order, so the micro-batch size and the world size may change."""
-        mine = self.state_dict()
-        free = ("epoch", "position", "batch_size", "world_size")
-        mismatched = [k for k in mine if k not in free and state.get(k) != mine[k]]
-        if mismatched:
-            details = ", ".join(f"{k}: saved {state.get(k)!r} != now {mine[k]!r}" for k in mismatched)
-            raise ValueError(f"SFT loader state does not match this loader ({details})")
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self.epoch, self.position = resume_position(self.state_dict(), state, "SFT loader")
