@@ -313,6 +313,38 @@ def test_tool_call_masks(official):
     assert allowed() == {tok.eos_id} and c.is_finished()
 
 
+def test_auto_is_free_text_until_the_calls_open(official):
+    """tool_choice auto: any token but the markers (the one that opens the calls excepted), EOS included, no bit
+    past the vocabulary; prose with quotes does not disturb the JSON state after; then calls as "required"."""
+    tok, factory = official
+    vocab = factory.vocab_size
+    ids = {m: tok.hf.token_to_id(m) for m in MARKERS}
+    row = torch.zeros(bitmask_words(vocab), dtype=torch.int32)
+    c = factory.tool_call(TOOLS, "auto", max_tokens=96)
+
+    def allowed() -> set[int]:
+        c.fill_bitmask(row)
+        return set(allowed_from_bitmask(row, vocab).nonzero().flatten().tolist())
+
+    free = allowed()
+    assert free == set(range(vocab)) - (set(ids.values()) - {ids[TOOL_CALLS_BEGIN]})
+    assert tok.eos_id in free and not c.is_finished()
+    for token in tok.encode('He said "hi', allow_special=True):  # an unclosed quote in the prose
+        c.accept(token)
+    assert allowed() == free
+    c.accept(ids[TOOL_CALLS_BEGIN])
+    assert allowed() == {ids[TOOL_CALL_BEGIN]}
+    for seed in range(5):  # a random model finishes valid calls from there, within the budget
+        c = factory.tool_call(TOOLS, "auto", max_tokens=96)
+        for token in tok.encode("Let me check.", allow_special=True) + [ids[TOOL_CALLS_BEGIN]]:
+            c.accept(token)
+        tokens = sample(c, vocab, seed, 96 - c.generated)
+        check_calls(TOOL_CALLS_BEGIN + tok.decode(tokens), {"get_weather", "search"})
+    c = factory.tool_call(TOOLS, "auto")
+    c.accept(tok.eos_id)  # a plain answer may end at once
+    assert c.is_finished()
+
+
 def test_parallel_calls_and_exact_text(official):
     tok, factory = official
     text = format_tool_calls([ToolCall("", "search", '{"q":"a"}'),
@@ -348,6 +380,8 @@ def test_unsupported_schemas_and_requests_are_refused(plain):
             factory.json_schema(schema)
     check_schema({"oneOf": [{"type": "integer"}, {"type": "string"}], "allOf": [{"minimum": 1}]})
     with pytest.raises(ValueError, match="needs no constraint"):
+        factory.tool_call(TOOLS, "none")
+    with pytest.raises(ValueError, match="markers are tokens"):  # this tokenizer has them as text
         factory.tool_call(TOOLS, "auto")
     with pytest.raises(ValueError, match="not among the tools"):
         factory.tool_call(TOOLS, {"type": "function", "function": {"name": "nope"}})

@@ -1,8 +1,9 @@
 """Tools through the server, with the official ``openai`` client, on a tiny random model whose tokenizer has
 DeepSeek-V3's tool-call markers as special tokens: a forced call (``required`` or a named function) comes back
 as OpenAI ``tool_calls`` whose arguments validate against the function's schema, streamed the same as whole;
-the calls and their results go back into the conversation (rendered with the markers); ``auto`` parsing is
-checked on a fixed text; invalid tools are 400s naming the field."""
+the calls and their results go back into the conversation (rendered with the markers); ``auto`` leaves text free
+and makes calls valid once the model opens them, and its parsing is checked on a fixed text; invalid tools are
+400s naming the field."""
 
 from __future__ import annotations
 
@@ -136,14 +137,31 @@ def test_tool_calls_and_results_go_back_into_the_conversation(tool_client, tool_
     wait_idle(engine)
 
 
-def test_auto_and_none_do_not_constrain(tool_client):
-    """auto (the default with tools) and none sample freely; none leaves the tools out of the prompt."""
+def test_auto_and_none_leave_text_free(tool_client):
+    """auto (the default with tools) and none let the model write text as it likes (to "length" here); none
+    leaves the tools out of the prompt."""
     prompt = {}
     for choice in ("auto", "none", None):
         out = ask(tool_client, tool_choice=choice, seed=0, max_tokens=6, extra_body={"ignore_eos": True})
         assert out.choices[0].finish_reason == "length" and out.usage.completion_tokens == 6
         prompt[choice] = out.usage.prompt_tokens
     assert prompt[None] == prompt["auto"] > prompt["none"]
+
+
+def test_auto_calls_are_valid_once_the_model_opens_them(tool_client, tool_loaded):
+    """With auto the model may write text or open tool calls; once it opens them (pushed here by a logit bias
+    on the opening marker, which a random model would rarely pick) the calls are valid against their schemas
+    and end within max_tokens, whole and streamed alike."""
+    _, tok = tool_loaded
+    begin = tok.hf.token_to_id(TOOL_CALLS_BEGIN)
+    for seed in range(3):
+        out = ask(tool_client, tool_choice="auto", seed=seed, logit_bias={str(begin): 100})
+        choice = out.choices[0]
+        assert choice.finish_reason == "tool_calls", choice
+        calls = check_calls(choice.message)
+        assert out.usage.completion_tokens <= MAX_TOKENS
+        assert streamed(tool_client, tool_choice="auto", seed=seed, logit_bias={str(begin): 100})[1:] == \
+            (calls, "tool_calls")
 
 
 def test_auto_parses_tool_calls_into_the_message():

@@ -239,7 +239,7 @@ class GrammarConstraint:
     ``max_tokens`` when given (module docstring). Made by :class:`~dsv3.inference.grammar.GrammarFactory`.
 
     ``driver``: the grammar state (``fill(bitmask (1, words))``, ``accept(token) -> bool``, ``fork()``,
-    ``terminated()``); ``repeats``: one token may start another whole unit of the output (a tool call), so the
+    ``terminated()``, ``structured()``: whether the output has entered the constrained part); ``repeats``: one token may start another whole unit of the output (a tool call), so the
     watch zone is wider by the first plan's length."""
 
     def __init__(self, driver, vocab_size: int, eos_id: int, max_tokens: int | None,
@@ -282,6 +282,8 @@ class GrammarConstraint:
             raise ValueError(f"token {token} is not allowed by the grammar here")
         self.generated += 1
         self._mask_fresh = False
+        if not self._driver.structured():  # free text before the structure (tool_choice auto)
+            return
         self._lexer = in_string(self._table.texts[token], self._lexer)
         if self.max_tokens is None:
             return
@@ -305,8 +307,8 @@ class GrammarConstraint:
             set_bit(out, self._plan[0])
 
     def _zone(self) -> str:
-        if self.max_tokens is None:
-            return "free"
+        if self.max_tokens is None or not self._driver.structured():
+            return "free"  # free text ends as it likes ("length" at max_tokens); a structure is finished in time
         remaining = self.max_tokens - self.generated
         if self._plan is None and (self._estimate is None or remaining <= self._plan_at
                                    or remaining <= self._estimate + self._watch):

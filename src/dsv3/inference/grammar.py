@@ -189,8 +189,15 @@ class GrammarFactory:
 
         ``choice``: ``"required"`` (one call, or several separated by a newline when ``parallel``, of any of
         ``tools``) or a named function (``{"type": "function", "function": {"name": ...}}`` or the name):
-        exactly one call of it. ``"auto"`` and ``"none"`` constrain nothing and are refused here."""
+        exactly one call of it. ``"auto"``: free text (no tool-call marker but the one that opens the calls),
+        and once the model opens the calls, "required" from there; it needs the markers as tokens (a tokenizer
+        with them as text gets ``ValueError``: its output is left unconstrained). ``"none"`` is refused."""
         specs = function_specs(tools)
+        auto = choice == "auto"
+        if auto:
+            if self.marker_ids is None:
+                raise ValueError("tool_choice 'auto' is guided only where the tool-call markers are tokens")
+            choice = "required"
         if isinstance(choice, Mapping):
             function = choice.get("function") if choice.get("type", "function") == "function" else None
             name = function.get("name") if isinstance(function, Mapping) else None
@@ -198,8 +205,8 @@ class GrammarFactory:
                 raise ValueError("tool_choice must be 'required' or {'type': 'function', 'function': {'name': ...}}")
             choice = name
         if choice != "required":
-            if choice in ("auto", "none"):
-                raise ValueError(f"tool_choice {choice!r} needs no constraint")
+            if choice == "none":
+                raise ValueError("tool_choice 'none' needs no constraint")
             specs = [s for s in specs if s["name"] == choice]
             if not specs:
                 raise ValueError(f"tool_choice names {choice!r}, which is not among the tools")
@@ -216,7 +223,8 @@ class GrammarFactory:
         function = self._compiled(("literal", "function"),
                                   lambda: self._compiler.compile_grammar(xgr.Grammar.from_ebnf('root ::= "function"')))
         body = self._compiled(("tools_body", key), lambda: self._compiler.compile_grammar(self._bodies(specs)))
-        driver = _ToolCallDriver(self.marker_ids, function, body, self.newline_id, parallel, self.eos_id)
+        driver = _ToolCallDriver(self.marker_ids, function, body, self.newline_id, parallel, self.eos_id,
+                                 free=self.vocab_size if auto else None)
         return self._constraint(driver, max_tokens, repeats=parallel)
 
     # --- grammars ----------------------------------------------------------------------------------------
@@ -293,6 +301,10 @@ class _MatcherDriver:
     def terminated(self) -> bool:
         return self.matcher.is_terminated()
 
+    def structured(self) -> bool:
+        """Whether the output so far is inside the constrained structure (always, for a whole-output grammar)."""
+        return True
+
 
 class _ToolCallDriver:
     """DeepSeek-V3 tool calls where the markers are special tokens: the markers are placed here, and xgrammar
@@ -300,12 +312,19 @@ class _ToolCallDriver:
     follows as its stop token. xgrammar never allows a special token as text, so markers cannot leak into
     argument strings."""
 
-    def __init__(self, ids: dict[str, int], function, body, newline: int, parallel: bool, eos: int):
+    def __init__(self, ids: dict[str, int], function, body, newline: int, parallel: bool, eos: int,
+                 free: int | None = None):
         self.ids, self.function, self.body, self.newline, self.parallel, self.eos = \
             ids, function, body, newline, parallel, eos
         self.markers = frozenset(ids.values())
-        self.stage = "calls_begin"  # calls_begin, call_begin, type, body, after, end, terminated
+        self.vocab_size = free
+        # free (tool_choice auto: any text until the calls open), calls_begin, call_begin, type, body, after,
+        # end, terminated
+        self.stage = "calls_begin" if free is None else "free"
         self.matcher = None
+
+    def structured(self) -> bool:
+        return self.stage != "free"
 
     def fill(self, bitmask: torch.Tensor) -> None:
         if self.stage in ("type", "body"):
@@ -313,6 +332,15 @@ class _ToolCallDriver:
             # EOS has no text (as every added token) but, not being these matchers' stop token, would be
             # taken for an empty string by xgrammar
             set_bit(bitmask.numpy()[0], self.eos, clear=True)
+        elif self.stage == "free":  # any token of the vocabulary but the markers, which only open the calls
+            words = bitmask.numpy()[0]
+            words[:] = -1
+            tail = self.vocab_size & 31
+            if tail:
+                words[-1] = (1 << tail) - 1
+            words[self.vocab_size + 31 >> 5:] = 0
+            for t in self.markers - {self.ids[TOOL_CALLS_BEGIN]}:
+                set_bit(words, t, clear=True)
         else:
             words = bitmask.numpy()[0]
             words[:] = 0
@@ -343,6 +371,14 @@ class _ToolCallDriver:
             elif token == ids[TOOL_CALL_END] and self.stage == "body":
                 self.stage, self.matcher = "after", None
             return True
+        if self.stage == "free":
+            if token in self.markers and token != ids[TOOL_CALLS_BEGIN]:
+                return False
+            if token == ids[TOOL_CALLS_BEGIN]:
+                self.stage = "call_begin"
+            elif token == self.eos:
+                self.stage = "terminated"
+            return True
         if token not in self._allowed():
             return False
         if token == ids[TOOL_CALL_BEGIN]:
@@ -354,7 +390,8 @@ class _ToolCallDriver:
         return True
 
     def fork(self) -> _ToolCallDriver:
-        other = _ToolCallDriver(self.ids, self.function, self.body, self.newline, self.parallel, self.eos)
+        other = _ToolCallDriver(self.ids, self.function, self.body, self.newline, self.parallel, self.eos,
+                                self.vocab_size)
         other.stage, other.matcher = self.stage, self.matcher.fork() if self.matcher is not None else None
         return other
 

@@ -13,7 +13,7 @@ import time
 from fastapi import APIRouter, Depends, Request
 
 from ..inference import TokenLogprobs
-from .errors import InvalidRequestError
+from .errors import InvalidRequestError, UnsupportedParameterError
 from .generation import ERRORS, STREAM, Delta, Generation, check_sampling, client_gone, sampling_params
 from .logprobs import chat_logprobs
 from .loop import Job
@@ -104,5 +104,27 @@ async def _constraints(state: ServerState, body: ChatCompletionRequest, plan: To
         constraints = await state.grammars.make("tools", lambda f: [
             f.tool_call(tools, forced, parallel=parallel, max_tokens=budget) for _ in range(body.n)])
         return constraints, "tool_choice"
+    if plan.parse and plan.tools and not wants_constraint(body.response_format):
+        guided = await _guided_auto(state, body, plan, budget)
+        if guided is not None:
+            return guided, "tools"
     constraints = await response_format_constraints(state, body.response_format, [budget] * body.n)
     return constraints, "response_format" if constraints else None
+
+
+async def _guided_auto(state: ServerState, body: ChatCompletionRequest, plan: ToolPlan, budget: int) -> list | None:
+    """``tool_choice: "auto"``: free text, or tool calls valid against their schemas once the model opens them
+    (:meth:`GrammarFactory.tool_call` "auto"). ``None`` (unconstrained, calls parsed as written) where it cannot
+    be guided: no grammar library, the markers are text for this tokenizer, a speculative engine, or a schema
+    the grammar compiler does not take (a forced choice would answer 400 there; auto stays usable)."""
+    if state.engine.speculator is not None:
+        return None
+    try:
+        factory = await state.grammars.factory("tools")
+        if factory.marker_ids is None:
+            return None
+        tools, parallel = plan.tools, plan.parallel
+        return await state.grammars.make("tools", lambda f: [
+            f.tool_call(tools, "auto", parallel=parallel, max_tokens=budget) for _ in range(body.n)])
+    except (InvalidRequestError, UnsupportedParameterError):
+        return None
