@@ -242,7 +242,7 @@ class GRPOTrainer(Trainer):
         part = n // cfg.mini_batches
         sums = torch.zeros(5, dtype=torch.float64, device=self.device)  # loss, kl, clipped, ratio, tokens
         grad_norm = torch.zeros((), device=self.device)
-        self.balancer.start_step(cfg.mini_batches * -(-part // cfg.micro_batch_size))
+        self.balancer.start_step(-(-part // cfg.micro_batch_size))  # micro-batches per update
         for m in range(cfg.mini_batches):
             rows = range(m * part, (m + 1) * part)
             denominator = {"sequence": float(part), "token": mask[rows.start:rows.stop].sum().float(),
