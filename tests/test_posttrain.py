@@ -114,14 +114,16 @@ def test_grpo_end_to_end_and_exact_resume_after_sigkill(base, tmp_path):
                                                           "response_length", "expert_load", "eval_accuracy"))
 
 
-def test_bad_options_are_errors_naming_them(base, tmp_path):
-    r = run_cli("grpo", str(base), "--group-size", "1", "--out", str(tmp_path / "x"))
-    assert r.returncode == 2 and "group_size" in r.stderr
-    r = run_cli("sft", str(tmp_path / "missing"), "--out", str(tmp_path / "y"))
-    assert r.returncode == 2 and "checkpoint" in r.stderr
-    r = run_cli("sft", str(base), "--data", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "z"),
-                "--device", "cpu")
-    assert r.returncode == 2 and "none.jsonl" in r.stderr
+def test_bad_options_are_errors_naming_them(base, tmp_path, capsys):
+    from dsv3.cli import main  # in this process: the checks come before any training
+
+    assert main(["grpo", str(base), "--group-size", "1", "--out", str(tmp_path / "x")]) == 2
+    assert "group_size" in capsys.readouterr().err
+    assert main(["sft", str(tmp_path / "missing"), "--out", str(tmp_path / "y")]) == 2
+    assert "checkpoint" in capsys.readouterr().err
+    assert main(["sft", str(base), "--data", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "z"),
+                 "--device", "cpu"]) == 2
+    assert "none.jsonl" in capsys.readouterr().err
 
 
 def test_sft_data_parallel_matches_one_process(base, tmp_path):
