@@ -1,3 +1,4 @@
+import contextlib
 import json
 import os
 import subprocess
@@ -102,3 +103,16 @@ def rand_tokens(n: int, seed: int) -> list[int]:
     """``n`` random token ids of the ``tiny`` vocabulary (above the special ids), reproducible by ``seed``."""
     g = torch.Generator().manual_seed(seed)
     return torch.randint(2, 4096, (n,), generator=g).tolist()
+
+
+@contextlib.contextmanager
+def host_reads(monkeypatch):
+    """The files whose code reads a tensor back to the host (``Tensor.tolist``) inside the block; the
+    test's patches are undone at its end."""
+    tolist, reads = torch.Tensor.tolist, []
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: (reads.append(sys._getframe(1).f_code.co_filename),
+                                                           tolist(t))[1])
+    try:
+        yield reads
+    finally:
+        monkeypatch.undo()

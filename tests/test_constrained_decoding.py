@@ -5,12 +5,12 @@ set of allowed tokens, and a token sequence that must be spelled out."""
 
 from __future__ import annotations
 
-import sys
 
 import pytest
 import torch
 
 import dsv3
+from conftest import host_reads
 from dsv3.inference import Engine, GenerationRequest, SamplingParams
 from dsv3.inference.constraint import bitmask_from_allowed
 from dsv3.inference.penalties import process_logits_reference
@@ -90,13 +90,11 @@ def test_constraints_in_a_mixed_batch(model, monkeypatch, sampled, cuda_graph):
     constraints = [AllowedSet(SET), Spell(WORD), None, AllowedSet(SET[:5])]
     engine = Engine(model, max_batch=4, max_seq_len=48, page_size=4, cuda_graph=cuda_graph, max_prefill_tokens=9)
     results = [engine.submit(GenerationRequest(p, sp, constraint=c)) for p, sp, c in zip(PROMPTS, ps, constraints)]
-    tolist, reads, steps = torch.Tensor.tolist, [], 0
-    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: (reads.append(sys._getframe(1).f_code.co_filename),
-                                                           tolist(t))[1])
-    while engine.scheduler.has_work:
-        engine.step()
-        steps += 1
-    monkeypatch.undo()
+    steps = 0
+    with host_reads(monkeypatch) as reads:
+        while engine.scheduler.has_work:
+            engine.step()
+            steps += 1
     assert engine.host_reads == steps == len([f for f in reads if "inference" in f])
     allowed, spelled, plain, small = results
     assert allowed.tokens == constraints[0].accepted == reference(model, PROMPTS[0], ps[0], constraints[0].allowed)

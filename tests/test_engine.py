@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import ast
 import pathlib
-import sys
 
 import pytest
 import torch
 
 import dsv3
-from conftest import rand_tokens
+from conftest import host_reads, rand_tokens
 from dsv3.inference import Engine, EngineConfig, GenerationRequest, ModelRunner, SamplingParams
 
 PACKAGE = pathlib.Path(dsv3.__file__).parent / "inference"
@@ -42,14 +41,10 @@ def test_one_prefill_forward_and_one_host_read_per_step(model, monkeypatch, para
     steps = 0
     results = [engine.submit(GenerationRequest(p, params if isinstance(params, SamplingParams) else params[i]))
                for i, p in enumerate(PROMPTS)]
-    tolist = torch.Tensor.tolist
-    reads = []
-    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: (reads.append(sys._getframe(1).f_code.co_filename),
-                                                           tolist(t))[1])
-    while engine.scheduler.has_work:
-        engine.step()
-        steps += 1
-    monkeypatch.undo()
+    with host_reads(monkeypatch) as reads:
+        while engine.scheduler.has_work:
+            engine.step()
+            steps += 1
     assert len(prefills) == 1  # the four prompts admitted together: one forward
     # one read of the new tokens per step; none elsewhere in the engine (on the CPU the model's own expert
     # loop, dsv3/model/moe.py, reads its counts: the reference path, not the GPU's grouped GEMMs)
@@ -278,13 +273,9 @@ def test_speculative_steps_read_the_host_once(model, monkeypatch, params):
     long = SamplingParams(**{**vars(params), "max_new_tokens": 16})
     results = [engine.submit(GenerationRequest(p, long)) for p in PROMPTS]
     engine.step()  # admission: prefill, first tokens, the first drafts
-    tolist = torch.Tensor.tolist
-    reads = []
-    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: (reads.append(sys._getframe(1).f_code.co_filename),
-                                                           tolist(t))[1])
-    for _ in range(3):
-        engine.step()
-    monkeypatch.undo()
+    with host_reads(monkeypatch) as reads:
+        for _ in range(3):
+            engine.step()
     assert len([f for f in reads if "inference" in f]) == 3
     while engine.scheduler.has_work:
         engine.step()

@@ -4,12 +4,11 @@ prefix cache, speculative decoding), with one host read per step."""
 
 from __future__ import annotations
 
-import sys
 
 import pytest
 import torch
 
-from conftest import rand_tokens
+from conftest import host_reads, rand_tokens
 from dsv3.inference import Engine, GenerationRequest, SamplingParams
 
 TOL = 1e-4
@@ -67,13 +66,11 @@ def test_logprobs_equal_the_full_forward(model, monkeypatch, sampled, cuda_graph
     ps = [params(i, sampled) for i in range(4)]
     engine = Engine(model, max_batch=4, max_seq_len=48, page_size=4, cuda_graph=cuda_graph, max_prefill_tokens=5)
     results = [engine.submit(GenerationRequest(p, sp)) for p, sp in zip(PROMPTS, ps)]
-    tolist, reads, steps = torch.Tensor.tolist, [], 0
-    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: (reads.append(sys._getframe(1).f_code.co_filename),
-                                                           tolist(t))[1])
-    while engine.scheduler.has_work:
-        engine.step()
-        steps += 1
-    monkeypatch.undo()
+    steps = 0
+    with host_reads(monkeypatch) as reads:
+        while engine.scheduler.has_work:
+            engine.step()
+            steps += 1
     assert engine.host_reads == steps == len([f for f in reads if "inference" in f])
     for prompt, sp, res in zip(PROMPTS, ps, results):
         check(model, prompt, res, sp.logprobs, sp.prompt_logprobs)
@@ -135,12 +132,9 @@ def test_speculative_logprobs_equal_the_full_forward(model, monkeypatch, sampled
     engine = oracle_engine(model, truth, **kw)
     results = [engine.submit(GenerationRequest(p, sp)) for p, sp in zip(PROMPTS, ps)]
     engine.step()  # admission
-    tolist, reads = torch.Tensor.tolist, []
-    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: (reads.append(sys._getframe(1).f_code.co_filename),
-                                                           tolist(t))[1])
-    for _ in range(3):
-        engine.step()
-    monkeypatch.undo()
+    with host_reads(monkeypatch) as reads:
+        for _ in range(3):
+            engine.step()
     assert len([f for f in reads if "inference" in f]) == 3
     while engine.scheduler.has_work:
         engine.step()
