@@ -3,6 +3,7 @@ learning-rate schedule of post-training, and the export (Hugging Face layout wit
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -147,6 +148,13 @@ class TaskScore:
     """Share of completions with a box at all."""
     mean_length: float
     """Mean completion length in tokens."""
+
+
+def write_score(run_dir: Path, score: TaskScore) -> Path:
+    """``RUN/task_accuracy.json``: the held-out score of the run's final model."""
+    path = Path(run_dir) / "task_accuracy.json"
+    path.write_text(json.dumps(dataclasses.asdict(score)) + "\n")
+    return path
 
 
 def score_completions(task: ArithmeticTask, problems, completions: list[str], lengths: list[int]) -> TaskScore:

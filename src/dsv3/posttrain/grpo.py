@@ -31,8 +31,8 @@ from ..inference.sampling import SamplingParams
 from ..train.balance import max_violation
 from ..train.parallel import clip_grad_norm
 from ..train.trainer import RunResult, Trainer
-from .common import PostTrainConfig, REPORT_PRETRAIN_PEAK_LR, cosine_schedules, export, load_start, parse_task, \
-    pretrain_peak_lr
+from .common import (PostTrainConfig, REPORT_PRETRAIN_PEAK_LR, cosine_schedules, export, load_start, parse_task,
+                     pretrain_peak_lr, write_score)
 from .grpo_loss import equal_reward_groups, group_advantages, grpo_loss, token_logprobs
 from .rewards import make_reward
 from .rollout import Rollouts
@@ -350,8 +350,7 @@ class GRPOTrainer(Trainer):
             return None
         score = self.rollouts.score(self.task, self.task.problems(self.cfg.eval_problems, "test"),
                                     self.cfg.max_new_tokens)
-        (self.run_dir / "task_accuracy.json").write_text(
-            f'{{"problems": {score.problems}, "accuracy": {score.accuracy}, "formatted": {score.formatted}}}\n')
+        write_score(self.run_dir, score)
         self.log(f"held-out {self.task.name} accuracy after GRPO: {score.accuracy:.1%} ({score.problems} problems)")
         return f"accuracy {score.accuracy:.1%}"
 

@@ -23,7 +23,7 @@ from ..train.step import cross_entropy_sum
 from ..train.trainer import RunResult, Trainer
 from .builtin_sft import builtin_conversations
 from .common import (PostTrainConfig, checkpoint_model_config, cosine_schedules, export, load_start, parse_task,
-                     post_training_lr, tokenizer_dir)
+                     post_training_lr, tokenizer_dir, write_score)
 from .packing import SFTLoader, collate, pack_best_fit, pack_capacity
 from .sft_data import encode_all, read_jsonl
 
@@ -178,8 +178,7 @@ class SFTTrainer(Trainer):
                 score = task_score(model, self.tokenizer, self.template, self.task, cfg.eval_problems, self.device)
                 self.log(f"held-out {self.task.name} accuracy after SFT: {score.accuracy:.1%} "
                          f"({score.problems} problems, {score.formatted:.0%} answered in a box)")
-                (self.run_dir / "task_accuracy.json").write_text(
-                    f'{{"problems": {score.problems}, "accuracy": {score.accuracy}, "formatted": {score.formatted}}}\n')
+                write_score(self.run_dir, score)
                 sample = f"accuracy {score.accuracy:.1%}"
         env.barrier()
         return sample
