@@ -4,7 +4,10 @@ sharded loader, the built-in data set, and a tiny model's per-sample loss packed
 
 import dataclasses
 import json
+import os
 import random
+import subprocess
+import sys
 import time
 
 import pytest
@@ -333,6 +336,17 @@ def test_builtin_conversations(plain):
     assert stats.samples == len(mixed) and stats.skipped == 0
     assert plain.decode(samples[0].tokens) == template.render(mixed[0], add_generation_prompt=False)
     assert all(s.n_targets > 0 for s in samples)
+
+
+def test_builtin_conversations_are_the_same_in_every_process():
+    """A resumed run rebuilds the data in a new process: nothing may depend on memory addresses or hash seeds
+    (a default printed as ``<function f at 0x7f...>`` once made a resume refuse its own checkpoint)."""
+    code = ("import hashlib, json; from dsv3.posttrain.builtin_sft import stdlib_conversations; "
+            "print(hashlib.sha256(json.dumps(stdlib_conversations()).encode()).hexdigest())")
+    digests = {subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": str(seed)},
+                              capture_output=True, text=True, check=True, timeout=120).stdout for seed in (1, 2)}
+    assert len(digests) == 1
+    assert not any(" at 0x" in c[1]["content"] for c in stdlib_conversations())
 
 
 # --- a real model: packed = alone -----------------------------------------------------------------------------

@@ -40,6 +40,7 @@ MAX_SIGNATURE_CHARS = 100
 """Longer signatures are left out of the answer."""
 
 _USAGE = re.compile(r"^[\w.]+\(.*\)")  # old C docstrings open with usage lines: "name(args) -> result"
+_FUNCTION_REPR = re.compile(r"<function ([\w.]+) at 0x[0-9a-f]+>")
 
 
 def _public(module) -> list[tuple[str, object]]:
@@ -84,7 +85,9 @@ def _signature(obj: object) -> str:
         sig = str(inspect.signature(obj))
     except (TypeError, ValueError):  # many C functions have none
         return ""
-    return sig if len(sig) <= MAX_SIGNATURE_CHARS else ""
+    # defaults printed with their memory address would make the data differ from one process to the next
+    sig = _FUNCTION_REPR.sub(r"\1", sig)
+    return sig if len(sig) <= MAX_SIGNATURE_CHARS and " at 0x" not in sig else ""
 
 
 def _entries() -> list[tuple[str, object]]:
