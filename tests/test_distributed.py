@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -86,6 +87,32 @@ def test_expert_parallel_matches_one_process(setup, launch, nproc):
         assert all(c.sizes[0] == n_experts // 2 for c in md.chunks), key
 
 
+def test_zero1_with_expert_parallelism_and_its_checkpoint_on_fewer_ranks(setup, launch):
+    """ZeRO-1 with --ep 2 on 4 ranks: the dense AdamW states are sharded over the 4 data-parallel ranks, each
+    expert's over the 2 ranks holding it (two ZeroRedundancyOptimizers), and the run is the one-process run.
+    Its step-5 checkpoint continues on 2 ranks (FSDP2, EP 2: resharded 4 -> 2) as the one-process run."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    root, common = setup
+    out, _ = launch("zero1-ep2-dp4", 4, "--dp-shard", "zero1", "--ep", "2")
+    assert_same_run(out, root / "one")
+    metadata = FileSystemReader(str(out / "checkpoints" / "step_0000010")).read_metadata()
+    states = [k for k in metadata.state_dict_metadata if k.endswith("experts.gate_up_proj.exp_avg")]
+    assert states  # every expert's state written, once (by its owner in the column), as two halves of the experts
+    for key in states:
+        md = metadata.state_dict_metadata[key]
+        assert sorted((c.offsets[0], c.sizes[0]) for c in md.chunks) == [(0, md.size[0] // 2), (md.size[0] // 2, md.size[0] // 2)]
+
+    fewer = root / "zero1-ep2-dp4-on-2"
+    shutil.copytree(out, fewer)
+    shutil.rmtree(fewer / "checkpoints" / "step_0000010")
+    (fewer / "checkpoints" / "latest").unlink(missing_ok=True)
+    resumed = torchrun(2, *common, "--out", str(fewer), "--resume", "--ep", "2")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed" in resumed.stdout and "step 5" in resumed.stdout
+    assert_same_run(fewer, root / "one")
+
+
 def test_kill_and_resume_under_torchrun_and_in_one_process(setup, launch):
     """kill -9 of the whole expert-parallel torchrun job after a checkpoint; --resume under torchrun finishes the
     run as if uninterrupted. The same sharded checkpoint also resumes in one process (2 ranks -> 1, the experts
@@ -104,8 +131,6 @@ def test_kill_and_resume_under_torchrun_and_in_one_process(setup, launch):
     proc.wait(30)
     done = sorted(p.name for p in ckpts.glob("step_*"))
     assert done and done[-1] < "step_0000010", done  # killed before the end
-    import shutil
-
     shutil.copytree(out, root / "killed-copy")
     resumed = torchrun(2, *common, "--out", str(out), "--resume", "--ep", "2")
     assert resumed.returncode == 0, resumed.stderr[-3000:]

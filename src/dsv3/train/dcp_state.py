@@ -6,7 +6,7 @@ Every rank writes its own shards of one flat state dict, keyed by the unsharded 
   are presented as DTensors sharded over the ``ep`` mesh dimension (replicated over ``dp_outer``), so the
   checkpoint records the global (all-experts) shape;
 * ``optim.<name>.<key>``: the AdamW state of each parameter, sharded as its parameter (ZeRO-1: written by the
-  rank that owns it).
+  rank that owns it; an expert's by its owner among the ranks holding that expert).
 
 DCP reshards on load: a checkpoint saved on 4 ranks loads on 2, or into a plain one-process model (export).
 The JSON state (step, tokens, data position, configs) is the rank-0 ``meta.json`` beside the shards.
@@ -25,9 +25,13 @@ from ..checkpoint import CheckpointError
 from .parallel import Distributed, expert_parameters
 
 
-def local_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    """The optimiser that holds this rank's states (ZeRO-1's local one, or the optimiser itself)."""
-    return getattr(optimizer, "optim", optimizer)
+def local_states(optimizer) -> dict[torch.Tensor, dict]:
+    """Parameter -> AdamW state of what this rank holds: ZeRO-1's local optimiser's, or the optimiser's own (of
+    each part of an :class:`~dsv3.train.optim.Optimizers`)."""
+    out = {}
+    for part in getattr(optimizer, "parts", [optimizer]):
+        out.update(getattr(part, "optim", part).state)
+    return out
 
 
 def _expert_view(t: torch.Tensor, env: Distributed | None, expert_names: set[str], name: str) -> torch.Tensor:
@@ -46,7 +50,7 @@ def state_tensors(model: nn.Module, optimizer: torch.optim.Optimizer | None, env
     expert_names = {names[id(p)] for p in expert_parameters(model) if id(p) in names}
     out = {f"model.{k}": _expert_view(v, env, expert_names, k) for k, v in model.state_dict().items()}
     if optimizer is not None:
-        for p, state in local_optimizer(optimizer).state.items():
+        for p, state in local_states(optimizer).items():
             name = names[id(p)]
             for key, value in state.items():
                 if torch.is_tensor(value):
@@ -80,7 +84,7 @@ def load_dcp(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer
              env: Distributed | None) -> None:
     """Restore model (and optimiser) in place from a DCP checkpoint, at this run's world size (collective under
     torchrun; ``env`` None: one process, no process group)."""
-    if optimizer is not None and not local_optimizer(optimizer).state:
+    if optimizer is not None and not local_states(optimizer):
         init_optimizer_state(optimizer)
     state = state_tensors(model, optimizer, env)
     try:

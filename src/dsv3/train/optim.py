@@ -39,27 +39,68 @@ class AdamWLowPrecisionMoments(torch.optim.Optimizer):
                 p.addcdiv_(m, denom, value=-group["lr"] / (1 - beta1**t))
 
 
-def build_optimizer(model: torch.nn.Module, lr: float, betas: tuple[float, float], weight_decay: float,
-                    bf16_moments: bool = False, zero1_group=None) -> torch.optim.Optimizer:
-    """Decay matrices (and the embedding); not norms or other vectors. ``zero1_group``: AdamW's states sharded
-    over these data-parallel ranks (``ZeroRedundancyOptimizer``, report §3.2's ZeRO-1)."""
+class Optimizers:
+    """Several optimisers stepped as one (what the trainer and the checkpoint need of an optimiser): under ZeRO-1
+    with expert parallelism the dense parameters' states are sharded over all data-parallel ranks and the routed
+    experts' over the ranks holding the same experts, two ``ZeroRedundancyOptimizer`` over two groups."""
+
+    def __init__(self, parts: list[torch.optim.Optimizer]):
+        self.parts = parts
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for part in self.parts for g in part.param_groups]
+
+    def step(self, closure=None) -> None:
+        for part in self.parts:
+            part.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for part in self.parts:
+            part.zero_grad(set_to_none=set_to_none)
+
+
+def _param_groups(params: list[torch.nn.Parameter], weight_decay: float) -> list[dict]:
+    """Decay matrices (and the embedding); not norms or other vectors. FSDP2's sharded parameters (DTensors) and
+    plain tensors in separate groups: AdamW's multi-tensor kernels take one kind per call."""
     from torch.distributed.tensor import DTensor
 
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # FSDP2's sharded parameters (DTensors) and the expert-parallel experts (plain tensors) in separate groups:
-    # AdamW's multi-tensor kernels take one kind per call
-    groups = [{**g, "params": [p for p in g["params"] if isinstance(p, DTensor) == sharded]}
-              for g in groups for sharded in (False, True)]
-    groups = [g for g in groups if g["params"]]
-    if zero1_group is not None:
-        from torch.distributed.optim import ZeroRedundancyOptimizer
+    groups = []
+    for decay in (True, False):
+        for sharded in (False, True):
+            mine = [p for p in params if (p.dim() >= 2) == decay and isinstance(p, DTensor) == sharded]
+            if mine:
+                groups.append({"params": mine, "weight_decay": weight_decay if decay else 0.0})
+    return groups
 
-        cls = AdamWLowPrecisionMoments if bf16_moments else torch.optim.AdamW
-        return ZeroRedundancyOptimizer(groups, optimizer_class=cls, process_group=zero1_group, lr=lr, betas=betas)
-    if bf16_moments:
-        return AdamWLowPrecisionMoments(groups, lr=lr, betas=betas)
-    sharded = any(isinstance(p, DTensor) for p in decay + no_decay)
-    fused = not sharded and all(p.is_cuda for p in decay + no_decay)
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None, foreach=None if fused else True)
+
+def build_optimizer(model: torch.nn.Module, lr: float, betas: tuple[float, float], weight_decay: float,
+                    bf16_moments: bool = False, zero1_group=None, experts: list[torch.nn.Parameter] = (),
+                    expert_group=None) -> torch.optim.Optimizer | Optimizers:
+    """AdamW over ``model``'s trainable parameters. ``zero1_group``: AdamW's states sharded over these
+    data-parallel ranks (``ZeroRedundancyOptimizer``, report §3.2's ZeRO-1). Under ZeRO-1, ``experts`` (the
+    expert-parallel experts, different on every rank of an expert-parallel group) are sharded apart, over
+    ``expert_group`` (the ranks holding the same experts; None: this rank alone)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if zero1_group is None:
+        groups = _param_groups(params, weight_decay)
+        if bf16_moments:
+            return AdamWLowPrecisionMoments(groups, lr=lr, betas=betas)
+        from torch.distributed.tensor import DTensor
+
+        fused = not any(isinstance(p, DTensor) for p in params) and all(p.is_cuda for p in params)
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused or None, foreach=None if fused else True)
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    cls = AdamWLowPrecisionMoments if bf16_moments else torch.optim.AdamW
+
+    def zero1(params: list[torch.nn.Parameter], group) -> torch.optim.Optimizer:
+        if group is None:
+            return cls(_param_groups(params, weight_decay), lr=lr, betas=betas)
+        return ZeroRedundancyOptimizer(_param_groups(params, weight_decay), optimizer_class=cls,
+                                       process_group=group, lr=lr, betas=betas)
+
+    expert_ids = {id(p) for p in experts}
+    dense = zero1([p for p in params if id(p) not in expert_ids], zero1_group)
+    mine = [p for p in params if id(p) in expert_ids]
+    return Optimizers([dense, zero1(mine, expert_group)]) if mine else dense

@@ -17,7 +17,8 @@ the same experts are a column.
 4. data parallelism: FSDP2 ``fully_shard`` of each block and of the root (parameters, gradients and optimiser
    states sharded over the data-parallel ranks; the default), or ZeRO-1 (``--dp-shard zero1``: DDP's gradient
    all-reduce and ``ZeroRedundancyOptimizer``'s sharded AdamW states, the report's choice). The routed experts
-   are not data-parallel sharded: each is replicated over its column and its gradients are summed there.
+   are not data-parallel sharded: each is replicated over its column and its gradients are summed there; under
+   ZeRO-1 their AdamW states are sharded over that column (:func:`dsv3.train.optim.build_optimizer`).
 
 The routing biases are buffers that every rank updates identically from the all-reduced loads
 (:class:`dsv3.train.balance.Balancer`): neither FSDP2 nor DDP (``broadcast_buffers=False``) touches them.
@@ -62,22 +63,16 @@ class ParallelDims:
                               f"expert-parallel groups are subsets of the data-parallel ranks")
         if self.dp_shard not in DP_SHARD_MODES:
             raise ConfigError(f"dp_shard: must be one of {DP_SHARD_MODES}, got {self.dp_shard!r}")
-        if self.dp_shard == "zero1" and self.ep > 1:
-            raise ConfigError("dp_shard zero1 with ep > 1 is not supported yet: use --dp-shard fsdp with --ep, or "
-                              "with --pp leave --dp-shard at auto")
         if self.dp_shard == "fsdp" and self.pp > 1:
             raise ConfigError("dp_shard fsdp with pp > 1 is not supported yet: a pipeline shards data-parallel "
                               "state with ZeRO-1 (leave --dp-shard at auto)")
 
     @property
     def shard(self) -> str:
-        """How data parallelism runs: ``fsdp``, ``zero1`` or, under a pipeline with expert parallelism,
-        ``replicate`` (gradients all-reduced, AdamW states not sharded)."""
+        """How data parallelism runs: ``fsdp`` or ``zero1`` (``auto``: FSDP2, ZeRO-1 under a pipeline)."""
         if self.dp_shard != "auto":
             return self.dp_shard
-        if self.pp == 1:
-            return "fsdp"
-        return "zero1" if self.ep == 1 else "replicate"
+        return "fsdp" if self.pp == 1 else "zero1"
 
     @property
     def world(self) -> int:
@@ -217,6 +212,10 @@ def parallelize(model: DeepSeekV3, env: Distributed, *, fp8: bool = False, compi
         return model
     from torch.nn.parallel import DistributedDataParallel
 
+    if env.dims.ep > 1:  # each rank's experts are its own: neither broadcast from rank 0 nor averaged by DDP
+        names = {id(p): n for n, p in model.named_parameters()}
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            model, [names[id(p)] for p in expert_parameters(model)])
     ids = [env.device.index] if env.device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
 

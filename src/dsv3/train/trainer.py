@@ -33,7 +33,14 @@ from .batch import TrainBatch
 from .checkpointer import Checkpointer, load_checkpoint_model
 from .config import TrainConfig
 from .optim import build_optimizer
-from .parallel import Distributed, clip_grad_norm, grad_sync_context, init_distributed, parallelize
+from .parallel import (
+    Distributed,
+    clip_grad_norm,
+    expert_parameters,
+    grad_sync_context,
+    init_distributed,
+    parallelize,
+)
 from .sample import generate
 from .schedules import Schedules
 from .signals import StopFlag
@@ -155,7 +162,9 @@ class Trainer:
         self.grad_sync = grad_sync_context(self.forward, env)
         zero1 = env.dims.distributed and env.dims.shard == "zero1"
         self.optimizer = build_optimizer(self.model, cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay,
-                                         cfg.bf16_moments, zero1_group=env.dp_group if zero1 else None)
+                                         cfg.bf16_moments, zero1_group=env.dp_group if zero1 else None,
+                                         experts=expert_parameters(self.model) if env.dims.ep > 1 else [],
+                                         expert_group=env.dp_outer_group)
 
         # ---- data stream, schedules, progress
         self.loader = self.build_loader()
