@@ -71,7 +71,8 @@ def test_data_parallel_matches_one_process(setup, launch, name, nproc, extra):
 @pytest.mark.parametrize("nproc", [2, 4], ids=["ep2-dp2", "ep2-dp4"])
 def test_expert_parallel_matches_one_process(setup, launch, nproc):
     """Each rank holds half of every MoE layer's experts (the checkpoint's expert shards are half-size), and the
-    run is the one-process run."""
+    run is the one-process run. On 4 ranks two ranks hold the same experts and FSDP2 shards them along their rows
+    between the two: quarter blocks."""
     from torch.distributed.checkpoint import FileSystemReader
 
     root, _ = setup
@@ -80,11 +81,13 @@ def test_expert_parallel_matches_one_process(setup, launch, nproc):
     metadata = FileSystemReader(str(out / "checkpoints" / "step_0000010")).read_metadata()
     experts = [k for k in metadata.state_dict_metadata if k.endswith("experts.gate_up_proj")]
     assert experts
+    column = nproc // 2
     for key in experts + [f"optim.{k[len('model.'):]}.exp_avg" for k in experts]:
         md = metadata.state_dict_metadata[key]
-        n_experts = md.size[0]
-        assert sorted(c.offsets[0] for c in md.chunks) == [0, n_experts // 2], key
-        assert all(c.sizes[0] == n_experts // 2 for c in md.chunks), key
+        half, rows = md.size[0] // 2, md.size[1] // column
+        assert sorted((c.offsets[0], c.offsets[1]) for c in md.chunks) == [
+            (e, r) for e in (0, half) for r in range(0, md.size[1], rows)], key
+        assert all(tuple(c.sizes[:2]) == (half, rows) for c in md.chunks), key
 
 
 def test_zero1_with_expert_parallelism_and_its_checkpoint_on_fewer_ranks(setup, launch):

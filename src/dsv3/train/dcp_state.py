@@ -3,8 +3,8 @@
 Every rank writes its own shards of one flat state dict, keyed by the unsharded model's names:
 
 * ``model.<name>``: each parameter and buffer; FSDP2's parameters are DTensors, and the expert-parallel experts
-  are presented as DTensors sharded over the ``ep`` mesh dimension (replicated over ``dp_outer``), so the
-  checkpoint records the global (all-experts) shape;
+  are presented as DTensors sharded over the ``ep`` mesh dimension (replicated over ``dp_outer``, or with FSDP2
+  sharded over it along their rows), so the checkpoint records the global (all-experts) shape;
 * ``optim.<name>.<key>``: the AdamW state of each parameter, sharded as its parameter (ZeRO-1: written by the
   rank that owns it; an expert's by its owner among the ranks holding that expert).
 
@@ -22,7 +22,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 
 from ..checkpoint import CheckpointError
-from .parallel import Distributed, expert_parameters
+from .parallel import EXPERT_SHARD_DIM, Distributed, expert_parameters
 
 
 def local_states(optimizer) -> dict[torch.Tensor, dict]:
@@ -35,11 +35,25 @@ def local_states(optimizer) -> dict[torch.Tensor, dict]:
 
 
 def _expert_view(t: torch.Tensor, env: Distributed | None, expert_names: set[str], name: str) -> torch.Tensor:
+    """An expert-parallel expert tensor as a DTensor over the ``(dp_outer, ep)`` mesh with the all-experts shape:
+    split along the experts over ``ep``; over ``dp_outer`` replicated, or (FSDP2) sharded along its rows."""
     if env is None or env.ep_mesh is None or name not in expert_names:
         return t
     from torch.distributed.tensor import DTensor, Replicate, Shard
 
+    if isinstance(t, DTensor):  # FSDP2's shard over the dp_outer column
+        shape = torch.Size((t.shape[0] * env.dims.ep, *t.shape[1:]))
+        return DTensor.from_local(t.to_local().detach(), env.ep_mesh, [Shard(EXPERT_SHARD_DIM), Shard(0)],
+                                  run_check=False, shape=shape, stride=_contiguous_stride(shape))
     return DTensor.from_local(t.detach(), env.ep_mesh, [Replicate(), Shard(0)], run_check=False)
+
+
+def _contiguous_stride(shape: torch.Size) -> tuple[int, ...]:
+    stride, out = 1, []
+    for n in reversed(shape):
+        out.append(stride)
+        stride *= n
+    return tuple(reversed(out))
 
 
 def state_tensors(model: nn.Module, optimizer: torch.optim.Optimizer | None, env: Distributed | None

@@ -98,8 +98,16 @@ def apply_expert_parallel(model: nn.Module, env: Distributed) -> None:
 @torch.no_grad()
 def reduce_expert_grads(model: nn.Module, env: Distributed) -> None:
     """Sum each local expert's gradient over the ranks holding the same experts and divide by the data-parallel
-    size (so that it is the gradient of the global batch's mean loss, as FSDP2 / DDP make the others)."""
+    size (so that it is the gradient of the global batch's mean loss, as FSDP2 / DDP make the others). Call it
+    after the step's last backward."""
+    from torch.distributed.tensor import DTensor
+
     grads = [p.grad for p in expert_parameters(model) if p.grad is not None]
+    if grads and isinstance(grads[0], DTensor):
+        # FSDP2-sharded experts: the reduce-scatter averaged over the column (dp / ep ranks); gloo has no
+        # pre-multiplied sum for FSDP2's custom divide factor, hence the division here
+        torch._foreach_div_([g.to_local() for g in grads], float(env.dims.ep))
+        return
     if not grads:
         return
     if env.dp_outer_group is not None:

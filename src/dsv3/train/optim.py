@@ -61,14 +61,22 @@ class Optimizers:
 
 
 def _param_groups(params: list[torch.nn.Parameter], weight_decay: float) -> list[dict]:
-    """Decay matrices (and the embedding); not norms or other vectors. FSDP2's sharded parameters (DTensors) and
-    plain tensors in separate groups: AdamW's multi-tensor kernels take one kind per call."""
+    """Decay matrices (and the embedding); not norms or other vectors. Plain tensors and FSDP2's sharded
+    parameters (DTensors) in separate groups, one per device mesh (the experts' differs): AdamW's multi-tensor
+    kernels take one kind per call."""
     from torch.distributed.tensor import DTensor
 
+    def mesh(p: torch.Tensor) -> tuple | None:
+        if not isinstance(p, DTensor):
+            return None
+        return tuple(p.device_mesh.mesh.flatten().tolist()), p.device_mesh.mesh_dim_names
+
+    meshes = list(dict.fromkeys(mesh(p) for p in params))  # plain first, then in module order
+    meshes.sort(key=lambda m: m is not None)
     groups = []
     for decay in (True, False):
-        for sharded in (False, True):
-            mine = [p for p in params if (p.dim() >= 2) == decay and isinstance(p, DTensor) == sharded]
+        for m in meshes:
+            mine = [p for p in params if (p.dim() >= 2) == decay and mesh(p) == m]
             if mine:
                 groups.append({"params": mine, "weight_decay": weight_decay if decay else 0.0})
     return groups

@@ -17,8 +17,8 @@ the same experts are a column.
 4. data parallelism: FSDP2 ``fully_shard`` of each block and of the root (parameters, gradients and optimiser
    states sharded over the data-parallel ranks; the default), or ZeRO-1 (``--dp-shard zero1``: DDP's gradient
    all-reduce and ``ZeroRedundancyOptimizer``'s sharded AdamW states, the report's choice). The routed experts
-   are not data-parallel sharded: each is replicated over its column and its gradients are summed there; under
-   ZeRO-1 their AdamW states are sharded over that column (:func:`dsv3.train.optim.build_optimizer`).
+   are sharded over their ``dp_outer`` column only, the ranks holding the same experts: by FSDP2 along their rows,
+   or under ZeRO-1 their AdamW states (:func:`dsv3.train.optim.build_optimizer`).
 
 The routing biases are buffers that every rank updates identically from the all-reduced loads
 (:class:`dsv3.train.balance.Balancer`): neither FSDP2 nor DDP (``broadcast_buffers=False``) touches them.
@@ -236,10 +236,34 @@ def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
 def _fully_shard(model: DeepSeekV3, env: Distributed) -> None:
     from torch.distributed.fsdp import fully_shard
 
-    ignored = set(expert_parameters(model)) if env.dims.ep > 1 else None
+    ignored = None
+    if env.dims.ep > 1 and env.dims.dp_outer > 1:
+        _shard_experts(model, env)  # the blocks' fully_shard below skips what is sharded already
+    elif env.dims.ep > 1:
+        ignored = set(expert_parameters(model))  # each rank's experts are its own: nothing to shard them over
     for block in blocks(model):
         fully_shard(block, mesh=env.dp_mesh, ignored_params=ignored)
     fully_shard(model, mesh=env.dp_mesh, ignored_params=ignored, reshard_after_forward=False)
+
+
+EXPERT_SHARD_DIM = 1
+"""FSDP2 shards the experts' weights along their rows (dim 1), because expert parallelism has split dim 0
+already: a checkpoint then records each shard as a plain block of the all-experts tensor."""
+
+
+def _shard_experts(model: DeepSeekV3, env: Distributed) -> None:
+    """FSDP2 ``fully_shard`` of each MoE layer's local experts over the ranks holding the same experts (the
+    ``dp_outer`` column): weights, gradients and AdamW states 1 / dp_outer each. The reduce-scatter averages the
+    column's gradients; :func:`dsv3.train.expert_parallel.reduce_expert_grads` divides them by ``ep`` more."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
+
+    from ..model import Experts
+
+    column = env.ep_mesh["dp_outer"]
+    for module in model.modules():
+        if isinstance(module, Experts):
+            fully_shard(module, mesh=column, shard_placement_fn=lambda p: Shard(EXPERT_SHARD_DIM))
 
 
 def grad_sync_context(module: nn.Module, env: Distributed):
