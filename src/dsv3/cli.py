@@ -39,7 +39,7 @@ _TRAIN_FLAGS = {
     "cache_dir": str, "ep": int, "dp_shard": str, "pp": int, "pp_schedule": str,
     "pp_overlap": str,
 }
-_TRAIN_SWITCHES = ("fp8", "doc_mask", "bf16_moments", "compile")
+_TRAIN_SWITCHES = ("fp8", "fp8_dispatch", "doc_mask", "bf16_moments", "compile")
 
 
 def _train_config(args: argparse.Namespace):
@@ -71,7 +71,8 @@ def _train_config(args: argparse.Namespace):
     if args.resume and args.out and (Path(args.out) / "train_config.json").is_file():
         base = json.loads((Path(args.out) / "train_config.json").read_text())
         # this invocation's, not the run's: a sharded run may continue in one process, or on more ranks
-        for launch_only in ("stop_after", "ep", "dp_shard", "pp", "pp_schedule", "pp_overlap"):
+        # (fp8_dispatch goes with ep: a run resumed without --ep has no dispatch to quantise)
+        for launch_only in ("stop_after", "ep", "fp8_dispatch", "dp_shard", "pp", "pp_schedule", "pp_overlap"):
             base.pop(launch_only, None)
     model = {**base.get("model", {}), **overrides.pop("model", {})}
     return TrainConfig.from_dict({**base, **overrides, "model": model})
@@ -320,6 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="under torchrun: FSDP2 sharding or ZeRO-1 (gradient all-reduce + sharded AdamW states); "
                         "default auto: FSDP2, ZeRO-1 with --pp")
     p.add_argument("--ep", type=int, help="expert parallelism: split each MoE layer's experts over this many ranks")
+    p.add_argument("--fp8-dispatch", action="store_true",
+                   help="with --ep: send the tokens to the experts in FP8 (1x128 scales, report §3.3.4); the "
+                        "outputs come back unquantised")
     p.add_argument("--pp", type=int, help="pipeline parallelism: cut the model into stages over this many ranks")
     p.add_argument("--pp-schedule", choices=["1f1b", "dualpipev", "dualpipe"],
                    help="pipeline schedule (default 1f1b; DualPipe / DualPipeV need an even count of >= 2 x pp "

@@ -109,6 +109,9 @@ class TrainConfig:
     seed: int = 0
     fp8: bool = False
     """FP8 GEMMs for the Linear layers of attention and experts (report §3.3)."""
+    fp8_dispatch: bool = False
+    """Send the tokens to their experts' ranks in FP8 with 1x128 scales, dequantised on arrival (report §3.3.4:
+    about half the dispatch traffic of BF16); the outputs come back unquantised. Needs ``ep`` > 1."""
     compile: bool = False
     sample_prompt: str = "def fibonacci(n):"
     """Prompt of the sample printed at the end. End it where a token ends: the BPE learns a newline and the
@@ -192,6 +195,8 @@ class TrainConfig:
         need(self.dp_shard in ("auto", "fsdp", "zero1"), "dp_shard", "'auto', 'fsdp' or 'zero1'")
         need(self.ep >= 1, "ep", "an integer >= 1")
         need(self.pp >= 1, "pp", "an integer >= 1")
+        need(not self.fp8_dispatch or self.ep > 1, "fp8_dispatch",
+             "false unless --ep > 1 (--fp8-dispatch quantises the expert-parallel all-to-all)")
         need(self.pp_schedule in ("1f1b", "dualpipev", "dualpipe"), "pp_schedule", "'1f1b', 'dualpipev' or 'dualpipe'")
         need(self.pp_overlap in ("auto", "on", "off"), "pp_overlap", "'auto', 'on' or 'off'")
         need(self.pp_overlap != "on" or (self.pp > 1 and self.pp_schedule != "1f1b"), "pp_overlap",
@@ -260,5 +265,5 @@ _FLOAT_FIELDS = ("lr", "warmup", "weight_decay", "beta1", "beta2", "grad_clip", 
                  "aux_loss_alpha", "fim_rate", "sample_temperature")
 _INT_FIELDS = ("steps", "seq_len", "batch_size", "micro_batch_size", "vocab_size", "eval_every", "eval_batches",
                "save_every", "keep_last", "seed", "sample_tokens", "sample_top_k", "stop_after", "ep", "pp")
-_BOOL_FIELDS = ("batch_ramp", "bf16_moments", "mtp", "doc_mask", "fp8", "compile")
+_BOOL_FIELDS = ("batch_ramp", "bf16_moments", "mtp", "doc_mask", "fp8", "fp8_dispatch", "compile")
 _PATH_FIELDS = ("data", "tokenizer", "out", "cache_dir")

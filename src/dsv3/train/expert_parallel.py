@@ -10,6 +10,10 @@ For one MoE layer on one rank (T tokens, K experts each, E experts, EP ranks, L 
    expert, and is regrouped by local expert for the grouped GEMM;
 4. the outputs go back the same way and are combined with the gate values as without parallelism.
 
+With ``fp8_dispatch`` (``--fp8-dispatch``, report §3.3.4) step 3 sends the copies in FP8 with 1x128 scales and
+the receiver dequantises them (:mod:`dsv3.train.fp8_dispatch`); step 4, the combine, stays in the activations'
+dtype, as in the report.
+
 Gradients: a local expert's gradient already sums the contributions of every rank of its group (the all-to-all's
 backward brings them). :func:`reduce_expert_grads` sums it over the ranks holding the same experts and divides
 by the data-parallel size, the average FSDP2 applies to every other gradient.
@@ -24,6 +28,7 @@ from torch import nn
 
 from ..model import MoE
 from ..model.moe import dispatch, unsort
+from .fp8_dispatch import fp8_all_to_all
 from .parallel import Distributed, all_reduce_flat, expert_parameters
 
 
@@ -38,6 +43,9 @@ class ExpertParallelMoE(MoE):
     group: dist.ProcessGroup
     ep: int
     first_expert: int
+    fp8_dispatch: bool = False
+    """Send the dispatched copies in FP8 (:func:`~dsv3.train.fp8_dispatch.fp8_all_to_all`); set by
+    :func:`apply_expert_parallel`."""
 
     @classmethod
     def from_moe(cls, moe: MoE, group: dist.ProcessGroup, ep: int, ep_rank: int) -> "ExpertParallelMoE":
@@ -67,7 +75,8 @@ class ExpertParallelMoE(MoE):
         recv_counts = recv_counts.view(self.ep, local)
         splits = torch.cat([counts.view(self.ep, local).sum(1), recv_counts.sum(1)]).tolist()  # the host read
         send_splits, recv_splits = splits[: self.ep], splits[self.ep:]
-        x_recv = _all_to_all(x_sorted, recv_splits, send_splits, self.group)
+        send_rows = fp8_all_to_all if self.fp8_dispatch else _all_to_all
+        x_recv = send_rows(x_sorted, recv_splits, send_splits, self.group)
         # regroup what arrived (source-major) by local expert, keeping the source order within an expert
         expert_of_row = torch.repeat_interleave(torch.arange(local, device=flat.device).repeat(self.ep),
                                                 recv_counts.flatten(), output_size=sum(recv_splits))
@@ -83,8 +92,9 @@ class ExpertParallelMoE(MoE):
         return f"experts {self.first_expert}..{self.first_expert + local - 1} of {self.n_experts} (EP {self.ep})"
 
 
-def apply_expert_parallel(model: nn.Module, env: Distributed) -> None:
-    """Replace every MoE layer by an :class:`ExpertParallelMoE` holding this rank's experts."""
+def apply_expert_parallel(model: nn.Module, env: Distributed, fp8_dispatch: bool = False) -> None:
+    """Replace every MoE layer by an :class:`ExpertParallelMoE` holding this rank's experts; ``fp8_dispatch``
+    sends the tokens to the experts in FP8 (report §3.3.4)."""
     ep, group = env.dims.ep, env.ep_group
     ep_rank = env.ep_mesh["ep"].get_local_rank()
     for module in list(model.modules()):
@@ -93,6 +103,9 @@ def apply_expert_parallel(model: nn.Module, env: Distributed) -> None:
                 if child.n_experts % ep:
                     raise ValueError(f"ep {ep} does not divide the {child.n_experts} routed experts")
                 setattr(module, name, ExpertParallelMoE.from_moe(child, group, ep, ep_rank))
+    for module in model.modules():
+        if isinstance(module, ExpertParallelMoE):
+            module.fp8_dispatch = fp8_dispatch
 
 
 @torch.no_grad()

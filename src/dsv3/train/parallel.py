@@ -187,7 +187,8 @@ def init_distributed(device: torch.device, ep: int = 1, dp_shard: str = "auto", 
 # the transforms
 
 
-def parallelize(model: DeepSeekV3, env: Distributed, *, fp8: bool = False, compile: bool = False) -> nn.Module:
+def parallelize(model: DeepSeekV3, env: Distributed, *, fp8: bool = False, compile: bool = False,
+                fp8_dispatch: bool = False) -> nn.Module:
     """Apply FP8, expert parallelism, compilation and data-parallel sharding to ``model`` in that order (see the
     module docstring). Returns the module to call for training: ``model`` itself, or its DDP / compiled
     wrapper (``model`` keeps its parameter names either way)."""
@@ -198,7 +199,7 @@ def parallelize(model: DeepSeekV3, env: Distributed, *, fp8: bool = False, compi
     if env.dims.ep > 1:
         from .expert_parallel import apply_expert_parallel
 
-        apply_expert_parallel(model, env)
+        apply_expert_parallel(model, env, fp8_dispatch=fp8_dispatch)
     if not env.dims.distributed:
         return torch.compile(model) if compile else model
     if compile:

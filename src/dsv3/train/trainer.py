@@ -143,7 +143,7 @@ class Trainer:
             cfg.seq_aux_alpha if cfg.balance == "aux_free" else cfg.aux_loss_alpha,
             group=dist.group.WORLD if env.dims.distributed else None, replica_group=env.dp_group)
         self.model.train()
-        self.forward = parallelize(self.model, env, fp8=cfg.fp8, compile=cfg.compile)
+        self.forward = parallelize(self.model, env, fp8=cfg.fp8, compile=cfg.compile, fp8_dispatch=cfg.fp8_dispatch)
         self.holders = None
         if self.pipeline is not None:
             if self.pipeline.zero_bubble:
