@@ -9,6 +9,7 @@ import torch
 import dsv3
 from dsv3.fp8 import FP8Experts, FP8Linear, apply_fp8_training
 from dsv3.model import MoE
+from dsv3.model.moe import Experts
 from dsv3.pipeline.weight_grad import DeferredExperts, DeferredLinear, WeightGradStore, defer_weight_gradients
 
 
@@ -42,46 +43,81 @@ def test_outside_a_deferring_block_the_weight_gradient_is_immediate():
     assert lin.weight.grad is not None and len(store) == 0
 
 
-def _fp8_moe(device: str, dtype: torch.dtype) -> MoE:
-    # hidden 256 and expert width 128: whole 128-tiles, which every GPU backend takes
-    config = dsv3.preset("tiny").replace(hidden_size=256, moe_intermediate_size=128)
+def _i_then_w(model: torch.nn.Module, inputs: list[torch.Tensor], loss) -> tuple[torch.nn.Module, list[torch.Tensor]]:
+    """``model`` deferred to a store, each input's backward in its own deferring block, then the W chunks in
+    reverse order; returns the (deferred) model and the input gradients after I."""
+    store = WeightGradStore()
+    defer_weight_gradients(model, store)
+    grads = []
+    for i, x in enumerate(inputs):
+        x = x.clone().requires_grad_()
+        with store.deferring(i):
+            loss(model, x).backward()
+        grads.append(x.grad)
+    assert all(p.grad is None for m in model.modules() if isinstance(m, (FP8Linear, FP8Experts))
+               for p in m.parameters(recurse=False) if p.dim() > 1)  # nothing of the FP8 dW GEMMs ran in I
+    for i in reversed(range(len(inputs))):
+        store.run(i)
+    assert len(store) == 0
+    return model, grads
+
+
+def _assert_same_grads(model: torch.nn.Module, reference: torch.nn.Module, inputs, loss, grads) -> None:
+    """The reference's plain (immediate) backward over the same inputs gives bitwise the same gradients."""
+    for x, g in zip(inputs, grads):
+        x = x.clone().requires_grad_()
+        loss(reference, x).backward()
+        assert torch.equal(x.grad, g)  # the input gradient is complete after I
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert p.grad.dtype == q.grad.dtype and torch.equal(p.grad, q.grad), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_moe_i_then_w_is_its_fp8_backward_bitwise(dtype):
+    """A MoE layer with FP8 shared experts (FP8Linear) and routed experts (FP8Experts), emulated: I leaves their
+    FP8 dW GEMMs in the store (the gate's gradient is not deferred), and I then W over two micro-batches, their W
+    in reverse order, gives exactly the plain FP8 backward's gradients: the same quantised operands and the same
+    GEMM, only run later; the two micro-batches' gradients add up the same way."""
     torch.manual_seed(0)
-    layer = MoE(config).to(device=device, dtype=dtype)
+    layer = MoE(dsv3.preset("tiny").replace(hidden_size=256, moe_intermediate_size=128)).to(dtype)
     for p in layer.parameters():
         torch.nn.init.normal_(p, std=0.05)
-    return apply_fp8_training(layer)  # "auto": emulation on the CPU, scaled_mm / triton on Hopper
+    layer = apply_fp8_training(layer, backend="emulate")
+    reference = copy.deepcopy(layer)
+    inputs = [torch.randn(2, 16, 256, dtype=dtype) for _ in range(2)]
+
+    def loss(m, x):
+        return m(x).float().square().sum()
+
+    model, grads = _i_then_w(layer, inputs, loss)
+    assert type(model.experts) is FP8Experts and type(model.shared_experts.up_proj) is FP8Linear
+    assert reference.experts.weight_grad_fn is None
+    _assert_same_grads(model, reference, inputs, loss, grads)
 
 
 @pytest.mark.parametrize("device, dtype", [
-    ("cpu", torch.float32), ("cpu", torch.bfloat16),
-    pytest.param("cuda", torch.bfloat16, marks=pytest.mark.gpu),
+    ("cpu", torch.float32), pytest.param("cuda", torch.bfloat16, marks=pytest.mark.gpu),
 ])
-def test_fp8_layers_defer_their_fp8_weight_gradients_bitwise(device, dtype):
-    """FP8Linear (shared experts) and FP8Experts (routed): I leaves their FP8 dW GEMMs in the store, and I then W
-    (two micro-batches, their W in reverse order) gives exactly the plain FP8 backward's gradients: the same
-    quantised operands and the same GEMM, only run later; two micro-batches' gradients add up the same way."""
-    layer = _fp8_moe(device, dtype)
-    reference = copy.deepcopy(layer)
-    store = WeightGradStore()
-    defer_weight_gradients(layer, store)
-    assert type(layer.experts) is FP8Experts and type(layer.shared_experts.up_proj) is FP8Linear
-    assert layer.experts.weight_grad_fn == store.accumulate and reference.experts.weight_grad_fn is None
-    xs = [torch.randn(2, 16, 256, device=device, dtype=dtype) for _ in range(2)]
-    ins_ref = [x.clone().requires_grad_() for x in xs]
-    ins = [x.clone().requires_grad_() for x in xs]
-    for x in ins_ref:
-        reference(x).float().square().sum().backward()
-    for i, x in enumerate(ins):
-        with store.deferring(i):
-            layer(x).float().square().sum().backward()
-        assert torch.equal(x.grad, ins_ref[i].grad)  # the input gradient is complete after I
-    assert layer.experts.down_proj.grad is None and layer.shared_experts.gate_proj.weight.grad is None
-    assert layer.gate.weight.grad is not None  # the gate is not deferred
-    store.run(1)
-    store.run(0)
-    for (name, p), q in zip(layer.named_parameters(), reference.parameters()):
-        assert p.grad.dtype == q.grad.dtype and torch.equal(p.grad, q.grad), name
-    assert len(store) == 0
+def test_fp8_linear_and_experts_i_then_w_bitwise(device, dtype):
+    """FP8Linear into FP8Experts (ragged expert counts, one expert empty), no routing: on a GPU the backends
+    "auto" picks (scaled_mm, triton on Hopper) defer their dW GEMMs to the same effect, bitwise."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 256, bias=False)
+    experts = Experts(4, 256, 128)
+    for p in experts.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    model = torch.nn.ModuleList([FP8Linear.from_linear(lin.to(device, dtype)),
+                                 FP8Experts.from_experts(experts.to(device, dtype))])
+    reference = copy.deepcopy(model)
+    counts = torch.tensor([40, 0, 130, 30], device=device)
+    weights = torch.randn(200, 256, device=device)  # dY fixed: no dependence on rounding upstream
+
+    def loss(m, x):
+        return (m[1](m[0](x), counts).float() * weights).sum()
+
+    inputs = [torch.randn(200, 256, device=device, dtype=dtype) for _ in range(2)]
+    model, grads = _i_then_w(model, inputs, loss)
+    _assert_same_grads(model, reference, inputs, loss, grads)
 
 
 def test_fp8_weight_gradient_outside_a_deferring_block_is_immediate():
