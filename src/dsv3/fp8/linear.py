@@ -17,11 +17,17 @@ same numerics: quantise -> dequantise -> FP32 matmul -> cast. ``auto`` is ``scal
 run and ``emulate`` elsewhere, decided by the device alone: :meth:`FP8Linear.from_linear` settles it
 once for the layer's device, and an explicit backend that cannot run on its input is an error, never a
 quiet switch to emulation.
+
+The weight gradient can be handed to someone else: with ``weight_grad_fn`` set (a :data:`WeightGradFn`), the
+backward computes dX and quantises dY, and passes the master weight and a function doing the rest of dW (the
+same GEMM on the same FP8 operands) to ``weight_grad_fn``, which adds it to ``weight.grad`` now or later (the
+zero-bubble split of a backward into input and weight halves, report §3.2.1).
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -38,8 +44,11 @@ from dsv3.fp8.quant import (
 )
 
 Backend = Literal["auto", "emulate", "scaled_mm"]
+WeightGradFn = Callable[[Tensor, Callable[[], Tensor]], None]
+"""``fn(weight, compute)``, called by a backward instead of returning the weight's gradient: ``compute()`` returns
+that gradient (in the weight's dtype) and ``fn`` must add it to ``weight.grad``, at once or later."""
 
-__all__ = ["Backend", "FP8Linear", "fp8_linear", "fp8_matmul_nt", "resolve_backend"]
+__all__ = ["Backend", "FP8Linear", "WeightGradFn", "fp8_linear", "fp8_matmul_nt", "resolve_backend"]
 
 
 def _round_up(a: int, b: int) -> int:
@@ -193,12 +202,32 @@ def _x_wgrad_operand(xq: Tensor, xs: Tensor, n_tokens: int) -> tuple[Tensor, Ten
     return quantize_tiles(dequantize_tiles(xq, xs).t())
 
 
+def run_weight_grad(weight_grad_fn: WeightGradFn | None, weight: Tensor | None,
+                    compute: Callable[[], Tensor]) -> Tensor | None:
+    """In a backward: the weight gradient ``compute()`` for autograd to accumulate, or None once ``compute`` is
+    handed to ``weight_grad_fn`` (which accumulates it into ``weight.grad`` itself)."""
+    if weight_grad_fn is None:
+        return compute()
+    weight_grad_fn(weight, compute)
+    return None
+
+
+def _weight_grad(gtq: Tensor, gts: Tensor, xq: Tensor, xs: Tensor, w_dtype: torch.dtype, backend: Backend) -> Tensor:
+    """dW = dY^T X from dY^T's FP8 tiles and X's FP8 forward cache: both operands in 1x128 tiles along the
+    token dim (never 128x128 for gradients, §3.3); X is requantised along the tokens here."""
+    xtq, xts = _x_wgrad_operand(xq, xs, gtq.shape[1])
+    # FP32 accumulation inside the GEMM; written once in the weight's dtype
+    out_dtype = w_dtype if w_dtype in (torch.bfloat16, torch.float16) else torch.float32
+    return fp8_matmul_nt(gtq, gts, xtq, xts, b_blocks=False, out_dtype=out_dtype, backend=backend).to(w_dtype)
+
+
 class _FP8LinearFn(torch.autograd.Function):
     """Autograd for ``y = x @ w.T + b`` with every GEMM in FP8 (report §3.3)."""
 
     @staticmethod
     def forward(
-        ctx, x: Tensor, weight: Tensor, bias: Tensor | None, backend: Backend
+        ctx, x: Tensor, weight: Tensor, bias: Tensor | None, backend: Backend,
+        weight_grad_fn: WeightGradFn | None = None,
     ) -> Tensor:
         out_f, in_f = weight.shape
         x2 = x.reshape(-1, in_f)
@@ -211,11 +240,12 @@ class _FP8LinearFn(torch.autograd.Function):
         )
         if bias is not None:
             y = y + bias.to(y.dtype)
-        # X is cached in FP8 only; the master weight is not needed again.
+        # X is cached in FP8 only; the master weight is kept only for a weight_grad_fn (where dW goes).
         ctx.save_for_backward(xq, xs, wqt, wst)
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.w_dtype = weight.dtype
         ctx.x_shape, ctx.x_dtype, ctx.backend = x.shape, x.dtype, backend
+        ctx.weight_grad_fn, ctx.weight = weight_grad_fn, weight if weight_grad_fn is not None else None
         return y.reshape(*x.shape[:-1], out_f)
 
     @staticmethod
@@ -237,42 +267,41 @@ class _FP8LinearFn(torch.autograd.Function):
                 backend=ctx.backend,
             ).reshape(ctx.x_shape)
         if need_w:
-            # dW = dY^T X, both operands in 1x128 tiles along the token dim (never 128x128 for
-            # gradients, §3.3). X comes back from its FP8 cache and is requantised along tokens.
-            xtq, xts = _x_wgrad_operand(xq, xs, gtq.shape[1])
-            # FP32 accumulation inside the GEMM; written once in the weight's dtype
-            out_dtype = ctx.w_dtype if ctx.w_dtype in (torch.bfloat16, torch.float16) else torch.float32
-            grad_w = fp8_matmul_nt(
-                gtq, gts, xtq, xts, b_blocks=False, out_dtype=out_dtype, backend=ctx.backend
-            ).to(ctx.w_dtype)
+            # dY^T is quantised here, with dY (one pass on a GPU); the GEMM may be run later by weight_grad_fn.
+            compute = functools.partial(_weight_grad, gtq, gts, xq, xs, ctx.w_dtype, ctx.backend)
+            grad_w = run_weight_grad(ctx.weight_grad_fn, ctx.weight, compute)
         if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
             grad_b = gy.float().sum(0).to(ctx.bias_dtype)
-        return grad_x, grad_w, grad_b, None
+        return grad_x, grad_w, grad_b, None, None
 
 
 def fp8_linear(
-    x: Tensor, weight: Tensor, bias: Tensor | None = None, *, backend: Backend = "auto"
+    x: Tensor, weight: Tensor, bias: Tensor | None = None, *, backend: Backend = "auto",
+    weight_grad_fn: WeightGradFn | None = None,
 ) -> Tensor:
     """``x @ weight.T + bias`` with FP8 forward and backward GEMMs (report §3.3).
 
     ``x``: (..., in_features), any float dtype (output has the same dtype); ``weight``:
     (out_features, in_features) master weight; ``backend``: "auto" (``torch._scaled_mm`` on sm90,
-    emulation elsewhere, by x's device), "emulate", or "scaled_mm" (an error where it cannot run).
+    emulation elsewhere, by x's device), "emulate", or "scaled_mm" (an error where it cannot run);
+    ``weight_grad_fn``: where the weight gradient goes (see the module docstring); None: autograd's way.
     """
-    return _FP8LinearFn.apply(x, weight, bias, backend)
+    return _FP8LinearFn.apply(x, weight, bias, backend, weight_grad_fn)
 
 
 class FP8Linear(nn.Linear):
     """``nn.Linear`` whose three GEMMs run in FP8 with fine-grained scaling (report §3.3).
 
     Parameters are ordinary ``nn.Linear`` parameters (the FP32/BF16 master weights the optimiser
-    updates); only the matmuls change. ``backend`` is shown in the module's repr.
+    updates); only the matmuls change. ``backend`` is shown in the module's repr. ``weight_grad_fn``, None unless
+    set from outside (:mod:`dsv3.pipeline.weight_grad`), takes over the weight-gradient GEMM.
     """
 
     backend: Backend = "auto"
+    weight_grad_fn: WeightGradFn | None = None
 
     def forward(self, x: Tensor) -> Tensor:
-        return fp8_linear(x, self.weight, self.bias, backend=self.backend)
+        return fp8_linear(x, self.weight, self.bias, backend=self.backend, weight_grad_fn=self.weight_grad_fn)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, backend: Backend = "auto") -> FP8Linear:

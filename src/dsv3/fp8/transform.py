@@ -35,21 +35,16 @@ moved to another device since) is an error, never a quiet switch to emulation.
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dsv3.fp8.linear import SCALED_MM_NEEDS, Backend, FP8Linear, _hopper_scaled_mm_ok, fp8_matmul_nt
-from dsv3.fp8.quant import (
-    TILE,
-    dequantize_blocks,
-    dequantize_tiles,
-    quantize_blocks,
-    quantize_rows,
-    quantize_tiles,
-)
+from dsv3.fp8.linear import (SCALED_MM_NEEDS, Backend, FP8Linear, WeightGradFn, _hopper_scaled_mm_ok, fp8_matmul_nt,
+                             run_weight_grad)
+from dsv3.fp8.quant import TILE, dequantize_blocks, dequantize_tiles, quantize_blocks, quantize_rows, quantize_tiles
 from dsv3.model.moe import Experts
 
 try:  # Triton is optional (GPU extra); the kernels below exist only where it is installed.
@@ -121,15 +116,17 @@ class FP8Experts(Experts):
     """
 
     backend: ExpertsBackend = "auto"
+    weight_grad_fn: WeightGradFn | None = None  # as FP8Linear's: who runs the weight-gradient GEMMs
 
     def forward(self, x: Tensor, counts: Tensor) -> Tensor:
         """x (N, d) sorted by expert with ``counts`` (E,) rows each -> (N, d)."""
         impl = _resolve(self.backend, x)
         # Both GEMMs share the token grouping: build the (GPU) row layout once.
         layout = _TritonGrouped.layout(counts, x.shape[0]) if impl == "triton" else None
-        h = fp8_grouped_linear(x, self.gate_up_proj, counts, backend=self.backend, layout=layout)
+        kw = dict(backend=self.backend, layout=layout, weight_grad_fn=self.weight_grad_fn)
+        h = fp8_grouped_linear(x, self.gate_up_proj, counts, **kw)
         gate, up = h.split(self.inter_dim, dim=-1)
-        return fp8_grouped_linear(F.silu(gate) * up, self.down_proj, counts, backend=self.backend, layout=layout)
+        return fp8_grouped_linear(F.silu(gate) * up, self.down_proj, counts, **kw)
 
     @classmethod
     def from_experts(cls, experts: nn.Module, backend: ExpertsBackend = "auto") -> FP8Experts:
@@ -181,7 +178,8 @@ class _FP8GroupedLinearFn(torch.autograd.Function):
     """``y[rows of e] = x[rows of e] @ w[e].T`` for every expert e, all three GEMMs in FP8."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, counts: Tensor, backend: str, layout=None) -> Tensor:
+    def forward(ctx, x: Tensor, weight: Tensor, counts: Tensor, backend: str, layout=None,
+                weight_grad_fn: WeightGradFn | None = None) -> Tensor:
         ops = _BACKENDS[backend]
         if layout is None:
             layout = ops.layout(counts, x.shape[0])
@@ -191,6 +189,7 @@ class _FP8GroupedLinearFn(torch.autograd.Function):
         y = ops.mm(xq, xs, wq, ws, layout, x.dtype)
         ctx.save_for_backward(xq, xs, wqt, wst)  # X and W^T kept in FP8 only
         ctx.layout, ctx.ops, ctx.x_dtype, ctx.w_dtype = layout, ops, x.dtype, weight.dtype
+        ctx.weight_grad_fn, ctx.weight = weight_grad_fn, weight if weight_grad_fn is not None else None
         return y
 
     @staticmethod
@@ -203,18 +202,19 @@ class _FP8GroupedLinearFn(torch.autograd.Function):
         gq, gs, gt = ops.quant_grad(grad_y.contiguous(), layout, need_x, need_w)
         if need_x:
             grad_x = ops.mm(gq, gs, wqt, wst, layout, ctx.x_dtype)
-        if need_w:
-            grad_w = ops.wgrad(gt, xq, xs, layout, ctx.w_dtype)
-        return grad_x, grad_w, None, None, None
+        if need_w:  # the GEMM now, or later by weight_grad_fn
+            grad_w = run_weight_grad(ctx.weight_grad_fn, ctx.weight,
+                                     functools.partial(ops.wgrad, gt, xq, xs, layout, ctx.w_dtype))
+        return grad_x, grad_w, None, None, None, None
 
 
 def fp8_grouped_linear(x: Tensor, weight: Tensor, counts: Tensor, *, backend: ExpertsBackend = "auto",
-                       layout: _PaddedLayout | None = None) -> Tensor:
+                       layout: _PaddedLayout | None = None, weight_grad_fn: WeightGradFn | None = None) -> Tensor:
     """Per-expert ``x_e @ weight[e].T`` with FP8 GEMMs; x (M, K) sorted by expert, ``counts`` (E,) rows each,
-    weight (E, N, K) -> (M, N) in x's dtype. ``layout``: the triton backend's row layout of ``counts``, when
-    the caller already built it (several GEMMs over the same grouping)."""
+    weight (E, N, K) -> (M, N) in x's dtype. ``layout``: the triton backend's row layout of ``counts``, if the
+    caller built it already (GEMMs over one grouping); ``weight_grad_fn``: who runs dW (:mod:`dsv3.fp8.linear`)."""
     impl = _resolve(backend, x)
-    return _FP8GroupedLinearFn.apply(x, weight, counts, impl, layout if impl == "triton" else None)
+    return _FP8GroupedLinearFn.apply(x, weight, counts, impl, layout if impl == "triton" else None, weight_grad_fn)
 
 
 # --------------------------------------------------------------------------------------------------------

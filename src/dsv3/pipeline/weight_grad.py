@@ -7,6 +7,11 @@ both in one pass; :func:`defer_weight_gradients` swaps, from outside the model, 
 and every routed :class:`~dsv3.model.moe.Experts` for versions whose backward hands the dW work to a
 :class:`WeightGradStore` while the store is deferring, and does it at once otherwise. Other weights (norms, the
 gate, the embedding: little work) get their gradients in the ``I`` chunk.
+
+FP8 layers (:class:`~dsv3.fp8.FP8Linear`, :class:`~dsv3.fp8.FP8Experts`, report §3.3) stay as they are: their
+backward already computes dW through an optional ``weight_grad_fn``, which is pointed at the store. ``I`` then
+quantises dY (both layouts, as the plain FP8 backward does) and computes dX; ``W`` runs the FP8 dW GEMM on the
+kept FP8 operands, so ``I`` then ``W`` gives bitwise the plain FP8 backward's gradients.
 """
 
 from __future__ import annotations
@@ -45,6 +50,11 @@ class WeightGradStore:
             self._pending.append(work)
         else:
             work()
+
+    def accumulate(self, param: torch.Tensor, compute: Callable[[], torch.Tensor]) -> None:
+        """Add ``compute()`` to ``param.grad``, at :meth:`run` while deferring, at once otherwise (the
+        ``weight_grad_fn`` of the FP8 layers, :data:`dsv3.fp8.linear.WeightGradFn`)."""
+        self.put(lambda: _accumulate(param, compute()))
 
     def run(self, key: object) -> None:
         """Compute the weight gradients put aside under ``key``."""
@@ -167,16 +177,26 @@ class DeferredExperts(Experts):
 
 
 def defer_weight_gradients(model: nn.Module, store: WeightGradStore) -> nn.Module:
-    """Swap the blocks' Linear layers and routed experts for their deferring versions (in place; the same
-    parameters). FP8 layers are refused: their weight gradients are not deferred yet."""
+    """Route the weight gradients of the blocks' Linear layers and routed experts through ``store`` (in place; the
+    same parameters): plain ones are swapped for their deferring versions, FP8 ones get ``store`` as their
+    ``weight_grad_fn``. Applying it again with the same store changes nothing; a Linear or Experts subclass this
+    does not know, with trainable weights, is a ValueError rather than a backward left unsplit."""
     from ..fp8 import FP8Experts, FP8Linear
 
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, (FP8Linear, FP8Experts)):
-                raise ValueError("zero-bubble schedules with FP8 GEMMs are not supported yet (use --pp-schedule 1f1b)")
-            if type(child) is nn.Linear:
+                if child.weight_grad_fn not in (None, store.accumulate):
+                    raise ValueError(f"{name}: its weight gradients already go to another WeightGradStore")
+                child.weight_grad_fn = store.accumulate
+            elif isinstance(child, (DeferredLinear, DeferredExperts)):
+                if child.store is not store:
+                    raise ValueError(f"{name}: its weight gradients already go to another WeightGradStore")
+            elif type(child) is nn.Linear:
                 setattr(module, name, DeferredLinear.from_linear(child, store))
             elif type(child) is Experts:
                 setattr(module, name, DeferredExperts.from_experts(child, store))
+            elif isinstance(child, (nn.Linear, Experts)) and any(p.requires_grad for p in child.parameters()):
+                raise ValueError(f"zero-bubble schedules cannot defer the weight gradients of {name} "
+                                 f"({type(child).__name__}): use --pp-schedule 1f1b")
     return model
