@@ -147,6 +147,45 @@ def test_kill_and_resume_under_torchrun_and_in_one_process(setup, launch):
     assert_same_run(root / "killed-copy", root / "one")
 
 
+DYING_MID_SAVE = """
+import os, signal, sys
+import dsv3.train.dcp_state as dcp_state
+from dsv3.cli import main
+
+save_dcp = dcp_state.save_dcp
+
+def dying_save(directory, *args):
+    save_dcp(directory, *args)  # this rank's shards of step 6 are on disk, the checkpoint is not complete
+    if os.environ["RANK"] == "1" and "step_0000006" in str(directory):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+dcp_state.save_dcp = dying_save
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_rank_killed_mid_save_leaves_the_previous_checkpoint(setup, launch, tmp_path):
+    """kill -9 of one rank while the ranks write checkpoint 6: the job ends, step 3 stays the latest complete
+    checkpoint, and --resume from it (past the half-written step 6) finishes as the uninterrupted run, bitwise."""
+    root, common = setup
+    uninterrupted, _ = launch("ep2-dp2", 2, "--ep", "2")
+    script = tmp_path / "dying.py"
+    script.write_text(DYING_MID_SAVE)
+    out = tmp_path / "run"
+    killed = torchrun(2, *common, "--ep", "2", "--set", "save_every=3", "--out", str(out), script=str(script))
+    assert killed.returncode != 0
+    ckpts = out / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_0000003"]
+    assert list(ckpts.glob(".tmp-step_0000006*"))  # what the dead rank's job left half-written
+    resumed = torchrun(2, *common, "--ep", "2", "--set", "save_every=3", "--out", str(out), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "at step 3" in resumed.stdout
+    a, b = records(out), records(uninterrupted)
+    assert [r["step"] for r in a] == list(range(1, 11))
+    assert all(ra["loss"] == rb["loss"] and ra["grad_norm"] == rb["grad_norm"] for ra, rb in zip(a, b))
+    assert not list(ckpts.glob(".tmp-*"))  # cleaned up by the next complete save
+
+
 def test_export_of_a_sharded_run_loads_in_transformers(launch, tmp_path):
     transformers = pytest.importorskip("transformers")
     run, _ = launch("ep2-dp2", 2, "--ep", "2")
