@@ -90,6 +90,23 @@ def test_expert_parallel_matches_one_process(setup, launch, nproc):
         assert all(tuple(c.sizes[:2]) == (half, rows) for c in md.chunks), key
 
 
+def test_node_limited_routing_on_four_nodes_of_one_rank(setup, launch):
+    """EP 4 with --node-limited, each rank counted as a node: the tiny model's 4 routing groups land one per
+    node, so a token's 4 copies reach at most topk_group = 2 nodes, as recorded; and the run is the one-process
+    run (also in steps where a rank's experts get no token at all: they still take their AdamW step)."""
+    root, _ = setup
+    out, proc = launch("ep4-node-limited", 4, "--ep", "4", "--node-limited", "--ranks-per-node", "1")
+    assert_same_run(out, root / "one")
+    assert "4 routing group(s), 2 kept: a token reaches at most 2 node(s), each group on one node" in proc.stdout
+    for r in records(out):
+        assert 1.0 <= r["ep_nodes_per_token"] <= 2.0 and r["ep_ranks_per_token"] == r["ep_nodes_per_token"]
+    # without the node limit in the routing (groups of 8 experts over ranks of 4) the check refuses the layout
+    from dsv3.train.node_limited import ExpertPlacement
+
+    with pytest.raises(ValueError, match="routing group of 8 experts"):
+        ExpertPlacement(16, 2, 1, 4, (0, 1, 2, 3), 1).check_node_limited()
+
+
 def test_zero1_with_expert_parallelism_and_its_checkpoint_on_fewer_ranks(setup, launch):
     """ZeRO-1 with --ep 2 on 4 ranks: the dense AdamW states are sharded over the 4 data-parallel ranks, each
     expert's over the 2 ranks holding it (two ZeroRedundancyOptimizers), and the run is the one-process run.

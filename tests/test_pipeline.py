@@ -54,7 +54,9 @@ def test_pipeline_matches_one_process(setup, nproc, flags):
     assert all(r["mtp_loss"] > 0 for r in records(out))
 
 
-def test_fp8_under_dualpipev_matches_one_process(setup):
+@pytest.mark.parametrize("flags", [["--pp", "2", "--pp-schedule", "dualpipev"], ["--ep", "2"]],
+                         ids=["dualpipev", "ep2"])
+def test_fp8_under_dualpipev_and_expert_parallelism_matches_one_process(setup, flags):
     """--fp8 (emulated on the CPU) under DualPipeV, whose FP8 weight-gradient GEMMs wait in the store for the W
     chunks: 4 steps' losses, gradient norms and validation loss within 1e-4 of the one-process --fp8 run, the same
     expert loads, bitwise routing biases, the weights within 1e-3 (in norm).
@@ -65,16 +67,31 @@ def test_fp8_under_dualpipev_matches_one_process(setup):
     1.03e-4 (AdamW's normalised steps turn a flipped tiny gradient into a whole step, as the fp32 cases' 1e-4 on
     weights allows for). 1F1B, whose FP8 backward is not split, drifts the same way, and in an 8-step run both
     schedules see a routing decision flip at step 5 (grad norms 3% apart): hence 4 steps. The split itself is
-    exact (tests/test_weight_grad.py)."""
+    exact (tests/test_weight_grad.py).
+
+    Expert parallelism (FP8 experts holding half the experts each, fed by the all-to-all) cannot be held to them:
+    the weight-gradient GEMM quantises dY and X in 1x128 tiles along the tokens, and an expert's tokens from two
+    ranks share tiles there but not in one process. Measured: the first two steps identical, then a routing
+    decision flips (losses 3e-5, gradient norms 3e-4 apart): checked within 1e-3."""
     root, common = setup
     fp8 = [*common, "--fp8", "--steps", "4", "--set", "eval_batches=4"]
-    one = subprocess.run([sys.executable, "-m", "dsv3", "train", *fp8, "--out", str(root / "one-fp8")],
-                         capture_output=True, text=True, timeout=TORCHRUN_TIMEOUT, env=torchrun_env())
-    assert one.returncode == 0, one.stderr[-3000:]
-    out = root / "dualpipev-fp8"
-    proc = torchrun(2, *fp8, "--pp", "2", "--pp-schedule", "dualpipev", "--out", str(out))
+    if not (root / "one-fp8" / "export").is_dir():
+        one = subprocess.run([sys.executable, "-m", "dsv3", "train", *fp8, "--out", str(root / "one-fp8")],
+                             capture_output=True, text=True, timeout=TORCHRUN_TIMEOUT, env=torchrun_env())
+        assert one.returncode == 0, one.stderr[-3000:]
+    out = root / ("fp8-" + "-".join(flags).replace("--", ""))
+    proc = torchrun(2, *fp8, *flags, "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert_same_run(out, root / "one-fp8", rel=1e-4, steps=4, weight_rel=1e-3)
+    if "--ep" not in flags:
+        assert_same_run(out, root / "one-fp8", rel=1e-4, steps=4, weight_rel=1e-3)
+        return
+    a, b = records(out), records(root / "one-fp8")
+    assert [r["step"] for r in a] == [1, 2, 3, 4]
+    assert a[0]["loss"] == b[0]["loss"] and a[0]["expert_load"] == b[0]["expert_load"]
+    for ra, rb in zip(a, b):
+        for key in ("loss", "mtp_loss", "grad_norm", "val_loss"):
+            if key in rb:
+                assert ra[key] == pytest.approx(rb[key], rel=1e-3), (ra["step"], key)
 
 
 def test_micro_batch_counts_the_schedule_cannot_take_are_errors(setup, tmp_path):

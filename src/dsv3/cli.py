@@ -37,9 +37,9 @@ _TRAIN_FLAGS = {
     "seq_len": int, "batch_size": int, "micro_batch_size": int, "lr": float, "eval_every": int, "seed": int,
     "balance": str, "vocab_size": int, "stop_after": int, "keep_last": int, "fim_rate": float,
     "cache_dir": str, "ep": int, "dp_shard": str, "pp": int, "pp_schedule": str,
-    "pp_overlap": str,
+    "pp_overlap": str, "ranks_per_node": int,
 }
-_TRAIN_SWITCHES = ("fp8", "fp8_dispatch", "doc_mask", "bf16_moments", "compile")
+_TRAIN_SWITCHES = ("fp8", "fp8_dispatch", "node_limited", "doc_mask", "bf16_moments", "compile")
 
 
 def _train_config(args: argparse.Namespace):
@@ -72,7 +72,8 @@ def _train_config(args: argparse.Namespace):
         base = json.loads((Path(args.out) / "train_config.json").read_text())
         # this invocation's, not the run's: a sharded run may continue in one process, or on more ranks
         # (fp8_dispatch goes with ep: a run resumed without --ep has no dispatch to quantise)
-        for launch_only in ("stop_after", "ep", "fp8_dispatch", "dp_shard", "pp", "pp_schedule", "pp_overlap"):
+        for launch_only in ("stop_after", "ep", "fp8_dispatch", "node_limited", "ranks_per_node", "dp_shard", "pp",
+                            "pp_schedule", "pp_overlap"):
             base.pop(launch_only, None)
     model = {**base.get("model", {}), **overrides.pop("model", {})}
     return TrainConfig.from_dict({**base, **overrides, "model": model})
@@ -324,6 +325,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp8-dispatch", action="store_true",
                    help="with --ep: send the tokens to the experts in FP8 (1x128 scales, report §3.3.4); the "
                         "outputs come back unquantised")
+    p.add_argument("--node-limited", action="store_true",
+                   help="with --ep: require each routing group (n_group) on the ranks of one node, so that a token "
+                        "reaches at most topk_group nodes (report §2.1.2)")
+    p.add_argument("--ranks-per-node", type=int,
+                   help="ranks sharing a node, for --node-limited and the nodes-per-token metric (default: "
+                        "torchrun's LOCAL_WORLD_SIZE)")
     p.add_argument("--pp", type=int, help="pipeline parallelism: cut the model into stages over this many ranks")
     p.add_argument("--pp-schedule", choices=["1f1b", "dualpipev", "dualpipe"],
                    help="pipeline schedule (default 1f1b; DualPipe / DualPipeV need an even count of >= 2 x pp "

@@ -96,6 +96,12 @@ class TrainConfig:
     ep: int = 1
     """Expert parallelism: the routed experts of each MoE layer split over groups of this many ranks (it must
     divide the data-parallel size and the number of experts)."""
+    node_limited: bool = False
+    """Node-limited routing (report §2.1.2): require every routing group (``n_group``) to lie on the ranks of one
+    node, so that a token reaches at most ``topk_group`` nodes; an error names the numbers otherwise."""
+    ranks_per_node: int = 0
+    """Consecutive ranks sharing a node, for node-limited routing and the nodes-per-token metric (0: torchrun's
+    LOCAL_WORLD_SIZE)."""
     pp: int = 1
     """Pipeline parallelism: the model cut into stages over this many ranks (world = pp x data-parallel)."""
     pp_schedule: str = "1f1b"
@@ -195,6 +201,9 @@ class TrainConfig:
         need(self.dp_shard in ("auto", "fsdp", "zero1"), "dp_shard", "'auto', 'fsdp' or 'zero1'")
         need(self.ep >= 1, "ep", "an integer >= 1")
         need(self.pp >= 1, "pp", "an integer >= 1")
+        need(self.ranks_per_node >= 0, "ranks_per_node", "an integer >= 0 (0: torchrun's LOCAL_WORLD_SIZE)")
+        need(not self.node_limited or self.ep > 1, "node_limited",
+             "false unless --ep > 1 (node-limited routing places the routing groups on expert-parallel ranks)")
         need(not self.fp8_dispatch or self.ep > 1, "fp8_dispatch",
              "false unless --ep > 1 (--fp8-dispatch quantises the expert-parallel all-to-all)")
         need(self.pp_schedule in ("1f1b", "dualpipev", "dualpipe"), "pp_schedule", "'1f1b', 'dualpipev' or 'dualpipe'")
@@ -264,6 +273,7 @@ class TrainConfig:
 _FLOAT_FIELDS = ("lr", "warmup", "weight_decay", "beta1", "beta2", "grad_clip", "gamma", "seq_aux_alpha",
                  "aux_loss_alpha", "fim_rate", "sample_temperature")
 _INT_FIELDS = ("steps", "seq_len", "batch_size", "micro_batch_size", "vocab_size", "eval_every", "eval_batches",
-               "save_every", "keep_last", "seed", "sample_tokens", "sample_top_k", "stop_after", "ep", "pp")
-_BOOL_FIELDS = ("batch_ramp", "bf16_moments", "mtp", "doc_mask", "fp8", "fp8_dispatch", "compile")
+               "save_every", "keep_last", "seed", "sample_tokens", "sample_top_k", "stop_after", "ep", "pp",
+               "ranks_per_node")
+_BOOL_FIELDS = ("batch_ramp", "bf16_moments", "mtp", "doc_mask", "fp8", "fp8_dispatch", "node_limited", "compile")
 _PATH_FIELDS = ("data", "tokenizer", "out", "cache_dir")

@@ -21,14 +21,18 @@ by the data-parallel size, the average FSDP2 applies to every other gradient.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch import nn
 
+from ..config import ModelConfig
 from ..model import MoE
 from ..model.moe import dispatch, unsort
 from .fp8_dispatch import fp8_all_to_all
+from .node_limited import DispatchReach, ExpertPlacement
 from .parallel import Distributed, all_reduce_flat, expert_parameters
 
 
@@ -43,6 +47,8 @@ class ExpertParallelMoE(MoE):
     group: dist.ProcessGroup
     ep: int
     first_expert: int
+    reach: DispatchReach | None = None
+    """Where ``send`` counts the ranks and nodes each token reaches in training (:func:`count_dispatch_reach`)."""
     fp8_dispatch: bool = False
     """Send the dispatched copies in FP8 (:func:`~dsv3.train.fp8_dispatch.fp8_all_to_all`); set by
     :func:`apply_expert_parallel`."""
@@ -70,6 +76,8 @@ class ExpertParallelMoE(MoE):
     def send(self, flat: torch.Tensor, indices: torch.Tensor):
         x_sorted, order, counts = dispatch(flat, indices, self.n_experts)
         local = self.n_experts // self.ep
+        if self.reach is not None and self.training:
+            self.reach.count(indices // local)
         recv_counts = torch.empty_like(counts)
         dist.all_to_all_single(recv_counts, counts, group=self.group)  # (source rank, local expert) counts
         recv_counts = recv_counts.view(self.ep, local)
@@ -108,6 +116,24 @@ def apply_expert_parallel(model: nn.Module, env: Distributed, fp8_dispatch: bool
             module.fp8_dispatch = fp8_dispatch
 
 
+def expert_placement(config: ModelConfig, env: Distributed, ranks_per_node: int = 0) -> ExpertPlacement:
+    """The routed experts' placement on this rank's expert-parallel group; ``ranks_per_node`` 0: torchrun's
+    LOCAL_WORLD_SIZE (all ranks on one node outside torchrun)."""
+    per_node = ranks_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", env.dims.world))
+    return ExpertPlacement(config.n_routed_experts, config.n_group, config.topk_group, config.num_experts_per_tok,
+                           tuple(dist.get_process_group_ranks(env.ep_group)), per_node)
+
+
+def count_dispatch_reach(model: nn.Module, placement: ExpertPlacement, device: torch.device) -> DispatchReach:
+    """Have every expert-parallel MoE layer of ``model`` count the ranks and nodes its tokens reach, in one
+    :class:`~dsv3.train.node_limited.DispatchReach` summed over the layers."""
+    reach = DispatchReach(placement.node_of_rank(), device)
+    for module in model.modules():
+        if isinstance(module, ExpertParallelMoE):
+            module.reach = reach
+    return reach
+
+
 @torch.no_grad()
 def reduce_expert_grads(model: nn.Module, env: Distributed) -> None:
     """Sum each local expert's gradient over the ranks holding the same experts and divide by the data-parallel
@@ -115,7 +141,11 @@ def reduce_expert_grads(model: nn.Module, env: Distributed) -> None:
     after the step's last backward."""
     from torch.distributed.tensor import DTensor
 
-    grads = [p.grad for p in expert_parameters(model) if p.grad is not None]
+    params = expert_parameters(model)
+    for p in params:  # no token reached this rank's experts (every rank of a column must take part)
+        if p.grad is None and not isinstance(p, DTensor):
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params if p.grad is not None]
     if grads and isinstance(grads[0], DTensor):
         # FSDP2-sharded experts: the reduce-scatter averaged over the column (dp / ep ranks); gloo has no
         # pre-multiplied sum for FSDP2's custom divide factor, hence the division here
@@ -128,4 +158,5 @@ def reduce_expert_grads(model: nn.Module, env: Distributed) -> None:
     torch._foreach_div_(grads, float(env.dims.dp))
 
 
-__all__ = ["ExpertParallelMoE", "apply_expert_parallel", "reduce_expert_grads"]
+__all__ = ["ExpertParallelMoE", "apply_expert_parallel", "count_dispatch_reach", "expert_placement",
+           "reduce_expert_grads"]

@@ -144,6 +144,7 @@ class Trainer:
             group=dist.group.WORLD if env.dims.distributed else None, replica_group=env.dp_group)
         self.model.train()
         self.forward = parallelize(self.model, env, fp8=cfg.fp8, compile=cfg.compile, fp8_dispatch=cfg.fp8_dispatch)
+        self.reach = self._expert_placement() if env.dims.ep > 1 else None
         self.holders = None
         if self.pipeline is not None:
             if self.pipeline.zero_bubble:
@@ -261,6 +262,20 @@ class Trainer:
             _truncate_metrics(self.metrics_file, self.step_count)
         self.log(f"resumed {self.run_dir} at step {self.step_count} ({self.tokens_seen:,} tokens)")
 
+    def _expert_placement(self):
+        """Where the routing groups land on the expert-parallel ranks (checked with ``node_limited``, logged);
+        returns the counter of the ranks and nodes the tokens reach."""
+        from .expert_parallel import count_dispatch_reach, expert_placement
+
+        placement = expert_placement(self.model_config, self.env, self.cfg.ranks_per_node)
+        if self.cfg.node_limited:
+            try:
+                placement.check_node_limited()
+            except ValueError as e:
+                raise ConfigError(f"node_limited: {e}") from None
+        self.log("expert parallelism: " + placement.describe())
+        return count_dispatch_reach(self.model, placement, self.device)
+
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
 
@@ -306,7 +321,8 @@ class Trainer:
         gamma = self.sched.bias_update_speed(self.tokens_seen) if cfg.balance == "aux_free" else 0.0
         self.balancer.update_bias(loads, gamma)
         # every number of the record summed over the ranks at once
-        totals = env.all_reduce(torch.cat([sums, self.balancer.take_loss().to(sums.device).view(1)])).tolist()
+        reach = self.reach.take() if self.reach is not None else sums.new_zeros(0)
+        totals = env.all_reduce(torch.cat([sums, self.balancer.take_loss().to(sums.device).view(1), reach])).tolist()
         counts = counts.tolist()
         self.step_count += 1
         step_tokens = batch_size * cfg.seq_len
@@ -318,12 +334,16 @@ class Trainer:
         mtp_loss = sum(totals[k] / max(counts[k], 1) for k in range(1, 1 + self.depth)) / self.depth if self.depth else 0.0
         record: dict[str, Any] = {
             "step": self.step_count, "tokens": self.tokens_seen, "loss": round(loss, 6), "mtp_loss": round(mtp_loss, 6),
-            "balance_loss": round(totals[-1] / env.dims.dp, 6),
+            "balance_loss": round(totals[1 + self.depth] / env.dims.dp, 6),
             "grad_norm": round(grad_norm.item(), 5), "lr": lr, "batch_size": batch_size, "gamma": gamma,
             "mtp_weight": mtp_weight, "tokens_per_s": round(step_tokens / dt, 1),
             "maxvio": [round(max_violation(x), 4) for x in loads],
             "expert_load": loads.tolist(),
         }
+        if self.reach is not None:  # per token and MoE layer, how many ranks and nodes its copies went to
+            tokens, ranks, nodes = totals[-3:]
+            record["ep_ranks_per_token"] = round(ranks / max(tokens, 1), 4)
+            record["ep_nodes_per_token"] = round(nodes / max(tokens, 1), 4)
         if self.peak:
             record["mfu"] = round(self.flops_per_token * step_tokens / env.dims.world / dt / self.peak, 4)
         record["maxvio_mean"] = round(sum(record["maxvio"]) / max(len(loads), 1), 4)
