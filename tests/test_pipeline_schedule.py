@@ -83,3 +83,27 @@ def test_a_broken_schedule_is_reported_as_a_deadlock():
                      (s.steps[0], tuple(swapped)))
     with pytest.raises(Deadlock):
         simulate(broken)
+
+
+@pytest.mark.parametrize("name, kept_everything", [("1f1b", False), ("dualpipev", False), ("dualpipe", True)])
+def test_a_pipeline_rank_builds_only_its_stages_initialised_as_in_the_whole_model(name, kept_everything):
+    """What a rank holds is built on the meta device and allocated alone; every tensor it holds has the whole
+    model's initial values (each tensor's generator is seeded by its name, not by what was built before it)."""
+    import torch
+
+    import dsv3
+    from dsv3.train.parallel import Distributed, ParallelDims
+    from dsv3.train.pipeline_parallel import stage_pruner
+
+    config = dsv3.preset("tiny")
+    full = dsv3.build_model(config, seed=3).state_dict()
+    held = set()
+    for rank in range(2):
+        env = Distributed(ParallelDims(dp=1, pp=2, launched=True), rank, torch.device("cpu"))
+        part = dsv3.build_model(config, seed=3, transform=stage_pruner(config, env, name)).state_dict()
+        assert all(torch.equal(v, full[k]) for k, v in part.items())
+        assert (len(part) == len(full)) == kept_everything
+        held |= set(part)
+    assert held == set(full)
+    assert not torch.equal(full["layers.1.mlp.experts.gate_up_proj"][0], full["layers.1.mlp.experts.gate_up_proj"][1])
+    assert not torch.equal(dsv3.build_model(config, seed=4).state_dict()["embed_tokens.weight"], full["embed_tokens.weight"])

@@ -24,17 +24,18 @@ def build_model(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     seed: int | None = 0,
+    transform=None,
 ) -> DeepSeekV3:
-    """A randomly initialised model (report §4.2 initialisation) from a config or a preset name."""
+    """A randomly initialised model (report §4.2 initialisation) from a config or a preset name. ``seed``: each
+    tensor's values depend on it and the tensor's name only (None: the global generator). ``transform(model)``
+    may drop or swap modules while the model is still on the meta device, before any memory is allocated (a
+    pipeline rank keeps only its stages); what remains is initialised as in the whole model."""
     from .checkpoint import build_empty
 
     if isinstance(config, str):
         config = preset(config)
-    model = build_empty(config, device, dtype)
-    gen = None
-    if seed is not None:
-        gen = torch.Generator(device=device).manual_seed(seed)
-    model.init_weights(gen)
+    model = build_empty(config, device, dtype, transform=transform)
+    model.init_weights(seed)
     return model
 
 

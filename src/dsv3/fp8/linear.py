@@ -304,11 +304,14 @@ class FP8Linear(nn.Linear):
         return fp8_linear(x, self.weight, self.bias, backend=self.backend, weight_grad_fn=self.weight_grad_fn)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, backend: Backend = "auto") -> FP8Linear:
+    def from_linear(cls, linear: nn.Linear, backend: Backend = "auto",
+                    device: torch.device | None = None) -> FP8Linear:
         """Wrap an existing ``nn.Linear``, sharing (not copying) its Parameter objects; ``auto`` is settled
-        here for the layer's device (a ValueError where an explicit backend cannot run there)."""
-        if linear.weight.device.type != "meta":
-            backend = resolve_backend(backend, linear.weight.device)
+        here for the layer's device, or ``device`` while the layer is still on meta (a ValueError where an
+        explicit backend cannot run there)."""
+        where = device if linear.weight.device.type == "meta" else linear.weight.device
+        if where is not None and torch.device(where).type != "meta":
+            backend = resolve_backend(backend, where)
         new = cls(
             linear.in_features,
             linear.out_features,

@@ -64,13 +64,13 @@ _MLA_LINEARS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_pr
 _MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
 
 
-def apply_fp8_training(model: nn.Module, backend: Backend = "auto") -> nn.Module:
+def apply_fp8_training(model: nn.Module, backend: Backend = "auto", device: torch.device | None = None) -> nn.Module:
     """Swap the model's projection GEMMs to FP8 (see the module docstring); returns ``model`` itself.
 
     ``backend`` is passed to every :class:`FP8Linear` and :class:`FP8Experts` ("auto", "emulate" or
     "scaled_mm"; "triton" is the experts' grouped kernels with the Linear layers on "scaled_mm"); ``auto`` is settled here for the device of the model's
-    parameters, and an explicit backend that cannot run there is a ValueError. Applying it twice changes
-    nothing. :func:`fp8_backends` tells what was chosen.
+    parameters (``device`` for a model still on meta), and an explicit backend that cannot run there is a
+    ValueError. Applying it twice changes nothing. :func:`fp8_backends` tells what was chosen.
     """
     from dsv3.model.attention import MLA
     from dsv3.model.ffn import MLP
@@ -88,10 +88,10 @@ def apply_fp8_training(model: nn.Module, backend: Backend = "auto") -> nn.Module
         for name in names:
             child = getattr(module, name, None)
             if isinstance(child, nn.Linear) and not isinstance(child, FP8Linear):
-                setattr(module, name, FP8Linear.from_linear(child, backend=linear_backend))
+                setattr(module, name, FP8Linear.from_linear(child, backend=linear_backend, device=device))
         for name, child in list(module.named_children()):
             if isinstance(child, Experts) and not isinstance(child, FP8Experts):
-                setattr(module, name, FP8Experts.from_experts(child, backend=backend))
+                setattr(module, name, FP8Experts.from_experts(child, backend=backend, device=device))
     return model
 
 
@@ -129,11 +129,12 @@ class FP8Experts(Experts):
         return fp8_grouped_linear(F.silu(gate) * up, self.down_proj, counts, **kw)
 
     @classmethod
-    def from_experts(cls, experts: nn.Module, backend: ExpertsBackend = "auto") -> FP8Experts:
+    def from_experts(cls, experts: nn.Module, backend: ExpertsBackend = "auto", device=None) -> FP8Experts:
         """Wrap an existing ``Experts``, sharing (not copying) its Parameter objects; ``auto`` is settled here
-        for the weights' device (a ValueError where an explicit backend cannot run there)."""
-        if experts.gate_up_proj.device.type != "meta":
-            backend = resolve_experts_backend(backend, experts.gate_up_proj.device)
+        for the weights' device, or ``device`` while on meta (a ValueError where a backend cannot run there)."""
+        where = device if experts.gate_up_proj.device.type == "meta" else experts.gate_up_proj.device
+        if where is not None and torch.device(where).type != "meta":
+            backend = resolve_experts_backend(backend, where)
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.n_experts, new.inter_dim = experts.n_experts, experts.inter_dim

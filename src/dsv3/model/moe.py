@@ -137,6 +137,9 @@ class Experts(nn.Module):
     """The routed experts' weights stacked: ``gate_up_proj`` (E, 2I, d) holds [W1; W3] of each SwiGLU expert,
     ``down_proj`` (E, d, I) its W2, so that all experts run as one grouped GEMM."""
 
+    first_expert: int = 0
+    """Index in the layer of the first expert held here (expert parallelism holds a slice)."""
+
     def __init__(self, n_experts: int, dim: int, inter_dim: int):
         super().__init__()
         self.n_experts = n_experts

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .doc_mask import DocumentMask
-from .moe import Experts, Gate
+from .init import init_weights
 from .mtp import MTPModule
 from .norm import RMSNorm
 from .rope import RotaryEmbedding
@@ -49,23 +49,10 @@ class DeepSeekV3(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
-    @torch.no_grad()
-    def init_weights(self, generator: torch.Generator | None = None) -> None:
+    def init_weights(self, seed: int | None = None) -> None:
         """Normal(0, initializer_range) for every matrix and the embedding (§4.2: 0.006), ones for norms,
-        zero routing bias."""
-        std = self.config.initializer_range
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding, Gate)):
-                module.weight.normal_(0.0, std, generator=generator)
-            elif isinstance(module, Experts):
-                module.gate_up_proj.normal_(0.0, std, generator=generator)
-                module.down_proj.normal_(0.0, std, generator=generator)
-            elif isinstance(module, RMSNorm):
-                module.weight.fill_(1.0)
-            if isinstance(module, Gate):
-                module.tokens_per_expert.zero_()
-                if module.e_score_correction_bias is not None:
-                    module.e_score_correction_bias.zero_()
+        zero routing bias; with ``seed``, each tensor from a generator seeded by its name (:mod:`.init`)."""
+        init_weights(self, self.config.initializer_range, seed)
 
     def forward(
         self,

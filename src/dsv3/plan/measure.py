@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from ..model.moe import Experts, Gate
+from ..model.init import init_weights
 from ..model.mtp import MTPModule
 from ..model.norm import RMSNorm
 from ..model.rope import RotaryEmbedding
@@ -49,17 +49,8 @@ class _Stage(nn.Module):
             self.mtp = nn.ModuleList(MTPModule(config, config.num_hidden_layers + k)
                                      for k in range(config.num_nextn_predict_layers))
 
-    @torch.no_grad()
-    def init_weights(self, generator: torch.Generator) -> None:
-        std = self.config.initializer_range
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, Gate)):
-                m.weight.normal_(0.0, std, generator=generator)
-            elif isinstance(m, Experts):
-                m.gate_up_proj.normal_(0.0, std, generator=generator)
-                m.down_proj.normal_(0.0, std, generator=generator)
-            elif isinstance(m, RMSNorm):
-                m.weight.fill_(1.0)
+    def init_weights(self, seed: int) -> None:
+        init_weights(self, self.config.initializer_range, seed)
 
     def forward(self, h: torch.Tensor, tokens: torch.Tensor, future: torch.Tensor) -> torch.Tensor:
         """Hidden state in; the hidden state out, or at the last stage the main + MTP cross-entropy."""
@@ -148,7 +139,7 @@ def measure_stages(config: ModelConfig, splits: list[range], micro_batch: int, s
     try:
         for s, layers in enumerate(splits):
             stage = _Stage(config, layers, last=s == len(splits) - 1).to(device=device, dtype=dtype)
-            stage.init_weights(torch.Generator(device=device).manual_seed(s))
+            stage.init_weights(seed=s)
             out.append(measure_stage(stage, micro_batch, seq_len, device, dtype, repeats, seed=s))
             del stage
     finally:

@@ -69,7 +69,7 @@ class ExpertParallelMoE(MoE):
                 full = getattr(experts, name)
                 setattr(experts, name, nn.Parameter(full[new.first_expert:new.first_expert + local].clone(),
                                                     requires_grad=full.requires_grad))
-        experts.n_experts = local
+        experts.n_experts, experts.first_expert = local, new.first_expert
         new.train(moe.training)
         return new
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -188,29 +189,36 @@ def init_distributed(device: torch.device, ep: int = 1, dp_shard: str = "auto", 
 
 
 def parallelize(model: DeepSeekV3, env: Distributed, *, fp8: bool = False, compile: bool = False,
-                fp8_dispatch: bool = False) -> nn.Module:
+                fp8_dispatch: bool = False, materialize: Callable[[nn.Module], None] | None = None) -> nn.Module:
     """Apply FP8, expert parallelism, compilation and data-parallel sharding to ``model`` in that order (see the
     module docstring). Returns the module to call for training: ``model`` itself, or its DDP / compiled
-    wrapper (``model`` keeps its parameter names either way)."""
+    wrapper (``model`` keeps its parameter names either way). ``materialize(model)``, for a model built on the
+    meta device, allocates and initialises it once its layout is final: after FSDP2's sharding (each rank then
+    allocates only its shards) or before DDP's wrapping (which broadcasts real values)."""
     if fp8:
         from ..fp8 import apply_fp8_training
 
-        apply_fp8_training(model)
+        apply_fp8_training(model, device=env.device)  # a model on meta still gets the backend of its device
     if env.dims.ep > 1:
         from .expert_parallel import apply_expert_parallel
 
         apply_expert_parallel(model, env, fp8_dispatch=fp8_dispatch)
+    materialize = materialize or (lambda model: None)
     if not env.dims.distributed:
+        materialize(model)
         return torch.compile(model) if compile else model
     if compile:
         for block in blocks(model):
             if isinstance(block, Block):  # a pipeline rank's other blocks are empty placeholders
                 block.compile()
     if env.dims.pp > 1:  # the pipeline calls the stages; data-parallel gradients are reduced after the step
+        materialize(model)
         return model
     if env.dims.shard == "fsdp":
         _fully_shard(model, env)
+        materialize(model)
         return model
+    materialize(model)
     from torch.nn.parallel import DistributedDataParallel
 
     if env.dims.ep > 1:  # each rank's experts are its own: neither broadcast from rank 0 nor averaged by DDP

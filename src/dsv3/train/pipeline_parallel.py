@@ -3,7 +3,8 @@
 With ``--pp P`` the world is P pipeline ranks times the data-parallel ranks. :class:`Pipeline`
 
 1. cuts the model into stages (:func:`dsv3.pipeline.split_layers`) and keeps on this rank only what its stages
-   use (:func:`dsv3.pipeline.prune_to_stages`): the parameters, optimiser and checkpoint shards are its own;
+   use (:func:`dsv3.pipeline.prune_to_stages`; :func:`stage_pruner` does it before the model is allocated): the
+   parameters, optimiser and checkpoint shards are its own;
 2. with a zero-bubble schedule (DualPipe, DualPipeV) defers the weight gradients of the blocks' Linear layers and
    experts to the schedule's W chunks (:mod:`dsv3.pipeline.weight_grad`);
 3. runs each step's micro-batches in the schedule's order (:class:`dsv3.pipeline.executor.PipelineExecutor`),
@@ -18,10 +19,13 @@ and the trainer sums the counts over every rank once per step.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
+from torch import nn
 
-from ..config import ConfigError
+from ..config import ConfigError, ModelConfig
 from ..model import DeepSeekV3
 from ..pipeline import Schedule, build_schedule
 from ..pipeline.executor import PipelineExecutor
@@ -39,6 +43,30 @@ from .parallel import Distributed, all_reduce_flat, expert_parameters
 from .step import combine_losses, cross_entropy_sum, token_losses
 
 
+def _schedule(name: str, pp: int, n_microbatches: int) -> Schedule:
+    try:
+        return build_schedule(name, pp, n_microbatches)
+    except ValueError as e:
+        raise ConfigError(f"pp_schedule: {e}") from None
+
+
+def _placement(config: ModelConfig, env: Distributed, schedule: str) -> tuple[Schedule, list[range], list[int]]:
+    """(the schedule's stage layout, the layers of each model stage, the model stages this rank holds)."""
+    layout = _schedule(schedule, env.dims.pp, 2 * env.dims.pp)  # stage placement does not depend on the count
+    try:
+        splits = split_layers(config, layout.n_model_stages)
+    except ValueError as e:
+        raise ConfigError(f"pp: {e}") from None
+    return layout, splits, held_model_stages(layout, env.pp_rank)
+
+
+def stage_pruner(config: ModelConfig, env: Distributed, schedule: str) -> Callable[[nn.Module], None]:
+    """A :func:`dsv3.build_model` transform keeping what this rank's stages use, so that the other stages are
+    never allocated (the MTP modules, when the config has them, need the embedding on the last stage)."""
+    _, splits, held = _placement(config, env, schedule)
+    return lambda model: prune_to_stages(model, splits, held, needs_embedding=config.num_nextn_predict_layers > 0)
+
+
 class Pipeline:
     """This rank's share of a pipeline-parallel model (see the module docstring)."""
 
@@ -48,14 +76,8 @@ class Pipeline:
             self.streams = chunk_streams(env.device, overlap)
         except ValueError as e:
             raise ConfigError(f"pp_overlap: {e}") from None
-        p = env.dims.pp
-        self.layout = self.schedule(2 * p)  # stage placement does not depend on the micro-batch count
-        try:
-            self.splits = split_layers(model.config, self.layout.n_model_stages)
-        except ValueError as e:
-            raise ConfigError(f"pp: {e}") from None
-        self.held = held_model_stages(self.layout, env.pp_rank)
-        prune_to_stages(model, self.splits, self.held, needs_embedding=depth > 0)
+        self.layout, self.splits, self.held = _placement(model.config, env, schedule)
+        prune_to_stages(model, self.splits, self.held, needs_embedding=depth > 0)  # done already if built so
         self.model = model
         self.replicated = replicated_parameters(self.layout, env.pp_rank, depth)
         self._groups = self._replica_groups()
@@ -64,10 +86,7 @@ class Pipeline:
         self._schedules: dict[int, Schedule] = {}
 
     def schedule(self, n_microbatches: int) -> Schedule:
-        try:
-            return build_schedule(self.name, self.env.dims.pp, n_microbatches)
-        except ValueError as e:
-            raise ConfigError(f"pp_schedule: {e}") from None
+        return _schedule(self.name, self.env.dims.pp, n_microbatches)
 
     def check_microbatches(self, counts: set[int]) -> None:
         """Every per-rank micro-batch count a run's steps will have must suit the schedule (names the numbers)."""

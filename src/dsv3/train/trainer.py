@@ -143,7 +143,9 @@ class Trainer:
             cfg.seq_aux_alpha if cfg.balance == "aux_free" else cfg.aux_loss_alpha,
             group=dist.group.WORLD if env.dims.distributed else None, replica_group=env.dp_group)
         self.model.train()
-        self.forward = parallelize(self.model, env, fp8=cfg.fp8, compile=cfg.compile, fp8_dispatch=cfg.fp8_dispatch)
+        on_meta = next(self.model.parameters()).device.type == "meta"
+        self.forward = parallelize(self.model, env, fp8=cfg.fp8, compile=cfg.compile, fp8_dispatch=cfg.fp8_dispatch,
+                                   materialize=self._materialize if on_meta else None)
         self.reach = self._expert_placement() if env.dims.ep > 1 else None
         self.holders = None
         if self.pipeline is not None:
@@ -212,7 +214,14 @@ class Trainer:
             mcfg = mcfg.replace(num_nextn_predict_layers=0)
         if cfg.balance == "aux_loss":  # the ablation routes without the bias
             mcfg = mcfg.replace(topk_method="greedy" if mcfg.n_group == 1 else "group_limited_greedy")
-        return mcfg, build_model(mcfg, device=self.device, dtype=torch.float32, seed=cfg.seed)
+        transform, device = None, self.device
+        if self.env.dims.pp > 1:  # a pipeline rank builds only its stages
+            from .pipeline_parallel import stage_pruner
+
+            transform = stage_pruner(mcfg, self.env, cfg.pp_schedule)
+        elif self.env.dims.distributed:  # allocated once sharded: parallelize() materialises it
+            device = torch.device("meta")
+        return mcfg, build_model(mcfg, device=device, dtype=torch.float32, seed=cfg.seed, transform=transform)
 
     def build_loader(self):
         """The endless iterator of this rank's micro-batches (with ``state_dict`` / ``load_state_dict``)."""
@@ -261,6 +270,11 @@ class Trainer:
         if self.env.is_main:
             _truncate_metrics(self.metrics_file, self.step_count)
         self.log(f"resumed {self.run_dir} at step {self.step_count} ({self.tokens_seen:,} tokens)")
+
+    def _materialize(self, model: torch.nn.Module) -> None:
+        from ..model.init import materialize
+
+        materialize(model, self.device, self.model_config.initializer_range, self.cfg.seed)
 
     def _expert_placement(self):
         """Where the routing groups land on the expert-parallel ranks (checked with ``node_limited``, logged);
