@@ -114,6 +114,25 @@ def test_grpo_end_to_end_and_exact_resume_after_sigkill(base, tmp_path):
                                                           "response_length", "expert_load", "eval_accuracy"))
 
 
+def test_grpo_with_a_reward_model(base, tmp_path):
+    """``--reward rm:PATH``: a reward model written by transformers scores the rollouts (real-valued rewards)."""
+    pytest.importorskip("transformers")
+    from dsv3.data import train_tokenizer
+    from test_reward_model import classifier
+
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text("Compute 12 + 34. The answer is \\boxed{46}.\n" * 30)
+    train_tokenizer(tmp_path / "corpus", tmp_path / "rm", vocab_size=320, show_progress=False)
+    classifier(tmp_path / "rm")
+    args = [a for a in GRPO_ARGS]
+    args[args.index("--steps") + 1] = "1"
+    run = run_cli("grpo", str(base), "--out", str(tmp_path / "run"), *args, "--reward", f"rm:{tmp_path / 'rm'}",
+                  timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    (rec,) = records(tmp_path / "run")
+    assert rec["reward_std"] > 0 and rec["reward"] not in (0.0, 1.0)
+
+
 def test_bad_options_are_errors_naming_them(base, tmp_path, capsys):
     from dsv3.cli import main  # in this process: the checks come before any training
 

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch import nn
 
 from .config import ModelConfig
 from .fp8.serving import apply_fp8_serving, wants_fp8_serving
@@ -133,6 +134,15 @@ def _dequantize(weight: torch.Tensor, scale_inv: torch.Tensor, name: str) -> tor
     return dequantize_blocks(weight, scale_inv.float(), block=128, dtype=torch.float32)
 
 
+def _num_labels(path: Path, weight_map: dict[str, str]) -> int:
+    """A sequence classifier's label count: the rows of its ``score.weight`` (transformers leaves the count out
+    of config.json when it is its default, 2)."""
+    if "score.weight" not in weight_map:
+        raise CheckpointError(f"{path}: no score.weight: not a sequence classifier (a reward model)")
+    with safe_open(path / weight_map["score.weight"], framework="pt") as f:
+        return f.get_slice("score.weight").get_shape()[0]
+
+
 def load_pretrained(
     path: str | os.PathLike,
     device: str | torch.device = "cpu",
@@ -140,6 +150,7 @@ def load_pretrained(
     *,
     progress: bool = False,
     fp8: bool | str = "auto",
+    head: str = "lm",
 ) -> DeepSeekV3:
     """Load a Hugging Face-layout checkpoint directory (config.json, safetensors shards) into a DeepSeekV3.
 
@@ -149,12 +160,22 @@ def load_pretrained(
     decoding is the slower path today), ``False`` never. The routing bias stays float32. Raises :class:`CheckpointError`
     naming any missing, unexpected or misshapen tensor. A checkpoint whose config declares MTP modules that
     its files lack (transformers drops them when saving) loads without MTP, with a warning.
+
+    ``head="score"`` loads a sequence classifier, transformers' ``DeepseekV3ForSequenceClassification`` (a reward
+    model: one label): its ``score.weight`` (labels, hidden) becomes ``lm_head``, so that the logits are each
+    position's scores; MTP tensors are not loaded.
     """
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory not found: {path}")
+    if head not in ("lm", "score"):
+        raise ValueError(f"head: must be 'lm' or 'score', got {head!r}")
     config = ModelConfig.from_json(path / "config.json")
     weight_map = _weight_map(path)
+    if head == "score":  # a classifier has no use for MTP: its tensors, if any, are left in the files
+        mtp_layers = tuple(f"model.layers.{config.num_hidden_layers + k}." for k in range(config.num_nextn_predict_layers))
+        weight_map = {k: v for k, v in weight_map.items() if not k.startswith(mtp_layers)} if mtp_layers else weight_map
+        config = config.replace(num_nextn_predict_layers=0)
     if config.num_nextn_predict_layers > 0 and not _has_mtp_weights(weight_map, config):
         warnings.warn(
             f"{path}: config.json declares {config.num_nextn_predict_layers} MTP module(s) but the checkpoint has no "
@@ -170,10 +191,19 @@ def load_pretrained(
                  if hf + "_scale_inv" in weight_map}
         apply_fp8_serving(meta_model, names)
     fp8_kept = wants_fp8_serving(fp8, config.quantization_config, device, dequantized)
-    model = build_empty(config, device, dtype, transform=keep_fp8 if fp8_kept else None)
 
+    def transform(meta_model: DeepSeekV3) -> None:
+        if fp8_kept:
+            keep_fp8(meta_model)
+        if head == "score":
+            meta_model.lm_head = nn.Linear(config.hidden_size, _num_labels(path, weight_map), bias=False,
+                                           device="meta", dtype=dtype)
+
+    model = build_empty(config, device, dtype, transform=transform)
+
+    head_name = "score.weight" if head == "score" else "lm_head.weight"
     targets: dict[str, tuple[str, torch.Tensor, tuple | None]] = {
-        hf: (ours, t, idx) for hf, ours, t, idx in hf_tensors(model)
+        (head_name if hf == "lm_head.weight" else hf): (ours, t, idx) for hf, ours, t, idx in hf_tensors(model)
     }
     scale_names = {k for k in weight_map if k.endswith("_scale_inv")}
     unexpected = sorted(k for k in weight_map if k not in targets and k not in scale_names)
@@ -208,7 +238,7 @@ def load_pretrained(
             ours, dest, index = targets[name]
             if ours == "embed_tokens.weight" and name != "model.embed_tokens.weight":
                 continue  # an MTP module's copy of the shared embedding
-            if ours == "lm_head.weight" and name != "lm_head.weight":
+            if ours == "lm_head.weight" and name != head_name:
                 continue  # an MTP module's copy of the shared head
             src = tensor(name)
             view = dest if index is None else dest[index]

@@ -11,7 +11,7 @@ new weights into the engine. The reference is the starting model, replaced by th
 Defaults are sized so that a step of the ``tiny`` preset takes seconds on a CPU; the published settings
 (DeepSeekMath: G 64, beta 0.04, lr 1e-6; R1: G 16, 32 prompts, beta 0.001, temperature 1, 16 mini-batches,
 reference reset every 400 steps, lr 3e-6) are options (docs/posttraining.md). Not done: routing replay
-(recording the rollout's expert choices for the training forward), a reward model, more than one process.
+(recording the rollout's expert choices for the training forward), more than one process.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ class GRPOConfig(PostTrainConfig):
     """GRPO steps (each: one rollout and its updates)."""
     reward: str | None = None
     """None: the built-in task's reward (1 right, 0.1 a boxed wrong answer, 0 none); ``boxed``, ``code``,
-    ``module:function`` or an ``http(s)://`` URL (dsv3.posttrain.rewards)."""
+    ``module:function``, an ``http(s)://`` URL or ``rm:PATH``, a reward model's score (dsv3.posttrain.rewards)."""
     prompts_per_step: int = 8
     """Questions per step (R1: 32)."""
     group_size: int = 8
@@ -152,7 +152,7 @@ class GRPOTrainer(Trainer):
         if self.env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         self.task = parse_task(cfg.task_digits, cfg.task_ops, cfg.seed)
-        self.reward = make_reward(cfg.reward, self.task)
+        self.reward = make_reward(cfg.reward, self.task, self.device)
         self._start = load_start(cfg.checkpoint, self.device)
         _, self.tokenizer, self.template = self._start
 

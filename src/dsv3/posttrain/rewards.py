@@ -15,10 +15,9 @@ spec                   reward
 ``code``               :class:`CodeReward`: the completion's Python run with ``answers`` as tests
 ``http://...``         :class:`HTTPReward`: POST the batch as JSON (also ``https://``)
 ``module:function``    :class:`CallableReward`: an importable function with the batch signature
+``rm:PATH``            :class:`~.reward_model.RewardModelReward`: a reward model's score (a checkpoint
+                       with a scalar head, transformers' ``DeepseekV3ForSequenceClassification`` layout)
 =====================  ============================================================================
-
-A model-based reward (a checkpoint with a scalar head, the report's reward model) is not implemented here;
-serve one behind :class:`HTTPReward` meanwhile.
 """
 
 from __future__ import annotations
@@ -29,7 +28,10 @@ import math
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Callable, Protocol, Sequence
+
+import torch
 
 from .answers import last_boxed, same_number
 from .sandbox import Limits, SandboxResult, run_python
@@ -215,8 +217,9 @@ class TaskReward:
                 for p, c, a in zip(prompts, completions, answers)]
 
 
-def make_reward(spec: str | None, task=None) -> Reward:
-    """The reward a spec names (the grammar is in the module docstring); ``None`` needs ``task``."""
+def make_reward(spec: str | None, task=None, device: str | torch.device = "cpu") -> Reward:
+    """The reward a spec names (the grammar is in the module docstring); ``None`` needs ``task``; a reward model
+    runs on ``device``."""
     if spec is None or spec == "":
         if task is None or not hasattr(task, "reward"):
             raise ValueError("no reward spec and no task with a reward")
@@ -227,6 +230,14 @@ def make_reward(spec: str | None, task=None) -> Reward:
         return CodeReward()
     if spec.startswith(("http://", "https://")):
         return HTTPReward(spec)
+    if spec.startswith("rm:"):
+        from .reward_model import RewardModelReward
+
+        path = spec[len("rm:"):]
+        if not (Path(path) / "config.json").is_file():
+            raise ValueError(f"reward spec {spec!r}: {path} is not a checkpoint directory (no config.json)")
+        return RewardModelReward(path, device)
     if ":" in spec:
         return CallableReward.from_spec(spec)
-    raise ValueError(f"reward spec {spec!r}: expected 'boxed', 'code', an http(s):// URL or 'module:function'")
+    raise ValueError(f"reward spec {spec!r}: expected 'boxed', 'code', an http(s):// URL, 'rm:PATH' or "
+                     f"'module:function'")
