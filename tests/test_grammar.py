@@ -345,6 +345,30 @@ def test_auto_is_free_text_until_the_calls_open(official):
     assert c.is_finished()
 
 
+def test_auto_with_text_markers_is_free_until_the_opening_marker_is_written(plain):
+    """A tokenizer with the markers as text (one trained by dsv3): free text (EOS included) until the model has
+    written the opening marker's text, split over several tokens; from there valid calls within the budget."""
+    tok, factory = plain
+    vocab = factory.vocab_size
+    row = torch.zeros(bitmask_words(vocab), dtype=torch.int32)
+    c = factory.tool_call(TOOLS, "auto", max_tokens=160)
+    c.fill_bitmask(row)
+    free = set(allowed_from_bitmask(row, vocab).nonzero().flatten().tolist())
+    assert tok.eos_id in free and len(free) > 0.95 * tok.vocab_size and c.zone == "free"  # all but added tokens
+    opening = tok.encode(TOOL_CALLS_BEGIN)
+    assert len(opening) > 1  # the marker is text here, several tokens
+    for seed in range(5):
+        c = factory.tool_call(TOOLS, "auto", max_tokens=160)
+        for token in tok.encode('Let me "check".') + opening:
+            c.accept(token)
+        tokens = sample(c, vocab, seed, 160 - c.generated)
+        assert c.is_finished()
+        check_calls(TOOL_CALLS_BEGIN + tok.decode(tokens), {"get_weather", "search"})
+    c = factory.tool_call(TOOLS, "auto")
+    c.accept(tok.eos_id)  # a plain answer may end at once
+    assert c.is_finished()
+
+
 def test_parallel_calls_and_exact_text(official):
     tok, factory = official
     text = format_tool_calls([ToolCall("", "search", '{"q":"a"}'),
@@ -381,8 +405,6 @@ def test_unsupported_schemas_and_requests_are_refused(plain):
     check_schema({"oneOf": [{"type": "integer"}, {"type": "string"}], "allOf": [{"minimum": 1}]})
     with pytest.raises(ValueError, match="needs no constraint"):
         factory.tool_call(TOOLS, "none")
-    with pytest.raises(ValueError, match="markers are tokens"):  # this tokenizer has them as text
-        factory.tool_call(TOOLS, "auto")
     with pytest.raises(ValueError, match="not among the tools"):
         factory.tool_call(TOOLS, {"type": "function", "function": {"name": "nope"}})
     with pytest.raises(ValueError, match="tools\\[get_weather\\]"):
@@ -439,7 +461,8 @@ def test_engine_writes_valid_json_with_a_random_model(plain, cuda_graph):
     schemas = [PERSON, NESTED, {"type": "object"}, None]
     requests = []
     for i, schema in enumerate(schemas):
-        params = SamplingParams(max_new_tokens=budget, temperature=1.0, seed=i)
+        # the unconstrained row ignores EOS: that it runs to the budget shows the others' masks left it alone
+        params = SamplingParams(max_new_tokens=budget, temperature=1.0, seed=i, ignore_eos=schema is None)
         constraint = None if schema is None else factory.json_schema(schema, max_tokens=budget)
         requests.append(GenerationRequest("The answer as JSON:", params, constraint=constraint))
     results = engine.generate(requests)
@@ -447,6 +470,8 @@ def test_engine_writes_valid_json_with_a_random_model(plain, cuda_graph):
         assert res.finish_reason == "stop" and len(res.tokens) <= budget, (res.finish_reason, len(res.tokens))
         validate(json.loads(res.text), schema)
     assert results[3].finish_reason == "length"  # the unconstrained row ran on, unaffected
+    with pytest.raises(ValueError):
+        json.loads(results[3].text)
 
 
 def test_no_surrogates_in_strings(plain):

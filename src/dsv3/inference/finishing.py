@@ -327,7 +327,7 @@ class GrammarConstraint:
         else:
             self._plan = self._table.plan(self._driver, self._lexer, self._stop_only, remaining + HARD)
         self._estimate = length = len(self._plan)
-        if self._repeats and self.generated == 0:
+        if self._repeats and self._watch == WATCH:  # the first plan, where the structure starts: a whole unit
             self._watch = WATCH + length
         steps = (remaining - length - self._watch) // (GROWTH + 1)  # when the estimate may reach the watch zone
         self._plan_at = remaining - max(1, steps)

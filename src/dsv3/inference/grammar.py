@@ -190,13 +190,11 @@ class GrammarFactory:
         ``choice``: ``"required"`` (one call, or several separated by a newline when ``parallel``, of any of
         ``tools``) or a named function (``{"type": "function", "function": {"name": ...}}`` or the name):
         exactly one call of it. ``"auto"``: free text (no tool-call marker but the one that opens the calls),
-        and once the model opens the calls, "required" from there; it needs the markers as tokens (a tokenizer
-        with them as text gets ``ValueError``: its output is left unconstrained). ``"none"`` is refused."""
+        and once the model opens the calls, "required" from there (where the markers are text, once it has
+        written the opening marker's text). ``"none"`` is refused."""
         specs = function_specs(tools)
         auto = choice == "auto"
         if auto:
-            if self.marker_ids is None:
-                raise ValueError("tool_choice 'auto' is guided only where the tool-call markers are tokens")
             choice = "required"
         if isinstance(choice, Mapping):
             function = choice.get("function") if choice.get("type", "function") == "function" else None
@@ -215,9 +213,11 @@ class GrammarFactory:
             check_schema(spec["parameters"], f"tools[{spec['name']}].parameters")
         key = _canonical([[s["name"], s["parameters"], bool(s.get("strict", False))] for s in specs])
         if self.marker_ids is None:  # markers are text: one grammar for the whole output
-            compiled = self._compiled(("tools_text", key, parallel),
-                                      lambda: self._tool_text_grammar(specs, parallel))
-            return self._constraint(_MatcherDriver(compiled), max_tokens, repeats=parallel)
+            compiled = self._compiled(("tools_text", key, parallel, auto),
+                                      lambda: self._tool_text_grammar(specs, parallel, auto))
+            driver = _TriggeredDriver(compiled, TOOL_CALLS_BEGIN.encode(), self._table.texts) if auto \
+                else _MatcherDriver(compiled)
+            return self._constraint(driver, max_tokens, repeats=parallel)
         if self.newline_id is None:
             raise ValueError("the tokenizer does not encode a newline as one token")
         function = self._compiled(("literal", "function"),
@@ -244,20 +244,28 @@ class GrammarFactory:
                                      xgr.Grammar.from_ebnf(f"root ::= {_literal(ARGS_END)}")) for s in specs]
         return bodies[0] if len(bodies) == 1 else xgr.Grammar.union(*bodies)
 
-    def _tool_text_grammar(self, specs: list[dict], parallel: bool):
-        """The whole tool-call block as text (a tokenizer without the marker tokens)."""
+    def _tool_text_grammar(self, specs: list[dict], parallel: bool, auto: bool = False):
+        """The whole tool-call block as text (a tokenizer without the marker tokens); ``auto``: free text until
+        the model writes the opening marker, then the block, then the end (xgrammar's triggered tags)."""
         def call(s: dict) -> dict:
             return {"type": "sequence", "elements": [
                 {"type": "const_string", "value": f"{TOOL_CALL_BEGIN}function{TOOL_SEP}{s['name']}{ARGS_BEGIN}"},
                 {"type": "grammar", "grammar": str(self._json(s["parameters"], bool(s.get("strict", False))))},
                 {"type": "const_string", "value": ARGS_END + TOOL_CALL_END}]}
         calls = {"type": "or", "elements": [call(s) for s in specs]}
-        elements = [{"type": "const_string", "value": TOOL_CALLS_BEGIN}, calls]
+        inner = [calls]
         if parallel:
-            elements.append({"type": "star", "content": {"type": "sequence", "elements": [
+            inner.append({"type": "star", "content": {"type": "sequence", "elements": [
                 {"type": "const_string", "value": CALL_SEPARATOR}, calls]}})
-        elements.append({"type": "const_string", "value": TOOL_CALLS_END})
-        tag = {"type": "structural_tag", "format": {"type": "sequence", "elements": elements}}
+        if auto:
+            block = {"type": "tag", "begin": TOOL_CALLS_BEGIN, "content": {"type": "sequence", "elements": inner},
+                     "end": TOOL_CALLS_END}
+            fmt = {"type": "triggered_tags", "triggers": [TOOL_CALLS_BEGIN], "tags": [block],
+                   "stop_after_first": True}
+        else:
+            fmt = {"type": "sequence", "elements": [{"type": "const_string", "value": TOOL_CALLS_BEGIN}, *inner,
+                                                    {"type": "const_string", "value": TOOL_CALLS_END}]}
+        tag = {"type": "structural_tag", "format": fmt}
         return self._compiler.compile_structural_tag(json.dumps(tag, ensure_ascii=False))
 
     def _compiled(self, key: tuple, build: Callable[[], object]):
@@ -304,6 +312,30 @@ class _MatcherDriver:
     def structured(self) -> bool:
         """Whether the output so far is inside the constrained structure (always, for a whole-output grammar)."""
         return True
+
+
+class _TriggeredDriver(_MatcherDriver):
+    """One matcher over free text then a structure that opens with ``trigger`` (tool_choice auto where the
+    markers are text): ``structured()`` from the moment the accepted bytes contain the trigger."""
+
+    def __init__(self, compiled, trigger: bytes, texts: list[bytes], matcher=None, tail: bytes = b"",
+                 opened: bool = False):
+        super().__init__(compiled, matcher)
+        self.trigger, self.texts, self.tail, self.opened = trigger, texts, tail, opened
+
+    def accept(self, token: int) -> bool:
+        ok = self.matcher.accept_token(token)
+        if ok and not self.opened:
+            self.tail += self.texts[token]
+            self.opened = self.trigger in self.tail
+            self.tail = self.tail[-(len(self.trigger) - 1):]  # enough to see a trigger split over tokens
+        return ok
+
+    def fork(self) -> _TriggeredDriver:
+        return _TriggeredDriver(self._compiled, self.trigger, self.texts, self.matcher.fork(), self.tail, self.opened)
+
+    def structured(self) -> bool:
+        return self.opened
 
 
 class _ToolCallDriver:

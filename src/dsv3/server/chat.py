@@ -115,14 +115,11 @@ async def _constraints(state: ServerState, body: ChatCompletionRequest, plan: To
 async def _guided_auto(state: ServerState, body: ChatCompletionRequest, plan: ToolPlan, budget: int) -> list | None:
     """``tool_choice: "auto"``: free text, or tool calls valid against their schemas once the model opens them
     (:meth:`GrammarFactory.tool_call` "auto"). ``None`` (unconstrained, calls parsed as written) where it cannot
-    be guided: no grammar library, the markers are text for this tokenizer, a speculative engine, or a schema
-    the grammar compiler does not take (a forced choice would answer 400 there; auto stays usable)."""
+    be guided: no grammar library, a speculative engine, or a schema the grammar compiler does not take (a
+    forced choice would answer 400 there; auto stays usable)."""
     if state.engine.speculator is not None:
         return None
     try:
-        factory = await state.grammars.factory("tools")
-        if factory.marker_ids is None:
-            return None
         tools, parallel = plan.tools, plan.parallel
         return await state.grammars.make("tools", lambda f: [
             f.tool_call(tools, "auto", parallel=parallel, max_tokens=budget) for _ in range(body.n)])
