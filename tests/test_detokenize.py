@@ -223,6 +223,19 @@ def test_hold_back_and_flush(tok, tokenizer):
         detok.push(ids[0])
 
 
+def test_a_run_of_invalid_bytes_is_streamed_before_the_end(tok, tokenizer):
+    """A model that writes stray UTF-8 continuation bytes (a small random model does) gets them streamed as
+    U+FFFD once they cannot be part of a character any more, not all held back until the completion ends."""
+    stray = next(t for t in range(tokenizer.vocab_size) if tokenizer.decode([t] * 3) == FFFD * 3
+                 and tokenizer.decode([t] + tokenizer.encode("a")) == FFFD + "a")
+    ids = [stray] * 40
+    detok = IncrementalDetokenizer(tok)
+    deltas = [detok.push(t, last=n == len(ids))[0] for n, t in enumerate(ids, 1)]
+    assert "".join(deltas) == detok.text == tokenizer.decode(ids) == FFFD * 40
+    # streamed along the way, a few tokens at a time (what may still be a character's start is held back)
+    assert len("".join(deltas[:-1])) >= 30 and sum(1 for d in deltas[:-1] if d) >= 5
+
+
 def test_same_events_as_full_redecoding(tok, tokenizer):
     """Deltas, finish reasons and text of every step agree with decoding the whole completion each time."""
     rng = random.Random(4)

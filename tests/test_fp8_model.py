@@ -129,7 +129,9 @@ def test_fp8_model_matches_unquantised_and_trains():
             continue
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
         if g_ref.numel() >= 1024 and "e_score" not in name:
-            assert cosine(p.grad, g_ref) > 0.75, name  # the router's weight is the most sensitive
+            # the router's weight is the most sensitive (a flipped expert choice changes its gradient most):
+            # over init seeds 3-6 its cosine was 0.74-0.94, the other weights' 0.87-0.97
+            assert cosine(p.grad, g_ref) > (0.6 if name.endswith("gate.weight") else 0.8), name
             n_checked += 1
     assert n_checked > 20
     for name in ("layers.1.mlp.experts.gate_up_proj", "layers.1.mlp.experts.down_proj",

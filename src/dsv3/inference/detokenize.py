@@ -117,9 +117,10 @@ class IncrementalDetokenizer:
         return delta, reason
 
     def _streamable(self, text: str) -> int:
-        """How much of ``text`` can be sent: hold back trailing U+FFFD (an incomplete character) and any tail
-        that may be the start of a stop string."""
-        end = len(text.rstrip(REPLACEMENT))
+        """How much of ``text`` can be sent: hold back the pending tokens' trailing U+FFFD (an incomplete
+        character; a final U+FFFD stands for invalid bytes and goes out) and any tail that may be the start of a
+        stop string."""
+        end = len(text) - (len(self._tail) - len(self._tail.rstrip(REPLACEMENT)))
         hold = 0
         for s in self._stops:
             for k in range(min(len(s) - 1, end), hold, -1):
