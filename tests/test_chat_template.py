@@ -129,6 +129,25 @@ def test_jinja_template_gets_tool_messages(official, tmp_path):
     assert own.render(CONVERSATION[:2], tools=TOOLS) == "1 tools|system|user"
 
 
+def test_continue_final_message_leaves_the_assistant_turn_open(official, tmp_path):
+    """The last (assistant) message without its end of turn, in the fallback format and with a Jinja template
+    (whose text after the content is cut); the same ids either way; bad uses are ValueErrors."""
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": JINJA}))
+    messages = [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": "It is"}]
+    for template in (ChatTemplate(official), ChatTemplate.load(official, tmp_path)):
+        closed = template.render(messages, add_generation_prompt=False)
+        open_ = template.render(messages, add_generation_prompt=False, continue_final_message=True)
+        assert closed == open_ + EOS and open_.endswith(ASSISTANT + "It is")
+        assert template.encode(messages, add_generation_prompt=False, continue_final_message=True) == \
+            ChatTemplate(official).encode(messages, add_generation_prompt=False, continue_final_message=True)
+        for bad, match in ((messages[:1], "assistant's"), ([*messages[:1], {"role": "assistant", "content": ""}],
+                                                          "text content")):
+            with pytest.raises(ValueError, match=match):
+                template.render(bad, add_generation_prompt=False, continue_final_message=True)
+        with pytest.raises(ValueError, match="cannot both"):
+            template.encode(messages, continue_final_message=True)
+
+
 def test_message_checks():
     checked = check_messages(CONVERSATION)
     assert checked[2] == {"role": "assistant", "content": None, "tool_calls": [

@@ -117,13 +117,9 @@ def test_grpo_end_to_end_and_exact_resume_after_sigkill(base, tmp_path):
 def test_grpo_with_a_reward_model(base, tmp_path):
     """``--reward rm:PATH``: a reward model written by transformers scores the rollouts (real-valued rewards)."""
     pytest.importorskip("transformers")
-    from dsv3.data import train_tokenizer
-    from test_reward_model import classifier
+    from test_reward_model import reward_model
 
-    (tmp_path / "corpus").mkdir()
-    (tmp_path / "corpus" / "a.txt").write_text("Compute 12 + 34. The answer is \\boxed{46}.\n" * 30)
-    train_tokenizer(tmp_path / "corpus", tmp_path / "rm", vocab_size=320, show_progress=False)
-    classifier(tmp_path / "rm")
+    reward_model(tmp_path)
     args = [a for a in GRPO_ARGS]
     args[args.index("--steps") + 1] = "1"
     run = run_cli("grpo", str(base), "--out", str(tmp_path / "run"), *args, "--reward", f"rm:{tmp_path / 'rm'}",

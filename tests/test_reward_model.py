@@ -29,13 +29,17 @@ def classifier(out, num_labels: int = 1, seed: int = 0):
     return model
 
 
-@pytest.fixture(scope="module")
-def rm(tmp_path_factory):
-    root = tmp_path_factory.mktemp("rm")
+def reward_model(root):
+    """``root/rm``: a tokenizer trained by dsv3 and a random one-label classifier written by transformers."""
     (root / "corpus").mkdir()
     (root / "corpus" / "a.txt").write_text("Compute 12 + 34. The answer is \\boxed{46}. Thank you, goodbye.\n" * 30)
     train_tokenizer(root / "corpus", root / "rm", vocab_size=320, show_progress=False)
     return root / "rm", classifier(root / "rm")
+
+
+@pytest.fixture(scope="module")
+def rm(tmp_path_factory):
+    return reward_model(tmp_path_factory.mktemp("rm"))
 
 
 def test_scores_are_transformers_scores_at_the_last_token(rm):

@@ -141,6 +141,34 @@ def test_chat_completions_stream_and_not(client, loaded, reference):
     assert texts == [ref.text, ref.text] and reasons == ["length", "length"] and "assistant" in roles
 
 
+def test_chat_continues_the_final_assistant_message(client, loaded, reference):
+    """vLLM's ``continue_final_message`` (with ``add_generation_prompt`` false): the last, assistant message is
+    left open and the model goes on from its text ("prefix completion"); ``echo`` starts the reply with it."""
+    _, tok = loaded
+    template = ChatTemplate(tok)
+    messages = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Sure, here"}]
+    ids = template.encode(messages, add_generation_prompt=False, continue_final_message=True)
+    closed = template.encode(messages, add_generation_prompt=False)
+    assert closed[: len(ids)] == ids and closed[len(ids):] == [tok.eos_id]  # only the end of turn is left out
+    ref = reference(ids, 8)
+    extra = {"add_generation_prompt": False, "continue_final_message": True, "ignore_eos": True}
+    out = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, extra_body=extra,
+                                         temperature=0)
+    assert out.choices[0].message.content == ref.text and out.usage.prompt_tokens == len(ids)
+    echoed = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8,
+                                            extra_body={**extra, "echo": True}, temperature=0)
+    assert echoed.choices[0].message.content == "Sure, here" + ref.text
+    stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, stream=True,
+                                            extra_body={**extra, "echo": True}, temperature=0)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == "Sure, here" + ref.text
+    for bad in ({"continue_final_message": True},  # add_generation_prompt left at true
+                {**extra, "messages": messages[:1]}):  # the last message is the user's
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model=MODEL, messages=bad.pop("messages", messages), max_tokens=4,
+                                           extra_body=bad)
+        assert e.value.body["param"] in ("continue_final_message", "messages")
+
+
 # ------------------------------------------------------------------------------------------------------
 # errors: OpenAI's shape, 4xx, and the server keeps serving
 

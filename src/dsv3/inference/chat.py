@@ -140,36 +140,55 @@ class ChatTemplate:
         return messages[:at] + [{"role": "system", "content": tools_prompt(tools)}] + messages[at:]
 
     def render(self, messages: Sequence[Message], add_generation_prompt: bool = True,
-               tools: Sequence[Mapping] | None = None) -> str:
-        """The prompt as text (special tokens as their strings). ``tools``: the request's OpenAI tools."""
+               tools: Sequence[Mapping] | None = None, continue_final_message: bool = False) -> str:
+        """The prompt as text (special tokens as their strings). ``tools``: the request's OpenAI tools.
+        ``continue_final_message``: the last message, the assistant's, is left open (no end-of-turn after its
+        content) for the model to go on with it (vLLM's option; "prefix completion")."""
         messages = self._with_tools(check_messages(messages), tools)
+        final = _open_content(messages) if continue_final_message else None
+        if continue_final_message and add_generation_prompt:
+            raise ValueError("continue_final_message and add_generation_prompt cannot both be set")
         if self._compiled is not None:
             from jinja2.exceptions import TemplateError
 
             try:
-                return self._compiled.render(
+                text = self._compiled.render(
                     messages=messages, add_generation_prompt=add_generation_prompt, tools=tools or None,
                     bos_token=self.bos_token, eos_token=self.eos_token,
                 )
             except TemplateError as e:
                 raise ValueError(f"chat template: {e}") from e
-        return "".join(text for text, _ in self._default_parts(messages, add_generation_prompt))
+            if final is None:
+                return text
+            at = text.rfind(final)  # the template's end-of-turn text follows the content: cut it
+            if at < 0:
+                raise ValueError("continue_final_message: the chat template does not render the last message's "
+                                 "content as it is")
+            return text[: at + len(final)]
+        return "".join(t for t, _ in self._default_parts(messages, add_generation_prompt, final is not None))
 
     def encode(self, messages: Sequence[Message], add_generation_prompt: bool = True,
-               tools: Sequence[Mapping] | None = None) -> list[int]:
+               tools: Sequence[Mapping] | None = None, continue_final_message: bool = False) -> list[int]:
         """The prompt's token ids. A Jinja template's text is encoded with special tokens recognised (as
         ``transformers`` does); the default format encodes markers and contents separately."""
         if self._compiled is not None:
-            return self.tokenizer.encode(self.render(messages, add_generation_prompt, tools), allow_special=True)
+            return self.tokenizer.encode(self.render(messages, add_generation_prompt, tools, continue_final_message),
+                                         allow_special=True)
+        if continue_final_message:
+            if add_generation_prompt:
+                raise ValueError("continue_final_message and add_generation_prompt cannot both be set")
+            _open_content(check_messages(messages))
         messages = self._with_tools(check_messages(messages), tools)
         ids: list[int] = []
-        for text, special in self._default_parts(messages, add_generation_prompt):
+        for text, special in self._default_parts(messages, add_generation_prompt, continue_final_message):
             if text:
                 ids += self.tokenizer.encode(text, allow_special=special)
         return ids
 
-    def _default_parts(self, messages: list[dict], add_generation_prompt: bool) -> list[tuple[str, bool]]:
-        """(text, is_marker) pieces of the fallback format."""
+    def _default_parts(self, messages: list[dict], add_generation_prompt: bool,
+                       open_last: bool = False) -> list[tuple[str, bool]]:
+        """(text, is_marker) pieces of the fallback format; ``open_last``: no end-of-turn after the last
+        (assistant) message."""
         system = [m["content"] for m in messages if m["role"] == "system"]
         parts = [(self.bos_token, True), ("\n\n".join(system), False)]
         in_outputs = False  # after tool results, before the model's answer
@@ -196,13 +215,26 @@ class ChatTemplate:
                                   (function["name"] + ARGS_BEGIN + function["arguments"] + ARGS_END, False),
                                   (TOOL_CALL_END, True)]
                     parts.append((TOOL_CALLS_END, True))
-                parts.append((self.eos_token, True))
+                if not (open_last and m is messages[-1]):
+                    parts.append((self.eos_token, True))
             in_outputs = False
         if in_outputs:
             parts.append((TOOL_OUTPUTS_END, True))
         elif add_generation_prompt:
             parts.append((ASSISTANT, True))
         return parts
+
+
+def _open_content(messages: list[dict]) -> str:
+    """The content the model is to continue: the last message's, which must be the assistant's, with text and
+    no tool calls."""
+    last = messages[-1] if messages else {}
+    if last.get("role") != "assistant" or last.get("tool_calls"):
+        raise ValueError("continue_final_message needs the last message to be the assistant's (without tool calls)")
+    content = last.get("content")
+    if not isinstance(content, str) or not content:
+        raise ValueError("continue_final_message needs the last message to have text content to continue")
+    return content
 
 
 def find_chat_template(directory: str | Path) -> str | None:

@@ -44,10 +44,18 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request,
         raise InvalidRequestError("response_format cannot constrain a message that tool_choice forces to be tool "
                                   "calls", param="response_format")
     messages = message_dicts(body.messages)
+    if body.continue_final_message and body.add_generation_prompt:
+        raise InvalidRequestError("continue_final_message needs add_generation_prompt set to false",
+                                  param="continue_final_message")
     try:
-        ids = await state.tokenize(lambda: state.template.encode(messages, tools=plan.tools))
+        ids = await state.tokenize(lambda: state.template.encode(
+            messages, body.add_generation_prompt, plan.tools, body.continue_final_message))
     except ValueError as e:  # the template's checks (roles, content parts) or its own raise_exception
         raise InvalidRequestError(str(e), param="messages") from e
+    # echo: the reply repeats the last message first when it is the assistant's (the part being continued)
+    echoed = messages[-1]["content"] or "" if body.echo and messages[-1]["role"] == "assistant" else ""
+    if not isinstance(echoed, str):
+        echoed = ""
     state.check_prompt(ids, param="messages")
     n_top = (body.top_logprobs or 0) if body.logprobs else None
     params = [sampling_params(body, max_tokens, j, logprobs=n_top) for j in range(body.n)]
@@ -66,6 +74,13 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request,
             index=i, delta=DeltaMessage(role="assistant", content=""))]) for i in range(body.n)]
 
         streams = [ToolStream() for _ in range(body.n)] if plan.parse else None
+        if echoed:
+            if streams is None:
+                first += [ChatCompletionStreamResponse(**base, choices=[ChatCompletionStreamChoice(
+                    index=i, delta=DeltaMessage(content=echoed))]) for i in range(body.n)]
+            else:  # the echoed text goes through the tool-call parser like the rest
+                first += [ChatCompletionStreamResponse(**base, choices=[ChatCompletionStreamChoice(
+                    index=i, delta=delta)]) for i in range(body.n) for delta in streams[i].feed(echoed, False)]
 
         def chunk(d: Delta) -> list[ChatCompletionStreamResponse]:
             """The delta's content (and, parsing tool calls, its call pieces), its tokens' log-probabilities on
@@ -89,7 +104,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request,
         return client_gone()
     choices = []
     for i, r in enumerate(gen.results):
-        message, has_calls = chat_message(r.text or "", plan.parse)
+        message, has_calls = chat_message(echoed + (r.text or ""), plan.parse)
         choices.append(ChatCompletionChoice(index=i, message=message, logprobs=logprobs(r.logprobs or []),
                                             finish_reason=finish_reason(r.finish_reason, has_calls, named)))
     return ChatCompletionResponse(**base, choices=choices, usage=gen.usage())

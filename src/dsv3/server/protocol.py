@@ -224,6 +224,13 @@ class ChatCompletionRequest(StructuredFields, SamplingFields):
     """Default ``auto`` with tools, ``none`` without."""
     parallel_tool_calls: bool | None = None
     """Whether ``required`` may make several calls (default true)."""
+    add_generation_prompt: bool = True
+    """vLLM's: end the prompt with the assistant's turn opening (set false with ``continue_final_message``)."""
+    continue_final_message: bool = False
+    """vLLM's: the last message is the assistant's, left open, and the model continues it ("prefix
+    completion"); needs ``add_generation_prompt`` false."""
+    echo: bool = False
+    """vLLM's: the reply starts with the last message's content when that message is the assistant's."""
 
 
 class TokenizeCompletionRequest(Request):
@@ -240,6 +247,8 @@ class TokenizeChatRequest(Request):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     add_generation_prompt: bool = True
     """End with the assistant marker, as /v1/chat/completions does."""
+    continue_final_message: bool = False
+    """Leave the last (assistant) message open, as /v1/chat/completions does with it."""
     tools: Annotated[list[Tool], Field(max_length=128)] | None = None
     """Rendered into the prompt as /v1/chat/completions does."""
 

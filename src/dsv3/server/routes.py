@@ -71,7 +71,8 @@ async def tokenize(body: TokenizeRequest, state: ServerState = Depends(get_state
         messages = message_dicts(body.messages)
         tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
         try:
-            ids = await state.tokenize(lambda: state.template.encode(messages, body.add_generation_prompt, tools))
+            ids = await state.tokenize(lambda: state.template.encode(messages, body.add_generation_prompt, tools,
+                                                                     body.continue_final_message))
         except ValueError as e:
             raise InvalidRequestError(str(e), param="messages") from e
     else:
