@@ -135,9 +135,11 @@ def test_continue_final_message_leaves_the_assistant_turn_open(official, tmp_pat
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": JINJA}))
     messages = [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": "It is"}]
     for template in (ChatTemplate(official), ChatTemplate.load(official, tmp_path)):
-        closed = template.render(messages, add_generation_prompt=False)
-        open_ = template.render(messages, add_generation_prompt=False, continue_final_message=True)
-        assert closed == open_ + EOS and open_.endswith(ASSISTANT + "It is")
+        for content in ("It is", "<", "e", "end"):  # also contents that the end-of-turn marker contains
+            turn = [messages[0], {"role": "assistant", "content": content}]
+            closed = template.render(turn, add_generation_prompt=False)
+            open_ = template.render(turn, add_generation_prompt=False, continue_final_message=True)
+            assert closed == open_ + EOS and open_.endswith(ASSISTANT + content), content
         assert template.encode(messages, add_generation_prompt=False, continue_final_message=True) == \
             ChatTemplate(official).encode(messages, add_generation_prompt=False, continue_final_message=True)
         for bad, match in ((messages[:1], "assistant's"), ([*messages[:1], {"role": "assistant", "content": ""}],

@@ -15,10 +15,10 @@ from dsv3.posttrain.rewards import make_reward  # noqa: E402
 from test_hf_parity import small_config  # noqa: E402
 
 
-def classifier(out, num_labels: int = 1, seed: int = 0):
+def classifier(out, num_labels: int = 1, seed: int = 0, pad_token_id: int = 0):
     """A random DeepseekV3ForSequenceClassification saved to ``out`` by transformers, routing biases varied."""
     config = transformers.DeepseekV3Config(**small_config(vocab_size=320).to_hf_dict(), num_labels=num_labels,
-                                           pad_token_id=0)
+                                           pad_token_id=pad_token_id)
     torch.manual_seed(seed)
     model = transformers.DeepseekV3ForSequenceClassification(config).float().eval()
     with torch.no_grad():
@@ -54,6 +54,25 @@ def test_scores_are_transformers_scores_at_the_last_token(rm):
     assert max(want) - min(want) > 1e-3  # the scores tell the sequences apart
 
 
+def test_padding_with_the_end_token_reads_the_score_before_it(rm, tmp_path):
+    """DeepSeek-V3's tokenizer pads with EOS, which ends every assistant turn: transformers then reads the score
+    at the last token that is not EOS, and so does dsv3."""
+    path, _ = rm
+    eos = 1
+    theirs = classifier(tmp_path / "eos", pad_token_id=eos)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if (path / name).is_file():
+            (tmp_path / "eos" / name).write_bytes((path / name).read_bytes())
+    reward = RewardModelReward(tmp_path / "eos")
+    g = torch.Generator().manual_seed(2)
+    seqs = [torch.randint(2, 320, (n,), generator=g).tolist() + [eos] for n in (6, 11)]
+    with torch.no_grad():
+        want = [theirs(torch.tensor([s])).logits[0, 0].item() for s in seqs]
+        at_eos = [theirs.model(torch.tensor([s])).last_hidden_state[0, -1] @ theirs.score.weight[0] for s in seqs]
+    assert reward.score_tokens(seqs) == pytest.approx(want, abs=1e-4)
+    assert all(abs(a.item() - w) > 1e-4 for a, w in zip(at_eos, want))  # not the score at the EOS
+
+
 def test_rm_spec_scores_each_conversation_with_the_model_s_template(rm):
     path, theirs = rm
     reward = make_reward(f"rm:{path}")
@@ -69,8 +88,11 @@ def test_rm_spec_scores_each_conversation_with_the_model_s_template(rm):
 
 
 def test_what_is_not_a_reward_model_is_refused(rm, tmp_path):
-    with pytest.raises(ValueError, match="not a checkpoint directory"):
+    with pytest.raises(ValueError, match="not a reward model's directory"):
         make_reward(f"rm:{tmp_path / 'missing'}")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="not a checkpoint directory"):
+        make_reward(f"rm:{tmp_path / 'empty'}")
     path, _ = rm
     two = tmp_path / "two"
     classifier(two, num_labels=2)

@@ -137,7 +137,7 @@ class FP8Experts(Experts):
             backend = resolve_experts_backend(backend, where)
         new = cls.__new__(cls)
         nn.Module.__init__(new)
-        new.n_experts, new.inter_dim = experts.n_experts, experts.inter_dim
+        new.n_experts, new.inter_dim, new.first_expert = experts.n_experts, experts.inter_dim, experts.first_expert
         new.gate_up_proj, new.down_proj = experts.gate_up_proj, experts.down_proj
         new.implementation = getattr(experts, "implementation", "auto")
         new.backend = backend

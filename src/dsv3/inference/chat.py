@@ -148,24 +148,27 @@ class ChatTemplate:
         final = _open_content(messages) if continue_final_message else None
         if continue_final_message and add_generation_prompt:
             raise ValueError("continue_final_message and add_generation_prompt cannot both be set")
-        if self._compiled is not None:
-            from jinja2.exceptions import TemplateError
+        if self._compiled is None:
+            return "".join(t for t, _ in self._default_parts(messages, add_generation_prompt, final is not None))
+        if final is None:
+            return self._render_jinja(messages, add_generation_prompt, tools)
+        # render a marker in place of the content, cut the end of turn after it, then put the content back
+        text = self._render_jinja(messages[:-1] + [{**messages[-1], "content": _CONTINUE}], False, tools)
+        if text.count(_CONTINUE) != 1:
+            raise ValueError("continue_final_message: the chat template does not render the last message's content "
+                             "as it is")
+        return text[: text.index(_CONTINUE)] + final
 
-            try:
-                text = self._compiled.render(
-                    messages=messages, add_generation_prompt=add_generation_prompt, tools=tools or None,
-                    bos_token=self.bos_token, eos_token=self.eos_token,
-                )
-            except TemplateError as e:
-                raise ValueError(f"chat template: {e}") from e
-            if final is None:
-                return text
-            at = text.rfind(final)  # the template's end-of-turn text follows the content: cut it
-            if at < 0:
-                raise ValueError("continue_final_message: the chat template does not render the last message's "
-                                 "content as it is")
-            return text[: at + len(final)]
-        return "".join(t for t, _ in self._default_parts(messages, add_generation_prompt, final is not None))
+    def _render_jinja(self, messages: list[dict], add_generation_prompt: bool, tools) -> str:
+        from jinja2.exceptions import TemplateError
+
+        try:
+            return self._compiled.render(
+                messages=messages, add_generation_prompt=add_generation_prompt, tools=tools or None,
+                bos_token=self.bos_token, eos_token=self.eos_token,
+            )
+        except TemplateError as e:
+            raise ValueError(f"chat template: {e}") from e
 
     def encode(self, messages: Sequence[Message], add_generation_prompt: bool = True,
                tools: Sequence[Mapping] | None = None, continue_final_message: bool = False) -> list[int]:
@@ -223,6 +226,11 @@ class ChatTemplate:
         elif add_generation_prompt:
             parts.append((ASSISTANT, True))
         return parts
+
+
+_CONTINUE = "\uE000dsv3-continue\uE000"
+"""Stands for the continued message's content while a template renders (private-use characters: no template
+changes them, no content has them by accident)."""
 
 
 def _open_content(messages: list[dict]) -> str:

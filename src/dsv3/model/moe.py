@@ -161,10 +161,14 @@ class Experts(nn.Module):
             gate, up = h.split(self.inter_dim, dim=-1)
             return torch._grouped_mm(F.silu(gate) * up, w2.transpose(-2, -1), offs=offsets)
         out = []
-        # an expert without tokens still runs (on zero rows): its weights get a zero gradient rather than none,
-        # so that AdamW steps them as it steps the whole stacked tensor (expert parallelism's local experts may
-        # all go without tokens in a step)
+        # in training an expert without tokens still runs (on zero rows): its weights get a zero gradient rather
+        # than none, so that AdamW steps them as it steps the whole stacked tensor (expert parallelism's local
+        # experts may all go without tokens in a step); in inference it is skipped
+        run_empty = torch.is_grad_enabled() and self.gate_up_proj.requires_grad
         for e, chunk in enumerate(x.split(counts.tolist())):
+            if chunk.shape[0] == 0 and not run_empty:
+                out.append(chunk)
+                continue
             gate, up = F.linear(chunk, self.gate_up_proj[e]).split(self.inter_dim, dim=-1)
             out.append(F.linear(F.silu(gate) * up, self.down_proj[e]))
         return torch.cat(out) if out else x

@@ -165,6 +165,7 @@ class DeferredExperts(Experts):
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.n_experts, new.inter_dim, new.implementation = experts.n_experts, experts.inter_dim, "loop"
+        new.first_expert = experts.first_expert
         new.gate_up_proj, new.down_proj, new.store = experts.gate_up_proj, experts.down_proj, store
         new.train(experts.training)
         return new

@@ -231,11 +231,16 @@ def make_reward(spec: str | None, task=None, device: str | torch.device = "cpu")
     if spec.startswith(("http://", "https://")):
         return HTTPReward(spec)
     if spec.startswith("rm:"):
+        path = Path(spec[len("rm:"):])
+        if not path.is_dir():  # perhaps a function of a module named rm
+            try:
+                return CallableReward.from_spec(spec)
+            except ValueError as e:
+                raise ValueError(f"reward spec {spec!r}: {path} is not a reward model's directory ({e})") from None
+        if not (path / "config.json").is_file():
+            raise ValueError(f"reward spec {spec!r}: {path} is not a checkpoint directory (no config.json)")
         from .reward_model import RewardModelReward
 
-        path = spec[len("rm:"):]
-        if not (Path(path) / "config.json").is_file():
-            raise ValueError(f"reward spec {spec!r}: {path} is not a checkpoint directory (no config.json)")
         return RewardModelReward(path, device)
     if ":" in spec:
         return CallableReward.from_spec(spec)

@@ -13,6 +13,7 @@ import time
 from fastapi import APIRouter, Depends, Request
 
 from ..inference import TokenLogprobs
+from ..inference.chat import message_text
 from .errors import InvalidRequestError, UnsupportedParameterError
 from .generation import ERRORS, STREAM, Delta, Generation, check_sampling, client_gone, sampling_params
 from .logprobs import chat_logprobs
@@ -53,9 +54,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request,
     except ValueError as e:  # the template's checks (roles, content parts) or its own raise_exception
         raise InvalidRequestError(str(e), param="messages") from e
     # echo: the reply repeats the last message first when it is the assistant's (the part being continued)
-    echoed = messages[-1]["content"] or "" if body.echo and messages[-1]["role"] == "assistant" else ""
-    if not isinstance(echoed, str):
-        echoed = ""
+    echoed = message_text(messages[-1]["content"]) if body.echo and messages[-1]["role"] == "assistant" else ""
     state.check_prompt(ids, param="messages")
     n_top = (body.top_logprobs or 0) if body.logprobs else None
     params = [sampling_params(body, max_tokens, j, logprobs=n_top) for j in range(body.n)]

@@ -246,10 +246,10 @@ def _fully_shard(model: DeepSeekV3, env: Distributed) -> None:
     from torch.distributed.fsdp import fully_shard
 
     ignored = None
-    if env.dims.ep > 1 and env.dims.dp_outer > 1:
+    if env.dims.ep > 1 and env.dims.dp_outer > 1 and _rows_split_evenly(model, env.dims.dp_outer):
         _shard_experts(model, env)  # the blocks' fully_shard below skips what is sharded already
-    elif env.dims.ep > 1:
-        ignored = set(expert_parameters(model))  # each rank's experts are its own: nothing to shard them over
+    elif env.dims.ep > 1:  # each rank's experts are its own, replicated over their column (if any)
+        ignored = set(expert_parameters(model))
     for block in blocks(model):
         fully_shard(block, mesh=env.dp_mesh, ignored_params=ignored)
     fully_shard(model, mesh=env.dp_mesh, ignored_params=ignored, reshard_after_forward=False)
@@ -258,6 +258,12 @@ def _fully_shard(model: DeepSeekV3, env: Distributed) -> None:
 EXPERT_SHARD_DIM = 1
 """FSDP2 shards the experts' weights along their rows (dim 1), because expert parallelism has split dim 0
 already: a checkpoint then records each shard as a plain block of the all-experts tensor."""
+
+
+def _rows_split_evenly(model: nn.Module, parts: int) -> bool:
+    """Whether every expert weight's rows split into ``parts`` equal shards (FSDP2 refuses uneven shards off
+    dim 0; the experts then stay replicated over their column)."""
+    return all(p.shape[EXPERT_SHARD_DIM] % parts == 0 for p in expert_parameters(model))
 
 
 def _shard_experts(model: DeepSeekV3, env: Distributed) -> None:
