@@ -10,13 +10,19 @@ new weights into the engine. The reference is the starting model, replaced by th
 
 Defaults are sized so that a step of the ``tiny`` preset takes seconds on a CPU; the published settings
 (DeepSeekMath: G 64, beta 0.04, lr 1e-6; R1: G 16, 32 prompts, beta 0.001, temperature 1, 16 mini-batches,
-reference reset every 400 steps, lr 3e-6) are options (docs/posttraining.md). Not done: routing replay
-(recording the rollout's expert choices for the training forward), more than one process.
+reference reset every 400 steps, lr 3e-6) are options (docs/posttraining.md).
+
+Under ``torchrun`` (data parallelism) each rank rolls out, scores and trains on its share of every step's
+questions (whole groups), with its own engine over the whole policy: data parallelism is DDP + ZeRO-1 here, which
+keeps every rank's weights whole. The questions are dealt so that each mini-batch is the one-process run's, and
+the sampling seeds follow the question, so a run on N ranks is the one-process run. Not done: expert or pipeline
+parallelism under GRPO, routing replay (recording the rollout's expert choices for the training forward).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import time
 from dataclasses import dataclass
@@ -29,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from ..config import ConfigError, ModelConfig
 from ..inference.sampling import SamplingParams
 from ..train.balance import max_violation
-from ..train.parallel import clip_grad_norm
+from ..train.parallel import clip_grad_norm, world_from_env
 from ..train.trainer import RunResult, Trainer
 from .common import (PostTrainConfig, REPORT_PRETRAIN_PEAK_LR, cosine_schedules, export, load_start, parse_task,
                      pretrain_peak_lr, write_score)
@@ -140,9 +146,20 @@ class GRPOTrainer(Trainer):
     def __init__(self, cfg: GRPOConfig, resume: bool = False, log=print):
         self.model_name = str(cfg.checkpoint)
         self.reference_step = 0
+        if cfg.dp_shard == "fsdp":
+            raise ConfigError("dp_shard: dsv3 grpo keeps the whole policy on every rank for its engine: ZeRO-1 "
+                              "(the default here), not FSDP2")
+        if cfg.ep > 1 or cfg.pp > 1:
+            raise ConfigError("dsv3 grpo runs with data parallelism only (no --ep or --pp yet)")
+        # a step's batch is prompts_per_step x group_size, whatever the world: batch_size only has to pass the
+        # trainer's check
+        _, _, world = world_from_env()
+        cfg = dataclasses.replace(cfg, dp_shard="zero1", batch_size=cfg.micro_batch_size * world)
         super().__init__(cfg, resume=resume, log=log)
-        if self.env.dims.distributed:
-            raise ConfigError("dsv3 grpo runs in one process (no torchrun) for now")
+        dp, per_update = self.env.dims.dp, cfg.prompts_per_step // cfg.mini_batches
+        if cfg.prompts_per_step % cfg.mini_batches or per_update % dp:
+            raise ConfigError(f"prompts_per_step: {cfg.prompts_per_step} questions must split into mini_batches x "
+                              f"data-parallel ranks = {cfg.mini_batches} x {dp} equal shares (whole groups per rank)")
         self.rollouts.push(self.model)  # a resumed policy
         self.log(f"rollouts: {self.rollouts.describe()}")
 
@@ -160,6 +177,7 @@ class GRPOTrainer(Trainer):
         cfg = self.cfg
         model = self._start[0]
         self._start = None
+        model.mtp.requires_grad_(False)  # GRPO trains the main model: its forward never runs the MTP modules
         self.rollouts = Rollouts(model, self.tokenizer, self.template, self.device,
                                  max_batch=min(256, cfg.prompts_per_step * cfg.group_size), max_seq_len=cfg.seq_len,
                                  compile=cfg.compile)
@@ -208,11 +226,13 @@ class GRPOTrainer(Trainer):
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-        # ---- rollouts: G completions per question by the engine, from the current policy
-        problems = self.loader.take(cfg.prompts_per_step)
+        # ---- rollouts: G completions per question by the engine, from the current policy (this rank's questions)
+        every = self.loader.take(cfg.prompts_per_step)
+        mine = self._my_questions()
+        problems = [every[i] for i in mine]
         prompt_ids = [self.rollouts.prompt_ids(p) for p in problems]
         requests, params = [], []
-        for i, ids in enumerate(prompt_ids):
+        for i, ids in zip(mine, prompt_ids):
             for g in range(cfg.group_size):
                 requests.append(ids)
                 params.append(SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
@@ -226,7 +246,7 @@ class GRPOTrainer(Trainer):
         # ---- rewards and group-normalised advantages
         rewards_list = self.reward([p.prompt for p in problems for _ in range(cfg.group_size)], texts,
                                    [p.answer for p in problems for _ in range(cfg.group_size)])
-        rewards = torch.tensor(rewards_list, dtype=torch.float32).view(cfg.prompts_per_step, cfg.group_size)
+        rewards = torch.tensor(rewards_list, dtype=torch.float32).view(len(problems), cfg.group_size)
         advantages = group_advantages(rewards, cfg.advantage_scale).flatten().to(self.device)
 
         # ---- policy updates over mini-batches of the rollout
@@ -245,20 +265,22 @@ class GRPOTrainer(Trainer):
         self.balancer.start_step(-(-part // cfg.micro_batch_size))  # micro-batches per update
         for m in range(cfg.mini_batches):
             rows = range(m * part, (m + 1) * part)
-            denominator = {"sequence": float(part), "token": mask[rows.start:rows.stop].sum().float(),
+            # this rank's share of the mini-batch's denominator: DDP averages the ranks' gradients
+            denominator = {"sequence": float(part), "token": self._token_share(mask[rows.start:rows.stop]),
                            "constant": float(part * cfg.max_new_tokens)}[cfg.loss_norm]
             for i in range(rows.start, rows.stop, cfg.micro_batch_size):
                 j = min(i + cfg.micro_batch_size, rows.stop)
-                logp = self._logp(self.forward, inputs[i:j], targets[i:j])
                 ref = None
                 if self.reference is not None:
                     with torch.no_grad():
                         ref = self._logp(self.reference, inputs[i:j], targets[i:j])
-                old = logp.detach() if old_logp is None else old_logp[i:j]
-                loss, stats = grpo_loss(logp, old, ref, advantages[i:j], mask[i:j], eps_low=cfg.eps,
-                                        eps_high=cfg.eps_high or None, beta=cfg.beta, norm=cfg.loss_norm,
-                                        max_len=cfg.max_new_tokens, denominator=denominator)
-                loss.backward()
+                with self.grad_sync(j == rows.stop):  # gradients reduced over the ranks with the last one
+                    logp = self._logp(self.forward, inputs[i:j], targets[i:j])
+                    old = logp.detach() if old_logp is None else old_logp[i:j]
+                    loss, stats = grpo_loss(logp, old, ref, advantages[i:j], mask[i:j], eps_low=cfg.eps,
+                                            eps_high=cfg.eps_high or None, beta=cfg.beta, norm=cfg.loss_norm,
+                                            max_len=cfg.max_new_tokens, denominator=denominator)
+                    loss.backward()
                 t = stats["tokens"].double()
                 sums += torch.stack([loss.detach().double(), stats["kl"].double() * t,
                                      stats["clip_fraction"].double() * t, stats["ratio"].double() * t, t])
@@ -274,26 +296,53 @@ class GRPOTrainer(Trainer):
         t_train = time.perf_counter() - t1
         self.step_count += 1
         self.tokens_seen += 1
+        # ---- the record, over every rank's questions (in the step's question order)
+        shape = (cfg.prompts_per_step, cfg.group_size)
+        every_rewards = torch.zeros(shape, dtype=torch.float64, device=self.device)
+        every_lengths = torch.zeros(shape, dtype=torch.float64, device=self.device)
+        every_rewards[mine] = rewards.double().to(self.device)
+        every_lengths[mine] = torch.tensor([len(c) for c in completions], dtype=torch.float64,
+                                           device=self.device).view(len(mine), cfg.group_size)
+        counts = torch.tensor([n_generated, int(mask.shape[1] + 1) * n], dtype=torch.float64, device=self.device)
+        for t in (sums, every_rewards, every_lengths, counts):
+            self.env.all_reduce(t)
         loss, kl, clipped, ratio, tokens = sums.tolist()
-        lengths = [len(c) for c in completions]
-        rewards_flat = rewards.flatten()
+        n_generated, n_trained = counts.tolist()
+        rewards_flat = every_rewards.flatten().float()
         record: dict[str, Any] = {
-            "step": self.step_count, "tokens": self.tokens_seen, "loss": round(loss / cfg.mini_batches, 6),
+            "step": self.step_count, "tokens": self.tokens_seen,
+            "loss": round(loss / cfg.mini_batches / self.env.dims.dp, 6),
             "reward": round(rewards_flat.mean().item(), 4), "reward_std": round(rewards_flat.std().item(), 4),
             "accuracy": round((rewards_flat == 1.0).float().mean().item(), 4),
             "kl": round(kl / max(tokens, 1), 6), "clip_fraction": round(clipped / max(tokens, 1), 5),
             "ratio": round(ratio / max(tokens, 1), 5),
-            "response_length": round(sum(lengths) / len(lengths), 2),
-            "equal_reward_groups": equal_reward_groups(rewards),
+            "response_length": round(every_lengths.mean().item(), 2),
+            "equal_reward_groups": equal_reward_groups(every_rewards.float().cpu()),
             "grad_norm": round(float(grad_norm), 5), "lr": lr, "balance_loss": round(float(balance_loss), 6),
             "rollout_s": round(t_rollout, 3), "train_s": round(t_train, 3),
             "rollout_tokens_per_s": round(n_generated / max(t_rollout, 1e-9), 1),
-            "train_tokens_per_s": round(int(mask.shape[1] + 1) * n / max(t_train, 1e-9), 1),
+            "train_tokens_per_s": round(n_trained / max(t_train, 1e-9), 1),
             "expert_load": loads.tolist(),
         }
         record["maxvio"] = [round(max_violation(x), 4) for x in loads]
         record["maxvio_mean"] = round(sum(record["maxvio"]) / max(len(loads), 1), 4)
         return record
+
+    def _my_questions(self) -> list[int]:
+        """This rank's questions of a step (indices into its ``prompts_per_step``): each mini-batch's questions
+        dealt over the ranks, so that the ranks' m-th mini-batches together are the one-process run's m-th."""
+        cfg, dp, rank = self.cfg, self.env.dims.dp, self.env.dp_rank
+        per_update = cfg.prompts_per_step // cfg.mini_batches
+        share = per_update // dp
+        return [m * per_update + rank * share + i for m in range(cfg.mini_batches) for i in range(share)]
+
+    def _token_share(self, mask: torch.Tensor) -> torch.Tensor:
+        """A mini-batch's completion tokens on every rank, over the ranks (DDP averages the gradients): this
+        rank's denominator for the token-level loss."""
+        total = mask.sum().double()
+        if self.env.dims.distributed:
+            total = self.env.all_reduce(total.clone()) / self.env.dims.dp
+        return total.float()
 
     def progress_text(self, record: dict[str, Any]) -> str:
         return (f"step {self.step_count} reward {record['reward']:.3f} acc {record['accuracy']:.2f} "
@@ -334,7 +383,7 @@ class GRPOTrainer(Trainer):
 
     # ---------------------------------------------------------------------------------------- evaluation, export
     def add_evaluation(self, record: dict[str, Any]) -> float | None:
-        if self.cfg.eval_problems:
+        if self.cfg.eval_problems and self.env.is_main:  # rank 0 writes the record; its engine holds the policy
             score = self.rollouts.score(self.task, self.task.problems(self.cfg.eval_problems, "test"),
                                         self.cfg.max_new_tokens)
             record["eval_accuracy"] = round(score.accuracy, 4)
@@ -345,6 +394,12 @@ class GRPOTrainer(Trainer):
         return float("nan")
 
     def export(self) -> str | None:
+        """RUN/export and the held-out score (rank 0: every rank holds the whole policy)."""
+        out = self._export() if self.env.is_main else None
+        self.env.barrier()
+        return out
+
+    def _export(self) -> str | None:
         export(self.model, self.tokenizer, self.template, self.run_dir / "export")
         if not self.cfg.eval_problems:
             return None
