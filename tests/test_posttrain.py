@@ -200,3 +200,15 @@ def test_grpo_data_parallel_matches_one_process(base, tmp_path, loss_norm, mini_
     assert b[-1]["eval_accuracy"] == a[-1]["eval_accuracy"]
     assert (tmp_path / "two" / "export" / "model.safetensors").is_file()
     assert json.loads((tmp_path / "two" / "task_accuracy.json").read_text())["problems"] == 4
+    if mini_batches > 1:
+        return
+    # stopped after 2 steps and resumed under torchrun (sharded checkpoint, data position): the same run, bitwise
+    for extra in (("--stop-after", "2"), ("--resume",)):
+        part = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               "-m", "dsv3", *args, "--out", str(tmp_path / "part"), *extra], capture_output=True,
+                              text=True, timeout=TORCHRUN_TIMEOUT, env=env)
+        if extra[0] == "--stop-after":  # the ranks exit with 130 (stopped early, as on Ctrl-C): torchrun fails
+            assert "stopped at step 2" in part.stdout, part.stderr[-3000:]
+        else:
+            assert part.returncode == 0, part.stderr[-3000:]
+    _same_records(tmp_path / "two", tmp_path / "part", ("loss", "reward", "kl", "grad_norm", "response_length"))
