@@ -226,7 +226,13 @@ def parallelize(model: DeepSeekV3, env: Distributed, *, fp8: bool = False, compi
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
             model, [names[id(p)] for p in expert_parameters(model)])
     ids = [env.device.index] if env.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+    # the routing biases are updated identically on every rank, never synced from rank 0 in forward (torch 2.13
+    # renames the option; its init-time sync of buffers that are equal on every rank then changes nothing)
+    import inspect
+
+    no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters \
+        else "broadcast_buffers"
+    return DistributedDataParallel(model, device_ids=ids, **{no_sync: False})
 
 
 def blocks(model: DeepSeekV3) -> list[Block]:
