@@ -245,3 +245,21 @@ def test_a_failing_rank_ends_the_job_with_its_message(setup, tmp_path):
     assert proc.returncode != 0
     assert "simulated failure on rank 1" in proc.stderr
     assert time.time() - t0 < TIMEOUT / 2  # ended, not hung until the timeout
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("extra", [[], ["--dp-shard", "zero1"], ["--fp8"]], ids=["fsdp", "zero1", "fp8"])
+def test_gpu_torchrun_world_of_one_starts_as_one_process(setup, tmp_path, extra):
+    """On a GPU: `torchrun --nproc_per_node 1` (NCCL; the model built on the meta device and materialised on
+    CUDA, FSDP2 or ZeRO-1, FP8 backends settled for CUDA) gives the first step of the one-process CUDA run."""
+    root, common = setup
+    args = [a if a != "cpu" else "cuda" for a in common] + ["--steps", "3", *extra]
+    one = subprocess.run([sys.executable, "-m", "dsv3", "train", *args, "--out", str(tmp_path / "one")],
+                         capture_output=True, text=True, timeout=TIMEOUT, env=env())
+    assert one.returncode == 0, one.stderr[-3000:]
+    proc = torchrun(1, *args, "--out", str(tmp_path / "tr"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = records(tmp_path / "one"), records(tmp_path / "tr")
+    assert a[0]["loss"] == pytest.approx(b[0]["loss"], rel=1e-5) and a[0]["expert_load"] == b[0]["expert_load"]
+    if "--fp8" in extra:
+        assert "on emulate" not in proc.stdout  # the real FP8 GEMMs, chosen for CUDA while still on meta
