@@ -32,10 +32,8 @@ def tensor_seed(seed: int, name: str) -> int:
 
 
 def _draw(shape: tuple[int, ...], std: float, seed: int | None, name: str, like: torch.Tensor) -> torch.Tensor:
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=like.device).manual_seed(tensor_seed(seed, name))
-    return torch.empty(shape, dtype=like.dtype, device=like.device).normal_(0.0, std, generator=generator)
+    return torch.empty(shape, dtype=like.dtype, device=like.device).normal_(0.0, std,
+                                                                            generator=_generator(seed, name, like))
 
 
 def _set_(param: torch.Tensor, full: torch.Tensor) -> None:
@@ -50,15 +48,30 @@ def _set_(param: torch.Tensor, full: torch.Tensor) -> None:
         param.copy_(full)
 
 
+def _generator(seed: int | None, name: str, like: torch.Tensor) -> torch.Generator | None:
+    return None if seed is None else torch.Generator(device=like.device).manual_seed(tensor_seed(seed, name))
+
+
 def _normal_(t: torch.Tensor, std: float, seed: int | None, name: str) -> None:
+    from torch.distributed.tensor import DTensor
+
     if t.device.type == "meta":  # nothing allocated yet: materialize() initialises it
         return
-    _set_(t, _draw(tuple(t.shape), std, seed, name, t))
+    if isinstance(t, DTensor):  # draw the whole tensor, keep this rank's shard
+        _set_(t, _draw(tuple(t.shape), std, seed, name, t))
+    else:  # in place: no second copy (the same values as drawn into a new tensor)
+        t.normal_(0.0, std, generator=_generator(seed, name, t))
 
 
 def _experts_normal_(weights: torch.Tensor, std: float, seed: int | None, name: str, first: int) -> None:
     """One generator per expert (its index in the whole layer: ``first`` is that of the first one held)."""
+    from torch.distributed.tensor import DTensor
+
     if weights.device.type == "meta":
+        return
+    if not isinstance(weights, DTensor):
+        for e in range(weights.shape[0]):
+            weights[e].normal_(0.0, std, generator=_generator(seed, f"{name}.{first + e}", weights))
         return
     full = torch.stack([_draw(tuple(weights.shape[1:]), std, seed, f"{name}.{first + e}", weights)
                         for e in range(weights.shape[0])])
