@@ -157,7 +157,7 @@ class GRPOTrainer(Trainer):
         cfg = dataclasses.replace(cfg, dp_shard="zero1", batch_size=cfg.micro_batch_size * world)
         super().__init__(cfg, resume=resume, log=log)
         dp, per_update = self.env.dims.dp, cfg.prompts_per_step // cfg.mini_batches
-        if cfg.prompts_per_step % cfg.mini_batches or per_update % dp:
+        if dp > 1 and (cfg.prompts_per_step % cfg.mini_batches or per_update % dp):
             raise ConfigError(f"prompts_per_step: {cfg.prompts_per_step} questions must split into mini_batches x "
                               f"data-parallel ranks = {cfg.mini_batches} x {dp} equal shares (whole groups per rank)")
         self.rollouts.push(self.model)  # a resumed policy
@@ -332,6 +332,8 @@ class GRPOTrainer(Trainer):
         """This rank's questions of a step (indices into its ``prompts_per_step``): each mini-batch's questions
         dealt over the ranks, so that the ranks' m-th mini-batches together are the one-process run's m-th."""
         cfg, dp, rank = self.cfg, self.env.dims.dp, self.env.dp_rank
+        if dp == 1:  # one process: every question (a mini-batch may then also split a group)
+            return list(range(cfg.prompts_per_step))
         per_update = cfg.prompts_per_step // cfg.mini_batches
         share = per_update // dp
         return [m * per_update + rank * share + i for m in range(cfg.mini_batches) for i in range(share)]
