@@ -76,8 +76,10 @@ def test_expert_parallel_matches_one_process(setup, launch, nproc):
     from torch.distributed.checkpoint import FileSystemReader
 
     root, _ = setup
-    out, _ = launch(f"ep2-dp{nproc}", nproc, "--ep", "2")
+    out, proc = launch(f"ep2-dp{nproc}", nproc, "--ep", "2")
     assert_same_run(out, root / "one")
+    assert ("experts sharded by FSDP2 over the 2 ranks holding them" if nproc == 4
+            else "each rank's experts its own") in proc.stdout
     metadata = FileSystemReader(str(out / "checkpoints" / "step_0000010")).read_metadata()
     experts = [k for k in metadata.state_dict_metadata if k.endswith("experts.gate_up_proj")]
     assert experts

@@ -124,6 +124,19 @@ def expert_placement(config: ModelConfig, env: Distributed, ranks_per_node: int 
                            tuple(dist.get_process_group_ranks(env.ep_group)), per_node)
 
 
+def describe_expert_sharding(model: nn.Module, env: Distributed) -> str:
+    """How the local experts are held by the ranks holding the same ones (for the start log: FSDP2 falls back
+    to copies where it cannot split the weights' rows evenly)."""
+    from torch.distributed.tensor import DTensor
+
+    column = env.dims.dp_outer
+    if column == 1:
+        return "each rank's experts its own"
+    experts = expert_parameters(model)
+    how = "sharded by FSDP2" if experts and isinstance(experts[0], DTensor) else "replicated"
+    return f"experts {how} over the {column} ranks holding them"
+
+
 def count_dispatch_reach(model: nn.Module, placement: ExpertPlacement, device: torch.device) -> DispatchReach:
     """Have every expert-parallel MoE layer of ``model`` count the ranks and nodes its tokens reach, in one
     :class:`~dsv3.train.node_limited.DispatchReach` summed over the layers."""
@@ -158,5 +171,5 @@ def reduce_expert_grads(model: nn.Module, env: Distributed) -> None:
     torch._foreach_div_(grads, float(env.dims.dp))
 
 
-__all__ = ["ExpertParallelMoE", "apply_expert_parallel", "count_dispatch_reach", "expert_placement",
-           "reduce_expert_grads"]
+__all__ = ["ExpertParallelMoE", "apply_expert_parallel", "count_dispatch_reach", "describe_expert_sharding",
+           "expert_placement", "reduce_expert_grads"]

@@ -279,7 +279,7 @@ class Trainer:
     def _expert_placement(self):
         """Where the routing groups land on the expert-parallel ranks (checked with ``node_limited``, logged);
         returns the counter of the ranks and nodes the tokens reach."""
-        from .expert_parallel import count_dispatch_reach, expert_placement
+        from .expert_parallel import count_dispatch_reach, describe_expert_sharding, expert_placement
 
         placement = expert_placement(self.model_config, self.env, self.cfg.ranks_per_node)
         if self.cfg.node_limited:
@@ -287,7 +287,7 @@ class Trainer:
                 placement.check_node_limited()
             except ValueError as e:
                 raise ConfigError(f"node_limited: {e}") from None
-        self.log("expert parallelism: " + placement.describe())
+        self.log(f"expert parallelism: {placement.describe()}; {describe_expert_sharding(self.model, self.env)}")
         return count_dispatch_reach(self.model, placement, self.device)
 
     def autocast(self):
