@@ -73,7 +73,7 @@ def median_ms(fn, reps: int = 20) -> float:
 def grouped_mm_probe(config: dsv3.ModelConfig) -> None:
     """The 64 stacked experts on the rows of a decode step: torch._grouped_mm against the Triton few-rows
     kernel, and the bandwidth of reading the weights of the experts hit."""
-    from dsv3.inference.triton_moe import grouped_mm_few_rows
+    from dsv3.kernels.few_rows import grouped_mm_few_rows
 
     e, d, i, k = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size, config.num_experts_per_tok
     w1 = torch.randn(e, 2 * i, d, device="cuda", dtype=torch.bfloat16) * 0.02

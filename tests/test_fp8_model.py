@@ -358,3 +358,61 @@ def test_gpu_fp8_serving_on_hopper(tmp_path):
     with torch.no_grad():
         a, b = deq(tokens).logits.float(), served(tokens).logits.float()
     assert rel_err(b, a) < 0.2  # activations are quantised online on this path (0.10 seen on an H200)
+
+
+@pytest.mark.parametrize("speculative", [False, True])
+def test_engine_on_kept_fp8_weights_decodes_as_the_dequantised_model(tmp_path, speculative):
+    """The engine over FP8-kept weights: the decode step's absorbed attention used ``kv_b_proj``'s raw FP8
+    values as W^UK / W^UV (no block factors: wrong tokens from the second on); now the engine prepares a
+    dequantised copy, and the fused projections stack FP8 weights with their factors. Greedy tokens equal
+    the dequantised model's in float32 (plain and speculative)."""
+    from dsv3.fp8.serving import FP8InferenceLinear
+    from dsv3.inference import Engine, SamplingParams
+
+    path = _fp8_checkpoint(tmp_path, q_lora_rank=128)  # whole 128-row blocks: the first projections stack
+    deq = dsv3.load_pretrained(path, dtype=torch.float32, fp8=False)
+    served = dsv3.load_pretrained(path, dtype=torch.float32, fp8=True)
+    params = SamplingParams(max_new_tokens=10, temperature=0.0, ignore_eos=True)
+    prompts = [[1, 2, 3, 4, 5, 6, 7, 8], [9, 10, 11]]
+    want = [r.tokens for r in Engine(deq, speculative=speculative).generate(prompts, params)]
+    engine = Engine(served, speculative=speculative)
+    attn = served.layers[0].self_attn
+    assert type(attn.kv_b_proj) is nn.Linear and attn.kv_b_proj.weight.dtype == torch.float32
+    assert isinstance(attn.o_proj, FP8InferenceLinear) and attn.fused_in_proj.dtype == torch.float8_e4m3fn
+    assert attn.fused_in_proj_scale is not None and served.layers[0].mlp.fused_gate_up_scale is not None
+    assert attn.kv_a_proj_with_mqa.weight_scale_inv.data_ptr() != attn.fused_in_proj_scale.data_ptr()
+    assert "checkpoint FP8 weights kept" in engine.runner.describe()
+    assert [r.tokens for r in engine.generate(prompts, params)] == want
+
+
+@pytest.mark.gpu
+def test_gpu_engine_decodes_kept_fp8_weights_through_its_kernels_and_graphs(tmp_path):
+    """On Hopper the FP8-kept engine decodes through the few-rows kernels (FP8 weights widened in registers)
+    and CUDA graphs. From the same cached latents, its decode-step logits equal the dequantised BF16
+    engine's up to BF16 rounding: one token per sequence (the fused experts by slot and by expert), two
+    (a speculative step's shape) and 20 tokens (the sorted grouped kernel)."""
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("needs a Hopper GPU")
+    from dsv3.inference import Engine
+
+    path = _fp8_checkpoint(tmp_path, q_lora_rank=128)
+    kw = dict(device="cuda", dtype=torch.bfloat16)
+    deq, served = dsv3.load_pretrained(path, fp8=False, **kw), dsv3.load_pretrained(path, fp8=True, **kw)
+    # one graph size and no torch.compile keep the test short (the benchmark runs the compiled steps)
+    ref, fp8 = (Engine(m, max_batch=8, max_seq_len=64, page_size=16, graph_batch_sizes=(8,), compile=False)
+                for m in (deq, served))
+    described = fp8.runner.describe()
+    assert "FP8 weights kept" in described and "decode experts few_rows" in described, described
+    assert "CUDA graphs on" in described and "Triton MLA" in described, described
+    g = torch.Generator().manual_seed(0)
+    for engine in (ref, fp8):
+        for n in (12, 5, 9, 16, 7):
+            engine.runner.prefill(engine.cache.new_sequence(), torch.randint(0, 512, (n,), generator=g).tolist())
+    latents = ref.cache.latent.clone()
+    for slots, tokens in [([0], [3]), ([0, 1, 2], [4, 5, 6]), ([0, 1], [[7, 8], [9, 10]]),
+                          ([0, 1, 2, 3, 4], [[11, 12, 13, 14]] * 5)]:
+        for engine in (ref, fp8):
+            engine.cache.latent.copy_(latents)
+        want = ref.runner.decode(slots, tokens)[1].float()
+        got = fp8.runner.decode(slots, tokens)[1].float()
+        assert rel_err(got, want) < 0.03, (slots, rel_err(got, want))

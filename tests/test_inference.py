@@ -503,7 +503,7 @@ def test_compiled_decode_matches_plain(model):
 def test_few_rows_triton_kernel_matches_float64_reference():
     """The decode experts' Triton kernel: empty experts, experts with more rows than one row tile, and
     sizes that are not multiples of its blocks."""
-    from dsv3.inference.triton_moe import grouped_mm_few_rows
+    from dsv3.kernels.few_rows import grouped_mm_few_rows
 
     g = torch.Generator(device="cuda").manual_seed(0)
     for counts, n, k in [([1, 0, 0, 2, 3, 0], 2816, 2048), ([0, 40, 1, 0, 17], 100, 200), ([5], 64, 128)]:
@@ -537,7 +537,7 @@ def test_decode_experts_kernels_match_float64_reference():
         w2 = (torch.randn(e, d, inter, **kw) / inter ** 0.5).bfloat16()
         ws13 = (torch.randn(2 * inter * pieces, d, **kw) / d ** 0.5).bfloat16() if pieces else None
         ws2 = (torch.randn(d, inter * pieces, **kw) / inter ** 0.5).bfloat16() if pieces else None
-        y = moe_decode_experts(x, ids, w13, w2, ws13, ws2).double()
+        y = moe_decode_experts(x, ids, w13, w2, ws13, ws2, []).double()
         assert y.shape == (t * k + t * pieces, d)
         ref = torch.stack([mlp(x[i].double(), w13[j].double(), w2[j].double()) for i, j in
                            zip(torch.arange(t).repeat_interleave(k).tolist(), ids.flatten().tolist())])

@@ -11,8 +11,11 @@ checkpoint's tensors, under the checkpoint's names:
 
 Forward: on a Hopper GPU the activations are quantised online in 1x128 tiles and the GEMM runs in FP8
 (``torch._scaled_mm`` with block scales for the Linear layers, the grouped FP8 GEMM of
-:mod:`dsv3.fp8.transform` for the experts); elsewhere each layer dequantises its weight on the fly and runs
-an ordinary matmul in the activation dtype, which gives exactly the results of dequantising at load time.
+:mod:`dsv3.fp8.transform` for the experts); a Linear layer given at most :data:`FEW_ROWS_MAX` rows (a
+decode step) instead reads its FP8 weight once in a Triton kernel that widens each tile in registers and
+multiplies by the block factor, the activations unquantised (:mod:`dsv3.kernels.few_rows`; the engine's
+decode experts use the same kernel). Elsewhere each layer dequantises its weight on the fly and runs an
+ordinary matmul in the activation dtype, which gives exactly the results of dequantising at load time.
 
 :func:`dsv3.load_pretrained` applies :func:`apply_fp8_serving` to the model while it is still on the meta
 device and then copies the checkpoint's float8 weights and scales in unchanged. These modules are for
@@ -21,16 +24,22 @@ inference only (no gradients); do not ``.to(dtype)`` such a model, which would c
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dsv3.fp8.linear import _hopper_scaled_mm_ok, fp8_matmul_nt
-from dsv3.fp8.quant import FP8_DTYPE, TILE, dequantize_blocks, quantize_tiles
+from dsv3.fp8.quant import FP8_DTYPE, TILE, dequantize_blocks, quantize_blocks, quantize_tiles
 from dsv3.fp8.transform import _BACKENDS, _resolve
 from dsv3.model.moe import Experts
 
-__all__ = ["FP8InferenceExperts", "FP8InferenceLinear", "apply_fp8_serving", "wants_fp8_serving"]
+__all__ = ["FP8InferenceExperts", "FP8InferenceLinear", "apply_fp8_serving", "dequantized_linear", "fp8_linear",
+           "quantize_for_serving", "wants_fp8_serving"]
+
+FEW_ROWS_MAX = 64
+"""Rows up to which an FP8 Linear on a Hopper GPU runs the few-rows kernel (no activation quantisation)."""
 
 
 def _blocks(n: int) -> int:
@@ -39,6 +48,28 @@ def _blocks(n: int) -> int:
 
 def _fp8_gemm_ok(x: Tensor) -> bool:
     return _hopper_scaled_mm_ok(x)
+
+
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def _few_rows_ok(x: Tensor) -> bool:
+    return _HAS_TRITON and x.numel() <= FEW_ROWS_MAX * x.shape[-1]
+
+
+def fp8_linear(x: Tensor, weight: Tensor, scale_inv: Tensor) -> Tensor:
+    """``x @ W.T`` for an FP8 weight (N, K) with its (ceil(N/128), ceil(K/128)) block factors ``scale_inv``
+    (W = weight x factor per block): the few-rows kernel, the FP8 GEMM or the dequantised weight (module
+    docstring)."""
+    if _fp8_gemm_ok(x):
+        if _few_rows_ok(x):
+            from dsv3.kernels.few_rows import linear_few_rows
+
+            return linear_few_rows(x, weight, scale_inv)
+        xq, xs = quantize_tiles(x.reshape(-1, x.shape[-1]))
+        y = fp8_matmul_nt(xq, xs, weight, scale_inv, b_blocks=True, out_dtype=x.dtype)
+        return y.reshape(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, dequantize_blocks(weight, scale_inv, dtype=x.dtype))
 
 
 def _dequantize_stack(q: Tensor, scale_inv: Tensor, dtype: torch.dtype) -> Tensor:
@@ -60,11 +91,7 @@ class FP8InferenceLinear(nn.Module):
                                                             dtype=torch.float32, device=device))
 
     def forward(self, x: Tensor) -> Tensor:
-        if _fp8_gemm_ok(x):
-            xq, xs = quantize_tiles(x.reshape(-1, self.in_features))
-            y = fp8_matmul_nt(xq, xs, self.weight, self.weight_scale_inv, b_blocks=True, out_dtype=x.dtype)
-            return y.reshape(*x.shape[:-1], self.out_features)
-        return F.linear(x, dequantize_blocks(self.weight, self.weight_scale_inv, dtype=x.dtype))
+        return fp8_linear(x, self.weight, self.weight_scale_inv)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8=e4m3 128x128"
@@ -115,6 +142,15 @@ class FP8InferenceExperts(Experts):
         return f"n_experts={self.n_experts}, inter_dim={self.inter_dim}, fp8=e4m3 128x128"
 
 
+def dequantized_linear(module: FP8InferenceLinear, dtype: torch.dtype) -> nn.Linear:
+    """A plain bias-free ``nn.Linear`` holding ``module``'s weight dequantised to ``dtype`` (same device)."""
+    linear = nn.Linear(module.in_features, module.out_features, bias=False, device=module.weight.device,
+                       dtype=dtype)
+    with torch.no_grad():
+        linear.weight.copy_(dequantize_blocks(module.weight, module.weight_scale_inv, dtype=dtype))
+    return linear.requires_grad_(False)
+
+
 def apply_fp8_serving(model: nn.Module, names: set[str] | None = None) -> nn.Module:
     """Replace Linear and routed-experts modules by their FP8 inference versions (empty, same device).
 
@@ -136,12 +172,31 @@ def apply_fp8_serving(model: nn.Module, names: set[str] | None = None) -> nn.Mod
     return model
 
 
+@torch.no_grad()
+def quantize_for_serving(model: nn.Module) -> nn.Module:
+    """In place: quantise the weights of every module :func:`apply_fp8_serving` converts (bias-free Linear
+    layers but ``lm_head``, routed experts) to E4M3 with 128x128 block factors, as the official checkpoints
+    store them, and serve them FP8 (the weights in the activations' dtype are freed). Returns the model."""
+    old = {name: m for name, m in model.named_modules()}
+    apply_fp8_serving(model)
+    for name, new in model.named_modules():
+        if isinstance(new, FP8InferenceLinear):
+            new.weight.data, new.weight_scale_inv.data = quantize_blocks(old[name].weight.float())
+        elif isinstance(new, FP8InferenceExperts):
+            src = old[name]
+            for w, scale in (("gate_up_proj", "gate_up_proj_scale_inv"), ("down_proj", "down_proj_scale_inv")):
+                q, s = quantize_blocks(getattr(src, w).float())
+                getattr(new, w).data, getattr(new, scale).data = q, s
+    return model
+
+
 def wants_fp8_serving(fp8: bool | str, quantization_config: dict | None, device: str | torch.device,
                       dequantized_bytes: int | None = None) -> bool:
     """Whether :func:`dsv3.load_pretrained` keeps FP8 weights: only for FP8 checkpoints; ``True``/``False``
     force it. ``"auto"`` keeps them only where they must be: on a Hopper (or newer) GPU whose free memory
-    cannot hold the weights dequantised (``dequantized_bytes``). Kept FP8 weights halve the memory but decode
-    many times slower than BF16 today (docs/inference.md), so "auto" dequantises whenever that fits."""
+    cannot hold the weights dequantised (``dequantized_bytes``). Kept FP8 weights halve the memory but do not
+    decode faster than BF16 yet (0.88x at batch 1, docs/inference.md), so "auto" dequantises whenever that
+    fits."""
     if fp8 not in (True, False, "auto"):
         raise ValueError(f"fp8 must be True, False or 'auto', got {fp8!r}")
     if not quantization_config or quantization_config.get("quant_method") != "fp8":

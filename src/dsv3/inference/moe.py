@@ -76,7 +76,8 @@ def route(gate: Gate, x: torch.Tensor, kernel: bool = False) -> tuple[torch.Tens
 
 
 FEW_ROWS_MAX = 512
-"""Token copies up to which ``experts="few_rows"`` runs the Triton kernel (larger batches: the module)."""
+"""Token copies up to which ``experts="few_rows"`` runs the Triton kernel (larger batches: the module; FP8
+experts always the kernel, as their grouped FP8 GEMM reads the counts to the host)."""
 
 
 def moe_forward(moe: MoE, x: torch.Tensor, experts: str = "module") -> torch.Tensor:
@@ -102,15 +103,18 @@ def moe_forward(moe: MoE, x: torch.Tensor, experts: str = "module") -> torch.Ten
     x_sorted = flat[order // indices.shape[1]]
     module = moe.experts
     if experts == "gathered":
+        if _fp8_factors(module)[0] is not None:
+            raise ValueError("experts='gathered' reads the weights as they are: not for FP8-served experts")
         e = ids[order]
         gate, up = torch.bmm(module.gate_up_proj[e], x_sorted[:, :, None]).squeeze(-1).split(module.inter_dim, -1)
         y_sorted = torch.bmm(module.down_proj[e], (F.silu(gate) * up)[:, :, None]).squeeze(-1)
-    elif experts == "few_rows" and ids.numel() <= FEW_ROWS_MAX:
-        from .triton_moe import grouped_mm_few_rows
+    elif experts == "few_rows" and (ids.numel() <= FEW_ROWS_MAX or _fp8_factors(module)[0] is not None):
+        from ..kernels.few_rows import grouped_mm_few_rows
 
         ends = counts.cumsum(0).to(torch.int32)
-        gate, up = grouped_mm_few_rows(x_sorted, module.gate_up_proj, ends).split(module.inter_dim, -1)
-        y_sorted = grouped_mm_few_rows(F.silu(gate) * up, module.down_proj, ends)
+        s13, s2 = _fp8_factors(module)
+        gate, up = grouped_mm_few_rows(x_sorted, module.gate_up_proj, ends, s13).split(module.inter_dim, -1)
+        y_sorted = grouped_mm_few_rows(F.silu(gate) * up, module.down_proj, ends, s2)
     else:
         y_sorted = module(x_sorted, counts)
     # back to (token, k) order by a gather (fused with the weighted sum when compiled)
@@ -125,6 +129,12 @@ DECODE_FUSED_MAX = 16
 (:func:`dsv3.inference.triton_moe.moe_decode_experts`, whose 16-row tile holds them all)."""
 
 
+def _fp8_factors(experts: torch.nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The 128 x 128 block factors of FP8-served experts (:class:`dsv3.fp8.serving.FP8InferenceExperts`:
+    gate_up, down), or (None, None) for experts in the activations' dtype."""
+    return getattr(experts, "gate_up_proj_scale_inv", None), getattr(experts, "down_proj_scale_inv", None)
+
+
 def _moe_decode(moe: MoE, flat: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """The experts of a few tokens (``few_rows``, at most :data:`DECODE_FUSED_MAX`): each expert's program
     finds its tokens in ``indices``; the shared MLP joins the same two kernels where its gate and up are
@@ -134,9 +144,14 @@ def _moe_decode(moe: MoE, flat: torch.Tensor, weights: torch.Tensor, indices: to
     t, d = flat.shape
     module, shared = moe.experts, moe.shared_experts
     stacked = None if shared is None else getattr(shared, "fused_gate_up", None)
-    inline = stacked is not None and shared.down_proj.in_features % module.inter_dim == 0
+    s13, s2 = _fp8_factors(module)
+    shared_factors = (None, None) if stacked is None else (getattr(shared, "fused_gate_up_scale", None),
+                                                           getattr(shared.down_proj, "weight_scale_inv", None))
+    inline = (stacked is not None and shared.down_proj.in_features % module.inter_dim == 0
+              and (s13 is None) == (shared_factors[0] is None) == (shared_factors[1] is None))
+    scales = [] if s13 is None else [s13, s2, *shared_factors] if inline else [s13, s2]
     parts = moe_decode_experts(flat, indices, module.gate_up_proj, module.down_proj,
-                               stacked if inline else None, shared.down_proj.weight if inline else None)
+                               stacked if inline else None, shared.down_proj.weight if inline else None, scales)
     k = indices.shape[1]
     y = (parts[:t * k].view(t, k, d) * weights.unsqueeze(-1).float()).sum(dim=1)
     if inline:

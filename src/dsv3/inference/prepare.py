@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ..fp8.serving import FP8InferenceLinear, dequantized_linear
+from ..model.attention import MLA
 from ..model.transformer import DeepSeekV3
 from .fusion import fuse_projections
 
@@ -13,7 +15,11 @@ def prepare_model(model: DeepSeekV3, device: str | torch.device | None = None, d
     """In place: move / cast the model where asked, switch it to eval mode and, with ``fuse``, stack the
     projections that read the same input and keep the routers' weights in FP32
     (:func:`~dsv3.inference.fusion.fuse_projections`). Returns the model. Training it afterwards is not
-    meant: the fused stacks are inference-only views."""
+    meant: the fused stacks are inference-only views.
+
+    An FP8-served ``kv_b_proj`` (:mod:`dsv3.fp8.serving`) is dequantised to the embeddings' dtype here: the
+    decode step's absorbed attention uses its per-head slices W^UK and W^UV as matrices, not as a GEMM over
+    the tokens (for V3 16.8M weights a layer, 0.15% of it)."""
     if device is not None or dtype is not None:
         param = next(model.parameters())
         moved = (device is not None and torch.device(device) != param.device) or (dtype not in (None, param.dtype))
@@ -22,6 +28,10 @@ def prepare_model(model: DeepSeekV3, device: str | torch.device | None = None, d
             raise ValueError("this model was prepared for inference already (fused); move or cast it before")
         model.to(device=device, dtype=dtype)
     model.eval()
+    dtype = model.embed_tokens.weight.dtype
+    for attn in model.modules():
+        if isinstance(attn, MLA) and isinstance(attn.kv_b_proj, FP8InferenceLinear):
+            attn.kv_b_proj = dequantized_linear(attn.kv_b_proj, dtype)
     if fuse:
         fuse_projections(model)
     return model

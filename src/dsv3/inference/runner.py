@@ -28,6 +28,9 @@ from collections.abc import Mapping, Sequence as Seq
 
 import torch
 
+from ..fp8.linear import _hopper_scaled_mm_ok
+from ..fp8.quant import TILE
+from ..fp8.serving import FP8InferenceExperts, FP8InferenceLinear
 from ..model.attention import _prefer_cudnn
 from ..model.moe import Experts, Gate, _grouped_mm_ok
 from ..model.transformer import DeepSeekV3
@@ -70,23 +73,33 @@ class ModelRunner:
         self.processing = ProcessingState(cfg.max_batch, c.vocab_size, self.device)
         """Per-slot token counts, prompt masks, biases and stop tokens of the processed sampling path."""
         grouped = experts_grouped(model, self.device, self.dtype)
+        self.fp8 = fp8_served(model)
+        """FP8 checkpoint weights kept (:mod:`dsv3.fp8.serving`); on a Hopper GPU their decode steps run the
+        few-rows kernels, which read the FP8 weights once (the prefill: FP8 GEMMs)."""
         decode_experts = cfg.decode_experts
         cuda_triton = self.device.type == "cuda" and _has_triton()
+        fp8_kernels = self.fp8 and cuda_triton and _fp8_few_rows_ok(model, self.device)
         if decode_experts == "auto":
-            decode_experts = "few_rows" if grouped and cuda_triton else "module"
+            decode_experts = "few_rows" if (grouped or fp8_kernels) and cuda_triton else "module"
         if decode_experts == "few_rows" and not cuda_triton:
             raise ValueError("decode_experts='few_rows' is a Triton kernel: it needs a CUDA device and triton")
+        if decode_experts == "few_rows" and self.fp8 and not fp8_kernels:
+            raise ValueError("decode_experts='few_rows' with FP8 weights needs a Hopper GPU and expert widths "
+                             "that are multiples of 128")
         self.decode_experts = decode_experts
         """How the routed experts of a decode step run; a captured step whose experts would need the
         host-syncing loop runs them ``"gathered"`` instead."""
         self._capturable_experts = decode_experts if grouped or decode_experts == "few_rows" else "gathered"
+        if self.fp8 and self._capturable_experts == "gathered" and cfg.cuda_graph:
+            raise ValueError("CUDA graphs of an FP8-served model need decode_experts='few_rows' (a Hopper GPU)")
         pow2 = all(v & (v - 1) == 0 for v in (c.kv_lora_rank, c.qk_rope_head_dim, c.qk_nope_head_dim))
         self.decode_kernels = (decode_experts == "few_rows" and self.dtype == torch.bfloat16 and pow2
                                and c.num_attention_heads <= 32)
         """Absorbed attention of a decode step through the Triton kernels of :mod:`dsv3.inference.triton_mla`
         (with the ``few_rows`` experts, in bf16, for latent and head sizes that are powers of two and up to
         32 heads on one program's tile); else einsums and softmax."""
-        cuda_graph = cfg.cuda_graph if cfg.cuda_graph is not None else self.device.type == "cuda" and grouped
+        cuda_graph = cfg.cuda_graph if cfg.cuda_graph is not None else self.device.type == "cuda" and (
+            grouped or decode_experts == "few_rows")
         self.graphs = self.prefill_graphs = None
         if cuda_graph:
             self.graphs = DecodeGraphs(self._graph_decode, cfg.graph_batch_sizes, cfg.max_batch, self.cache)
@@ -105,11 +118,8 @@ class ModelRunner:
 
     def describe(self) -> str:
         """The paths chosen, in one line (the CLI and the server print it)."""
-        from ..fp8.serving import FP8InferenceExperts, FP8InferenceLinear
-
-        fp8 = any(isinstance(m, (FP8InferenceLinear, FP8InferenceExperts)) for m in self.model.modules())
         return (f"{self.device} {str(self.dtype).removeprefix('torch.')}"
-                f"{' (checkpoint FP8 weights kept)' if fp8 else ''}, decode experts {self.decode_experts}"
+                f"{' (checkpoint FP8 weights kept)' if self.fp8 else ''}, decode experts {self.decode_experts}"
                 f"{', Triton MLA' if self.decode_kernels else ''}, CUDA graphs "
                 f"{'on' if self.graphs is not None else 'off'}, torch.compile {'on' if self.compiled else 'off'}, "
                 f"{self.cache.num_pages} pages of {self.cache.page_size} tokens, prefix caching "
@@ -341,6 +351,17 @@ def experts_grouped(model: DeepSeekV3, device: torch.device, dtype: torch.dtype)
     return all(p.dtype == dtype for p in model.parameters() if id(p) not in routers) and all(
         m.implementation == "grouped" or (m.implementation == "auto" and _grouped_mm_ok(probe, m.gate_up_proj))
         for m in model.modules() if isinstance(m, Experts))
+
+
+def fp8_served(model: DeepSeekV3) -> bool:
+    """Whether some of the model's layers keep FP8 checkpoint weights (:mod:`dsv3.fp8.serving`)."""
+    return any(isinstance(m, (FP8InferenceLinear, FP8InferenceExperts)) for m in model.modules())
+
+
+def _fp8_few_rows_ok(model: DeepSeekV3, device: torch.device) -> bool:
+    """FP8 experts run the few-rows kernels: a Hopper GPU, expert widths in whole 128-row blocks."""
+    return _hopper_scaled_mm_ok(device) and all(
+        m.inter_dim % TILE == 0 for m in model.modules() if isinstance(m, FP8InferenceExperts))
 
 
 def _has_triton() -> bool:

@@ -5,11 +5,12 @@ experts, top-6), so the step is bound by reading the chosen experts' weights onc
 (CUTLASS) tiles for large groups: on the "16b" shapes it reads the six experts of a batch-1 step at
 under 1 TB/s, and spends a launch on preparing its problem list. Here:
 
-* :func:`grouped_mm_few_rows` (copies sorted by expert): one program owns an (expert, BLOCK_N output
-  columns) tile: it returns at once when the expert received no rows, otherwise it streams its BLOCK_N x K
-  slice of the weight once for up to BLOCK_M rows at a time, accumulating in float32;
+* :func:`~dsv3.kernels.few_rows.grouped_mm_few_rows` (copies sorted by expert; in :mod:`dsv3.kernels`, as
+  the FP8 Linear layers of :mod:`dsv3.fp8.serving` run it too): one program per (expert, column tile),
+  which returns at once when its expert received no rows;
 * :func:`moe_decode_experts` (at most 16 tokens, unsorted): the routed and the shared experts in two
   kernels (gate-up with SiLU, then down), each program finding its tokens in the routing indices;
+  weights in the activations' dtype or FP8 with 128 x 128 block factors (as the few-rows kernel);
 * :func:`route_topk`: the top-k of the biased affinities and the gate values, one program per token.
 
 Imported lazily (Triton is optional); the functions are ``torch.library`` custom ops, so that
@@ -20,71 +21,11 @@ experts' plain loop / ``torch._grouped_mm`` (:class:`dsv3.model.moe.Experts`) an
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import triton
 import triton.language as tl
-
-BLOCK_M = 16  # the smallest row tile tl.dot takes; rows beyond it loop (weights re-read from L2)
-
-
-@triton.autotune(
-    configs=[
-        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-        for bn, bk, w, s in [(32, 256, 4, 4), (64, 128, 4, 4), (64, 256, 4, 3), (128, 128, 4, 3), (32, 128, 4, 5)]
-    ],
-    key=["N", "K", "ROWS_BUCKET"],
-)
-@triton.jit
-def _grouped_mm_few_rows_kernel(
-    x_ptr, w_ptr, y_ptr, ends_ptr,
-    N, K, stride_xm, stride_we, stride_wn, stride_ym, ROWS_BUCKET,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    e = tl.program_id(0)
-    end = tl.load(ends_ptr + e)
-    start = tl.load(ends_ptr + e - 1, mask=e > 0, other=0)
-    if start < end:
-        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        ks = tl.arange(0, BLOCK_K)
-        w_rows = w_ptr + e.to(tl.int64) * stride_we + cols[:, None] * stride_wn
-        for m0 in range(start, end, BLOCK_M):
-            rows = m0 + tl.arange(0, BLOCK_M)
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                k = k0 + ks
-                x = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :],
-                            mask=(rows[:, None] < end) & (k[None, :] < K), other=0.0)
-                w = tl.load(w_rows + k[None, :], mask=(cols[:, None] < N) & (k[None, :] < K), other=0.0)
-                acc = tl.dot(x, tl.trans(w), acc)
-            tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], acc.to(y_ptr.dtype.element_ty),
-                     mask=(rows[:, None] < end) & (cols[None, :] < N))
-
-
-@torch.library.custom_op("dsv3::grouped_mm_few_rows", mutates_args=())
-def grouped_mm_few_rows(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
-    """y[r] = x[r] @ w[e].T for the rows r of expert e: x (M, K) sorted by expert, w (E, N, K) with K
-    contiguous, ``ends`` (E,) int32 = cumulative row counts. Returns (M, N) in x's dtype."""
-    m, k = x.shape
-    n_experts, n, _ = w.shape
-    x = x.contiguous()
-    y = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    if m == 0:
-        return y
-    bucket = 1 << max(m - 1, 0).bit_length()  # re-tune per power of two of rows only
-
-    def grid(meta):
-        return (n_experts, triton.cdiv(n, meta["BLOCK_N"]))
-
-    _grouped_mm_few_rows_kernel[grid](
-        x, w, y, ends, n, k, x.stride(0), w.stride(0), w.stride(1), y.stride(0), bucket, BLOCK_M=BLOCK_M,
-    )
-    return y
-
-
-@grouped_mm_few_rows.register_fake
-def _(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
-    return x.new_empty(x.shape[0], w.shape[1])
-
 
 # ------------------------------------------------------------------------------------------------------
 # A few tokens, no sort: each expert program finds its own tokens in the routing indices
@@ -96,8 +37,16 @@ DECODE_MAX_TOKENS = 16
 _DECODE_CONFIGS = [
     triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
     for bn, bk, w, s in [(32, 256, 4, 4), (64, 128, 4, 4), (32, 128, 4, 6), (16, 256, 4, 4), (64, 256, 8, 3),
-                         (32, 512, 4, 3), (16, 512, 4, 3), (64, 256, 4, 4)]
+                         (32, 512, 4, 3), (16, 512, 4, 3), (64, 256, 4, 4),
+                         (16, 128, 4, 6), (64, 128, 4, 6), (128, 128, 8, 4)]  # the last three: FP8 only
 ]
+
+
+def _prune_decode(configs, named_args, **kwargs):
+    """FP8 weights: only tiles inside one 128 x 128 scaling block (one factor per tile and K step)."""
+    if not {**named_args, **kwargs}.get("FP8"):
+        return configs[:8]
+    return [c for c in configs if c.kwargs["BLOCK_N"] <= 128 and c.kwargs["BLOCK_K"] <= 128]
 
 
 @triton.jit
@@ -131,72 +80,105 @@ def _token_selection(ids_ptr, T, TOP_K, N_ROUTED, BLOCK_T: tl.constexpr, TOPK_P2
     return e, sel, row
 
 
-@triton.autotune(configs=_DECODE_CONFIGS, key=["D", "INTER", "BLOCK_T", "BY_SLOT"])
+_DECODE_TUNING = dict(configs=_DECODE_CONFIGS, key=["D", "INTER", "BLOCK_T", "BY_SLOT", "FP8"],
+                      prune_configs_by={"early_config_prune": _prune_decode})
+
+
+@triton.jit
+def _dot_tile(acc, x, w, s_ptr, FP8: tl.constexpr):
+    """acc + x @ w.T; an FP8 tile widened to x's dtype and its product times the block's factor at s_ptr."""
+    if FP8:
+        acc = acc + tl.dot(x, tl.trans(w.to(x.dtype))) * tl.load(s_ptr)
+    else:
+        acc = tl.dot(x, tl.trans(w), acc)
+    return acc
+
+
+@triton.autotune(**_DECODE_TUNING)
 @triton.jit
 def _moe_decode_gate_up_kernel(
-    x_ptr, ids_ptr, w_ptr, ws_ptr, act_ptr,
+    x_ptr, ids_ptr, w_ptr, ws_ptr, s_ptr, ss_ptr, act_ptr,
     T, TOP_K, N_ROUTED, D, INTER, INTER_SHARED,
-    stride_xt, stride_we, stride_wn, stride_wsn, stride_act,
+    stride_xt, stride_we, stride_wn, stride_wsn, stride_se, stride_sn, stride_ssn, stride_act,
     BLOCK_T: tl.constexpr, TOPK_P2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BY_SLOT: tl.constexpr,
+    BY_SLOT: tl.constexpr, FP8: tl.constexpr,
 ):
     """act[row] = silu(x_t W1_e^T) * (x_t W3_e^T) for the tokens t of expert (or shared piece) e."""
     e, sel, row = _token_selection(ids_ptr, T, TOP_K, N_ROUTED, BLOCK_T, TOPK_P2, BY_SLOT)
     if e < N_ROUTED:
-        gate_w = w_ptr + e.to(tl.int64) * stride_we
-        up_w = gate_w + INTER * stride_wn
+        w_base = w_ptr + e.to(tl.int64) * stride_we
+        s_base = s_ptr + e.to(tl.int64) * stride_se
+        gate_row = e * 0  # a tensor in both branches
+        up_row = e * 0 + INTER
         w_stride = stride_wn
+        s_stride = stride_sn
     else:  # shared experts: [W1; W3] of one MLP of INTER_SHARED = pieces x INTER, cut into INTER-wide pieces
-        gate_w = ws_ptr + (e - N_ROUTED).to(tl.int64) * INTER * stride_wsn
-        up_w = gate_w + INTER_SHARED * stride_wsn
+        w_base = ws_ptr
+        s_base = ss_ptr
+        gate_row = (e - N_ROUTED) * INTER
+        up_row = INTER_SHARED + gate_row
         w_stride = stride_wsn
+        s_stride = stride_ssn
     if tl.max(sel.to(tl.int32), axis=0) > 0:
         t = tl.arange(0, BLOCK_T)
-        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n0 = tl.program_id(1) * BLOCK_N
+        cols = n0 + tl.arange(0, BLOCK_N)
         ks = tl.arange(0, BLOCK_K)
+        gate_w = w_base + (gate_row + cols[:, None]).to(tl.int64) * w_stride
+        up_w = w_base + (up_row + cols[:, None]).to(tl.int64) * w_stride
+        gate_s = s_base + ((gate_row + n0) // 128) * s_stride  # FP8: the tile's row of block factors
+        up_s = s_base + ((up_row + n0) // 128) * s_stride
         acc_g = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
         acc_u = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, D, BLOCK_K):
             k = k0 + ks
             x = tl.load(x_ptr + t[:, None] * stride_xt + k[None, :], mask=sel[:, None] & (k[None, :] < D), other=0.0)
             w_mask = (cols[:, None] < INTER) & (k[None, :] < D)
-            wg = tl.load(gate_w + cols[:, None] * w_stride + k[None, :], mask=w_mask, other=0.0)
-            wu = tl.load(up_w + cols[:, None] * w_stride + k[None, :], mask=w_mask, other=0.0)
-            acc_g = tl.dot(x, tl.trans(wg), acc_g)
-            acc_u = tl.dot(x, tl.trans(wu), acc_u)
+            wg = tl.load(gate_w + k[None, :], mask=w_mask, other=0.0)
+            wu = tl.load(up_w + k[None, :], mask=w_mask, other=0.0)
+            acc_g = _dot_tile(acc_g, x, wg, gate_s + k0 // 128, FP8)
+            acc_u = _dot_tile(acc_u, x, wu, up_s + k0 // 128, FP8)
         act = acc_g * tl.sigmoid(acc_g) * acc_u
         tl.store(act_ptr + row[:, None] * stride_act + cols[None, :], act.to(act_ptr.dtype.element_ty),
                  mask=sel[:, None] & (cols[None, :] < INTER))
 
 
-@triton.autotune(configs=_DECODE_CONFIGS, key=["D", "INTER", "BLOCK_T", "BY_SLOT"])
+@triton.autotune(**_DECODE_TUNING)
 @triton.jit
 def _moe_decode_down_kernel(
-    act_ptr, ids_ptr, w_ptr, ws_ptr, y_ptr,
+    act_ptr, ids_ptr, w_ptr, ws_ptr, s_ptr, ss_ptr, y_ptr,
     T, TOP_K, N_ROUTED, D, INTER,
-    stride_act, stride_we, stride_wn, stride_wsn, stride_y,
+    stride_act, stride_we, stride_wn, stride_wsn, stride_se, stride_sn, stride_ssn, stride_y,
     BLOCK_T: tl.constexpr, TOPK_P2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BY_SLOT: tl.constexpr,
+    BY_SLOT: tl.constexpr, FP8: tl.constexpr,
 ):
     """y[row] = act[row] W2_e^T (FP32) for the rows of expert (or shared piece) e."""
     e, sel, row = _token_selection(ids_ptr, T, TOP_K, N_ROUTED, BLOCK_T, TOPK_P2, BY_SLOT)
     if e < N_ROUTED:
         w = w_ptr + e.to(tl.int64) * stride_we
+        s_base = s_ptr + e.to(tl.int64) * stride_se
+        first_col = e * 0
         w_stride = stride_wn
+        s_stride = stride_sn
     else:  # the shared W2's columns of this piece
-        w = ws_ptr + (e - N_ROUTED).to(tl.int64) * INTER
+        w = ws_ptr
+        s_base = ss_ptr
+        first_col = (e - N_ROUTED) * INTER
         w_stride = stride_wsn
+        s_stride = stride_ssn
     if tl.max(sel.to(tl.int32), axis=0) > 0:
-        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n0 = tl.program_id(1) * BLOCK_N
+        cols = n0 + tl.arange(0, BLOCK_N)
         ks = tl.arange(0, BLOCK_K)
+        s_row = s_base + (n0 // 128) * s_stride
         acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, INTER, BLOCK_K):
             k = k0 + ks
             a = tl.load(act_ptr + row[:, None] * stride_act + k[None, :],
                         mask=sel[:, None] & (k[None, :] < INTER), other=0.0)
-            wd = tl.load(w + cols[:, None] * w_stride + k[None, :], mask=(cols[:, None] < D) & (k[None, :] < INTER),
-                         other=0.0)
-            acc = tl.dot(a, tl.trans(wd), acc)
+            wd = tl.load(w + cols[:, None].to(tl.int64) * w_stride + first_col + k[None, :],
+                         mask=(cols[:, None] < D) & (k[None, :] < INTER), other=0.0)
+            acc = _dot_tile(acc, a, wd, s_row + (first_col + k0) // 128, FP8)
         tl.store(y_ptr + row[:, None] * stride_y + cols[None, :], acc, mask=sel[:, None] & (cols[None, :] < D))
 
 
@@ -204,6 +186,7 @@ def _moe_decode_down_kernel(
 def moe_decode_experts(
     x: torch.Tensor, indices: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
     shared_gate_up: torch.Tensor | None, shared_down: torch.Tensor | None,
+    scales: Sequence[torch.Tensor],
 ) -> torch.Tensor:
     """The routed and shared experts of at most :data:`DECODE_MAX_TOKENS` tokens in two kernels, without
     sorting the token copies by expert.
@@ -211,6 +194,8 @@ def moe_decode_experts(
     x (T, d); ``indices`` (T, K) the routed experts of each token; ``gate_up`` (E, 2I, d) and ``down``
     (E, d, I) the stacked routed experts; ``shared_gate_up`` (2 I_s, d) = [W1; W3] and ``shared_down``
     (d, I_s) the shared experts' MLP with I_s a multiple of I (DeepSeekMoE: I_s = n_shared x I), or None.
+    FP8 weights (float8_e4m3fn) come with ``scales`` (else empty): the 128 x 128 block factors of gate_up, down and,
+    with shared experts, of shared_gate_up and shared_down (I a multiple of 128).
     One program per (expert, column tile) reads the routing indices, returns at once if no token chose
     its expert, and otherwise streams its weight tile once for all of its tokens; the shared MLP runs as
     I_s / I more "experts" that every token chose. Returns FP32 (T K + T I_s / I, d): row t K + k is token
@@ -223,8 +208,15 @@ def moe_decode_experts(
     inter = two_inter // 2
     top_k = indices.shape[1]
     pieces = 0 if shared_gate_up is None else shared_down.shape[1] // inter
+    fp8 = gate_up.dtype == torch.float8_e4m3fn
+    if fp8 != bool(scales) or fp8 and (inter % 128 or len(scales) != (4 if pieces else 2)):
+        raise ValueError("moe_decode_experts: FP8 weights need their block scales (and I a multiple of 128)")
     ws = gate_up if shared_gate_up is None else shared_gate_up.contiguous()
     wsd = down if shared_down is None else shared_down.contiguous()
+    if fp8:
+        scales = [f.contiguous() for f in scales]
+    s13, s2 = (scales[0], scales[1]) if fp8 else (x, x)  # not read without FP8
+    ss13, ss2 = (scales[2], scales[3]) if fp8 and pieces else (s13, s2)
     x, indices = x.contiguous(), indices.contiguous()
     rows = t * top_k + pieces * t
     act = torch.empty(rows, inter, device=x.device, dtype=x.dtype)
@@ -233,20 +225,25 @@ def moe_decode_experts(
         return y
     by_slot = t == 1  # one token: a program per copy, not per expert (no programs for the unchosen)
     programs = (top_k if by_slot else n_routed) + pieces
-    meta = dict(BLOCK_T=DECODE_MAX_TOKENS, TOPK_P2=triton.next_power_of_2(top_k), BY_SLOT=by_slot)
+    meta = dict(BLOCK_T=DECODE_MAX_TOKENS, TOPK_P2=triton.next_power_of_2(top_k), BY_SLOT=by_slot, FP8=fp8)
+
+    def strides(s3, s2d):  # (expert, row block) of the routed factors, row block of the shared ones
+        return (s3.stride(0), s3.stride(1), s2d.stride(0)) if fp8 else (0, 0, 0)
+
     _moe_decode_gate_up_kernel[lambda m: (programs, triton.cdiv(inter, m["BLOCK_N"]))](
-        x, indices, gate_up, ws, act, t, top_k, n_routed, d, inter, pieces * inter,
-        x.stride(0), gate_up.stride(0), gate_up.stride(1), ws.stride(0), act.stride(0), **meta,
+        x, indices, gate_up, ws, s13, ss13, act, t, top_k, n_routed, d, inter, pieces * inter,
+        x.stride(0), gate_up.stride(0), gate_up.stride(1), ws.stride(0), *strides(s13, ss13), act.stride(0),
+        **meta,
     )
     _moe_decode_down_kernel[lambda m: (programs, triton.cdiv(d, m["BLOCK_N"]))](
-        act, indices, down, wsd, y, t, top_k, n_routed, d, inter,
-        act.stride(0), down.stride(0), down.stride(1), wsd.stride(0), y.stride(0), **meta,
+        act, indices, down, wsd, s2, ss2, y, t, top_k, n_routed, d, inter,
+        act.stride(0), down.stride(0), down.stride(1), wsd.stride(0), *strides(s2, ss2), y.stride(0), **meta,
     )
     return y
 
 
 @moe_decode_experts.register_fake
-def _(x, indices, gate_up, down, shared_gate_up, shared_down):
+def _(x, indices, gate_up, down, shared_gate_up, shared_down, scales):
     pieces = 0 if shared_gate_up is None else shared_down.shape[1] // (gate_up.shape[1] // 2)
     t = x.shape[0]
     return x.new_empty(t * indices.shape[1] + pieces * t, x.shape[1], dtype=torch.float32)
