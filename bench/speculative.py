@@ -1,16 +1,18 @@
 """MTP speculative decoding against plain decoding at batch 1, both through the engine's CUDA graphs, measured in
 one run (report §2.2; :mod:`dsv3.inference.speculative`).
 
-    PYTHONPATH=src python bench/speculative.py [--layers 12] [--steps 1500] [--new 256] [--skip-train] [--skip-16b] [--breakdown]
+    PYTHONPATH=src python bench/speculative.py [--layers 12] [--steps 1500] [--new 256] [--drafts 1,2,3]
+                                               [--skip-train] [--skip-16b] [--breakdown]
 
 1. **trained**: a ``tiny``-width model with ``--layers`` layers and one MTP module is trained here on the built-in
    corpus (the Python standard library) for ``--steps`` steps; then one greedy completion of ``--new`` tokens of
-   a prompt from the corpus, plain and speculative: tokens/s, the drafts' acceptance and whether the two
-   outputs agree token for token (bf16);
+   a prompt from the corpus, plain and speculative with each number of drafts a step (``--drafts``): tokens/s,
+   the drafts' acceptance (by position) and whether the outputs agree token for token (bf16);
 2. **16b**: the benchmark shape of shared/benchmarks.md (random weights, so drafts are rarely right): the
-   time of a plain decode step and of a speculative step (verify [last token, draft] + accept + the MTP
-   module's step and next draft, one graph) at batch 1, and the speed-up they imply at the report's 85%
-   acceptance: (1 + 0.85) x plain step / speculative step.
+   time of a plain decode step and of a speculative step with k drafts (verify [last token, k drafts] +
+   accept + the MTP module's steps and next drafts, one graph) at batch 1, and the speed-up they imply at the
+   report's 85% acceptance (each draft accepted with 0.85 if the ones before were: 1 + 0.85 + ... + 0.85^k
+   tokens a step) x plain step / speculative step.
 """
 
 from __future__ import annotations
@@ -54,22 +56,28 @@ def trained(args) -> None:
     model, tokenizer = load_run_or_checkpoint(out, "cuda")
     prompt = "def main(argv=None):\n    parser = argparse.ArgumentParser("
     rows = {}
-    for name, spec in (("plain", False), ("speculative", True)):
+    for k in [0] + args.drafts:  # 0: plain decoding
         engine = Engine(model, tokenizer, max_batch=1, max_seq_len=args.new + 64, dtype="bfloat16",
-                        speculative=spec)
+                        speculative=k > 0, num_speculative_tokens=max(k, 1))
         timed_generate(engine, prompt, args.new)  # compile and capture
+        if k:
+            engine.speculator.drafted = engine.speculator.accepted = 0
+            engine.speculator.accepted_at = [0] * k
         secs, tokens = timed_generate(engine, prompt, args.new)
-        rows[name] = ((args.new - 1) / secs, tokens, engine.speculator)
-    plain, spec = rows["plain"], rows["speculative"]
-    same = next((i for i, (a, b) in enumerate(zip(plain[1], spec[1])) if a != b), len(plain[1]))
-    sp = spec[2]
+        rows[k] = ((args.new - 1) / secs, tokens, engine.speculator)
+        del engine
+    plain = rows[0]
     print(f"\ntrained tiny x {args.layers} layers, batch 1, greedy, {args.new} tokens, bf16:")
-    print("| decoding | tokens/s | speed-up | drafts accepted |")
-    print("|---|---:|---:|---:|")
-    print(f"| plain | {plain[0]:.0f} | | |")
-    print(f"| speculative (1 MTP draft) | {spec[0]:.0f} | {spec[0] / plain[0]:.2f}x | "
-          f"{sp.accepted / max(sp.drafted, 1):.0%} ({sp.accepted}/{sp.drafted}) |")
-    print(f"greedy outputs agree for the first {same} of {len(plain[1])} tokens")
+    print("| decoding | tokens/s | speed-up | drafts accepted | by position | tokens agreeing with plain |")
+    print("|---|---:|---:|---:|---:|---:|")
+    print(f"| plain | {plain[0]:.0f} | | | | |")
+    for k in args.drafts:
+        speed, tokens, sp = rows[k]
+        steps = max(sp.drafted // k, 1)
+        same = next((i for i, (a, b) in enumerate(zip(plain[1], tokens)) if a != b), len(plain[1]))
+        print(f"| speculative ({k} MTP draft{'s' * (k > 1)}) | {speed:.0f} | {speed / plain[0]:.2f}x | "
+              f"{sp.accepted / max(sp.drafted, 1):.0%} ({sp.accepted}/{sp.drafted}) | "
+              f"{' / '.join(f'{a / steps:.0%}' for a in sp.accepted_at)} | first {same} of {len(plain[1])} |")
 
 
 def step_costs(args) -> None:
@@ -78,22 +86,23 @@ def step_costs(args) -> None:
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, config.vocab_size, (args.prompt,), generator=g).tolist()
     times = {}
-    for name, spec in (("plain", False), ("speculative", True)):
-        engine = Engine(model, max_batch=1, max_seq_len=args.prompt + 80, page_size=16, speculative=spec)
+    for k in [0] + args.drafts:  # 0: plain decoding
+        engine = Engine(model, max_batch=1, max_seq_len=args.prompt + 80, page_size=16, speculative=k > 0,
+                        num_speculative_tokens=max(k, 1))
         timed_generate(engine, prompt, 16)  # compile and capture
-        drafted = engine.speculator.drafted if spec else 0
+        drafted = engine.speculator.drafted if k else 0
         secs, _ = timed_generate(engine, prompt, 64)
-        steps = engine.speculator.drafted - drafted if spec else 63
-        times[name] = secs / steps * 1e3
+        steps = (engine.speculator.drafted - drafted) // k if k else 63
+        times[k] = secs / steps * 1e3
         del engine
-    ratio = times["speculative"] / times["plain"]
     print(f"\n16b, random weights, bf16, batch 1, {args.prompt}-token prompt:")
-    print("| step | ms | x plain step |")
-    print("|---|---:|---:|")
-    print(f"| plain decode step | {times['plain']:.2f} | 1.00 |")
-    print(f"| speculative step (verify 2 tokens + accept + MTP step + draft) | {times['speculative']:.2f} | "
-          f"{ratio:.2f} |")
-    print(f"implied speed-up at 85% acceptance: (1 + 0.85) / {ratio:.2f} = {1.85 / ratio:.2f}x")
+    print("| step | ms | x plain step | tokens a step at 85% acceptance | implied speed-up |")
+    print("|---|---:|---:|---:|---:|")
+    print(f"| plain decode step | {times[0]:.2f} | 1.00 | 1 | |")
+    for k in args.drafts:
+        ratio, expected = times[k] / times[0], sum(0.85 ** i for i in range(k + 1))
+        print(f"| speculative step, {k} draft{'s' * (k > 1)} (verify {k + 1} tokens + accept + MTP steps) | "
+              f"{times[k]:.2f} | {ratio:.2f} | {expected:.2f} | {expected / ratio:.2f}x |")
 
 
 def breakdown(args) -> None:
@@ -144,10 +153,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--drafts", default="1,2,3", help="MTP drafts a speculative step, each measured")
     ap.add_argument("--skip-train", action="store_true")
     ap.add_argument("--skip-16b", action="store_true")
     ap.add_argument("--breakdown", action="store_true", help="only the wall / kernel time per step at --layers")
     args = ap.parse_args()
+    args.drafts = [int(k) for k in args.drafts.split(",")]
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, date {datetime.date.today()}",
           flush=True)
     if args.breakdown:

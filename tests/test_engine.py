@@ -75,11 +75,14 @@ def test_preemption_and_recompute_give_the_same_tokens(model):
         assert small.scheduler.preemptions > 0
         assert [r.tokens for r in got] == [r.tokens for r in ref]
         assert small.cache.num_free_pages == small.cache.num_pages and small.cache.num_free_slots == 4
-    spec = Engine(model, max_batch=4, max_seq_len=48, page_size=4, num_pages=10, speculative=True)
-    got = spec.generate(PROMPTS, GREEDY)
-    assert spec.scheduler.preemptions > 0
-    assert [r.tokens for r in got] == [r.tokens for r in Engine(model, max_batch=4, max_seq_len=48,
-                                                                 page_size=4).generate(PROMPTS, GREEDY)]
+    plain = [r.tokens for r in Engine(model, max_batch=4, max_seq_len=48, page_size=4).generate(PROMPTS, GREEDY)]
+    for k in (1, 3):  # speculative: k + 1 verified positions and k - 1 further drafts a step
+        spec = Engine(model, max_batch=4, max_seq_len=48, page_size=4, num_pages=10, speculative=True,
+                      num_speculative_tokens=k)
+        got = spec.generate(PROMPTS, GREEDY)
+        assert spec.scheduler.preemptions > 0, k
+        assert [r.tokens for r in got] == plain
+        assert spec.cache.num_free_pages == spec.cache.num_pages
 
 
 def test_pages_are_taken_as_sequences_grow(model):
@@ -266,10 +269,12 @@ def test_prefix_pages_are_shared_counted_and_evicted(model):
     assert cache.num_cached_pages == 0 and cache.match_prefix(QUESTIONS[1]) == []
 
 
+@pytest.mark.parametrize("k", [1, 3])
 @pytest.mark.parametrize("params", [GREEDY, SAMPLED[1]], ids=["greedy", "sampled"])
-def test_speculative_steps_read_the_host_once(model, monkeypatch, params):
+def test_speculative_steps_read_the_host_once(model, monkeypatch, params, k):
     """Verify, acceptance and the next drafts of the whole batch, then one read (the padded CPU path)."""
-    engine = Engine(model, max_batch=4, max_seq_len=64, page_size=4, cuda_graph=True, speculative=True)
+    engine = Engine(model, max_batch=4, max_seq_len=64, page_size=4, cuda_graph=True, speculative=True,
+                    num_speculative_tokens=k)
     long = SamplingParams(**{**vars(params), "max_new_tokens": 16})
     results = [engine.submit(GenerationRequest(p, long)) for p in PROMPTS]
     engine.step()  # admission: prefill, first tokens, the first drafts

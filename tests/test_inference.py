@@ -10,6 +10,7 @@ import torch
 
 import dsv3
 from conftest import rand_tokens
+from dsv3.model.transformer_block import Block
 from dsv3.inference import (
     CacheFullError, Engine, GenerationRequest, PagedLatentCache, SamplingParams, speculative_accept, token_probs,
 )
@@ -241,51 +242,89 @@ def test_streaming_yields_every_token_and_text(model):
 PROMPTS = [rand_tokens(n, 30 + n) for n in (3, 9, 17)]
 
 
-def test_speculative_greedy_equals_plain_greedy(model):
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_speculative_greedy_equals_plain_greedy(model, k):
+    """k drafts a step (the MTP module chained on its own output for k > 1): plain greedy, token for token."""
     params = SamplingParams(max_new_tokens=10, temperature=0, ignore_eos=True)
     plain = Engine(model, max_batch=3, max_seq_len=64, page_size=4).generate(PROMPTS, params)
-    spec_engine = Engine(model, max_batch=3, max_seq_len=64, page_size=4, speculative=True)
+    spec_engine = Engine(model, max_batch=3, max_seq_len=64, page_size=4, speculative=True,
+                         num_speculative_tokens=k)
     assert spec_engine.cache.n_layers == model.config.num_hidden_layers + 1
     spec = spec_engine.generate(PROMPTS, params)
     for a, b in zip(plain, spec):
         assert b.tokens == a.tokens and b.finish_reason == "length"
-        assert b.draft_tokens > 0 and 0 <= b.acceptance_rate <= 1
+        assert b.draft_tokens == k * (b.forward_passes - 1) and 0 <= b.acceptance_rate <= 1
         assert b.tokens_per_forward == len(b.tokens) / b.forward_passes
     assert spec_engine.cache.num_free_pages == spec_engine.cache.num_pages
-    # a sequence that reaches max_seq_len (the verify step writes one position past the last token)
-    short = Engine(model, max_batch=1, max_seq_len=12, page_size=4, speculative=True)
+    assert sum(spec_engine.speculator.accepted_at) == spec_engine.speculator.accepted
+    # a sequence that reaches max_seq_len (the verify step writes k positions past the last token)
+    short = Engine(model, max_batch=1, max_seq_len=12, page_size=4, speculative=True, num_speculative_tokens=k)
     res = short.generate([PROMPTS[1]], params)[0]
     assert res.finish_reason == "length" and res.tokens == plain[1].tokens[:3]
 
 
-def test_speculative_accepts_correct_drafts(model, monkeypatch):
-    """With drafts replaced by an oracle (right on every other step), the output is still plain greedy,
-    accepted drafts give two tokens per forward, and mixed accept/reject rows share one MTP batch."""
-    params = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
-    plain = Engine(model, max_batch=3, max_seq_len=64, page_size=4).generate(PROMPTS, params)
-    truth = {tuple(p): r.tokens for p, r in zip(PROMPTS, plain)}
-    engine = Engine(model, max_batch=3, max_seq_len=64, page_size=4, speculative=True)
-    spec = engine.speculator
-    original = spec._set_drafts
-    calls = {"n": 0}
+def oracle_drafts(speculator, truth: dict[tuple, list[int]], every: int = 2) -> None:
+    """Replace the speculator's drafts, every ``every``-th time, by the right tokens of ``truth`` (the random
+    tiny model's MTP module is never right), so that accepted drafts happen."""
+    original, calls = speculator._set_drafts, {"n": 0}
 
     def oracle(seqs, drafts, q):
         original(seqs, drafts, q)
         for seq in seqs:
             calls["n"] += 1
-            done = seq.mtp_len + 1 - len(seq.prompt)  # completion index of the drafted token
-            ref = truth[tuple(seq.prompt)]
-            if calls["n"] % 2 and done < len(ref):
-                seq.draft = ref[done]
+            done = seq.mtp_len + 1 - len(seq.prompt)  # completion index of the first drafted token
+            right = truth[tuple(seq.prompt)][done:done + len(seq.draft)]
+            if calls["n"] % every == 1 and right:
+                seq.draft = right + seq.draft[len(right):]
 
-    monkeypatch.setattr(spec, "_set_drafts", oracle)
+    speculator._set_drafts = oracle
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_speculative_accepts_correct_drafts(model, k):
+    """With drafts replaced by an oracle (right on every other step), the output is still plain greedy,
+    accepted drafts give up to k + 1 tokens per forward, mixed accept/reject rows share one MTP batch, and
+    the acceptance counts by draft position add up."""
+    params = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
+    plain = Engine(model, max_batch=3, max_seq_len=64, page_size=4).generate(PROMPTS, params)
+    truth = {tuple(p): r.tokens for p, r in zip(PROMPTS, plain)}
+    engine = Engine(model, max_batch=3, max_seq_len=64, page_size=4, speculative=True, num_speculative_tokens=k)
+    oracle_drafts(engine.speculator, truth)
     results = engine.generate(PROMPTS, params)
     for a, b in zip(plain, results):
         assert b.tokens == a.tokens
         assert b.accepted_tokens > 0
-    assert sum(r.tokens_per_forward for r in results) / 3 > 1.2
+    assert sum(r.tokens_per_forward for r in results) / 3 > (1.2 if k == 1 else 1.6)
     assert 0.2 < sum(r.acceptance_rate for r in results) / 3 < 0.9
+    spec = engine.speculator
+    assert sum(spec.accepted_at) == spec.accepted and spec.accepted_at == sorted(spec.accepted_at, reverse=True)
+    if k > 1:
+        assert spec.accepted_at[k - 1] > 0  # all k accepted at times: the bonus token after them
     assert engine.cache.num_free_pages == engine.cache.num_pages
+
+
+def test_speculative_k_drafts_chain_the_mtp_module(model):
+    """The further drafts are the MTP module run again at the next position on its own output hidden state and
+    the draft before (greedy: the argmax of each), checked against the module's plain forward over the same
+    inputs."""
+    engine = Engine(model, max_batch=1, max_seq_len=64, page_size=4, speculative=True, num_speculative_tokens=3)
+    prompt = PROMPTS[1]
+    res = engine.submit(GenerationRequest(prompt, SamplingParams(max_new_tokens=2, temperature=0,
+                                                                 ignore_eos=True)))
+    engine.step()  # prefill, first token, the first drafts
+    seq = engine.scheduler.running[0]
+    tokens = prompt + res.tokens  # positions 0 .. L, t_L the first sampled token
+    mtp, emb = model.mtp[0], model.embed_tokens
+    with torch.no_grad():
+        h = model(torch.tensor([tokens[:-1]])).hidden  # the main model's final states at 0 .. L-1
+        x = mtp.combine(h, emb(torch.tensor([tokens[1:]])))  # position i with t_{i+1}
+        drafts = []
+        for _ in range(3):  # the module's block over every position so far; the last one's output drafts
+            cos, sin, _ = model.position_inputs(x.shape[1], x.device)
+            y = Block.forward(mtp, x, cos, sin)
+            drafts.append(int(model.lm_head(mtp.shared_head.norm(y[0, -1])).argmax()))
+            x = torch.cat([x, mtp.combine(y[:, -1:], emb(torch.tensor([drafts[-1:]])))], dim=1)
+    assert seq.draft == drafts
 
 
 def test_speculative_sampling_rule_preserves_the_target_distribution():
@@ -305,9 +344,10 @@ def test_speculative_sampling_rule_preserves_the_target_distribution():
     assert speculative_accept(one_hot, None, 2, g) == (False, 1)
 
 
-def test_speculative_sampling_seeded_runs(model):
+@pytest.mark.parametrize("k", [1, 2])
+def test_speculative_sampling_seeded_runs(model, k):
     params = SamplingParams(max_new_tokens=8, temperature=0.9, top_k=20, seed=7, ignore_eos=True)
-    engine = Engine(model, max_batch=3, max_seq_len=64, page_size=4, speculative=True)
+    engine = Engine(model, max_batch=3, max_seq_len=64, page_size=4, speculative=True, num_speculative_tokens=k)
     a = engine.generate(PROMPTS, params)
     b = engine.generate(PROMPTS[::-1], params)[::-1]
     assert [r.tokens for r in a] == [r.tokens for r in b]

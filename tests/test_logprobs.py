@@ -112,23 +112,25 @@ def oracle_engine(model, truth: dict[tuple, list[int]], **kw) -> Engine:
         original(seqs, drafts, q)
         for seq in seqs:
             n = calls[seq.prompt[0]] = calls.get(seq.prompt[0], 0) + 1
-            done = seq.mtp_len + 1 - len(seq.prompt)  # completion index of the drafted token
-            ref = truth[tuple(seq.prompt)]
-            if n % 2 and done < len(ref):
-                seq.draft = ref[done]
+            done = seq.mtp_len + 1 - len(seq.prompt)  # completion index of the first drafted token
+            right = truth[tuple(seq.prompt)][done:done + len(seq.draft)]
+            if n % 2 and right:
+                seq.draft = right + seq.draft[len(right):]
 
     spec._set_drafts = oracle
     return engine
 
 
+@pytest.mark.parametrize("k", [1, 2])
 @pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "sampled"])
-def test_speculative_logprobs_equal_the_full_forward(model, monkeypatch, sampled):
+def test_speculative_logprobs_equal_the_full_forward(model, monkeypatch, sampled, k):
     """The verify forward's logits give the logprobs of accepted drafts and corrections alike; the tokens are those
     of the same speculative run without logprobs; one read per decode step."""
     ps = [params(i, sampled, max_new_tokens=10, top_k=0) for i in range(4)]  # top-k would reject the oracle
     no_lp = [SamplingParams(**{**vars(sp), "logprobs": None, "prompt_logprobs": None}) for sp in ps]
     kw = dict(max_batch=4, max_seq_len=48, page_size=4, cuda_graph=True)
     truth = {tuple(p): r.tokens for p, r in zip(PROMPTS, Engine(model, **kw).generate(PROMPTS, no_lp))}
+    kw["num_speculative_tokens"] = k
     engine = oracle_engine(model, truth, **kw)
     results = [engine.submit(GenerationRequest(p, sp)) for p, sp in zip(PROMPTS, ps)]
     engine.step()  # admission

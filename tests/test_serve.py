@@ -250,9 +250,10 @@ def test_cli_generate_and_chat(checkpoint, loaded):
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("The quick") and "tokens/s" in r.stderr
     spec = run_cli("generate", str(checkpoint), "--prompt", "The quick", "--max-new-tokens", "6", "--threads", "1",
-                   "--speculative", "--no-echo", timeout=120)
+                   "--speculative", "--num-speculative-tokens", "2", "--no-echo", timeout=120)
     assert spec.returncode == 0, spec.stderr
     assert r.stdout.endswith(spec.stdout) and "MTP drafts accepted" in spec.stderr  # greedy: the same text
+    assert "by position" in spec.stderr and "accepted per step" in spec.stderr
 
     # two turns from a pipe; the model is random, so EOS may end a turn early: expect the engine's own answers
     r = run_cli("chat", str(checkpoint), "--temperature", "0", "--max-new-tokens", "5", "--threads", "1",

@@ -23,9 +23,10 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 # EngineConfig fields offered as flags (generated from its docstrings)
-_ONE_SEQUENCE_FLAGS = ("max_seq_len", "prefix_caching", "speculative", "compile", "cuda_graph", "decode_experts")
+_ONE_SEQUENCE_FLAGS = ("max_seq_len", "prefix_caching", "speculative", "num_speculative_tokens", "compile",
+                       "cuda_graph", "decode_experts")
 _SERVER_FLAGS = ("max_batch", "max_seq_len", "page_size", "num_pages", "prefix_caching", "max_prefill_tokens",
-                 "speculative", "compile", "cuda_graph", "decode_experts", "graph_batch_sizes",
+                 "speculative", "num_speculative_tokens", "compile", "cuda_graph", "decode_experts", "graph_batch_sizes",
                  "max_prefill_graph_tokens")
 
 _DEVICE_FLAGS = ("device", "dtype", "threads")  # DeviceOptions: every command that runs a checkpoint
@@ -178,8 +179,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     dt = time.perf_counter() - t0
     print(flush=True)
     spec = engine.speculator
-    drafts = (f", MTP drafts accepted {spec.accepted}/{spec.drafted} ({spec.accepted / max(spec.drafted, 1):.0%}), "
-              f"{n / (spec.drafted + 1):.2f} tokens per forward" if spec is not None else "")
+    drafts = ""
+    if spec is not None:
+        steps = max(spec.drafted // spec.k, 1)
+        per_position = " / ".join(f"{a / steps:.0%}" for a in spec.accepted_at)
+        drafts = (f", MTP drafts accepted {spec.accepted}/{spec.drafted} ({spec.accepted / max(spec.drafted, 1):.0%}"
+                  f"{f'; by position {per_position}' if spec.k > 1 else ''}), {spec.accepted / steps:.2f} accepted "
+                  f"per step, {n / (spec.drafted // spec.k + 1):.2f} tokens per forward")
     print(f"[{n} tokens in {dt:.2f} s, {n / max(dt, 1e-9):.1f} tokens/s{drafts}, finish: {reason}]", file=sys.stderr)
     return 0
 

@@ -30,8 +30,12 @@ class EngineConfig:
     """Reuse the cached latents of prompt prefixes seen before (whole pages; a shared system prompt is
     computed once): a request's usage reports its cached prompt tokens."""
     speculative: bool = False
-    """Draft one token per step with the model's MTP module and verify it with the main model (report §2.2):
-    the same outputs (greedy: token for token) in fewer forwards."""
+    """Draft tokens with the model's MTP module and verify them with the main model (report §2.2): the same
+    outputs (greedy: token for token) in fewer forwards."""
+    num_speculative_tokens: int = 1
+    """Drafts per speculative step (k). The MTP module drafts the first; each further draft runs the module
+    again on its own output and the draft before (the report's module predicts one token; reusing it is
+    allowed). All k are verified in one forward: more pay where the acceptance is high."""
     max_prefill_tokens: int = 8192
     """Prompt tokens prefilled in one step at most: longer prompts (and more admitted prompts) are prefilled in
     chunks over several steps, between the decode steps of the running sequences."""
@@ -53,7 +57,7 @@ class EngineConfig:
     gate and up)."""
 
     def __post_init__(self) -> None:
-        for name in ("max_batch", "page_size", "max_prefill_tokens"):
+        for name in ("max_batch", "page_size", "max_prefill_tokens", "num_speculative_tokens"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
         for name in ("max_seq_len", "num_pages"):

@@ -79,15 +79,19 @@ class Engine:
         self.cache = self.runner.cache
         self.eos_id: int | None = getattr(tokenizer, "eos_id", None) if tokenizer is not None else \
             self.config.eos_token_id
-        self.speculator = MTPSpeculator(self.runner) if cfg.speculative else None
-        self.scheduler = Scheduler(self.cache, cfg.max_batch, lookahead=2 if cfg.speculative else 1,
+        k = cfg.num_speculative_tokens
+        self.speculator = MTPSpeculator(self.runner, k) if cfg.speculative else None
+        # a speculative step writes k + 1 verified positions, and its further drafts k - 1 beyond the last kept
+        self.scheduler = Scheduler(self.cache, cfg.max_batch, lookahead=2 * k if cfg.speculative else 1,
                                    max_prefill_tokens=cfg.max_prefill_tokens)
         """The engine's request queue, stepped by :meth:`step` (:meth:`generate`, :meth:`stream`, the server)."""
         self.host_reads = 0
         """Reads of new tokens back to the host so far (one per plain step; tests count them)."""
 
     def describe(self) -> str:
-        return self.runner.describe() + (", MTP speculative decoding" if self.speculator else "")
+        spec = self.speculator
+        return self.runner.describe() + (f", MTP speculative decoding ({spec.k} draft{'s' * (spec.k > 1)} a step)"
+                                         if spec else "")
 
     def load_weights(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True) -> None:
         """Replace the model's weights in place (e.g. a new policy between post-training rollouts)."""

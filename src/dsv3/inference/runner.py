@@ -62,13 +62,15 @@ class ModelRunner:
         self.max_seq_len = cfg.max_seq_len or min(c.max_position_embeddings, 4096)
         if cfg.speculative and len(model.mtp) == 0:
             raise ValueError("speculative decoding needs a model with MTP modules (num_nextn_predict_layers >= 1)")
+        self.spec_slack = 2 * cfg.num_speculative_tokens - 2 if cfg.speculative else 0
+        """Cache positions past max_seq_len for a speculative step's further drafts (written, then dropped)."""
         n_main = c.num_hidden_layers
         self.main_blocks: Blocks = list(enumerate(model.layers))
         self.mtp_blocks: Blocks = [(n_main + k, m) for k, m in enumerate(model.mtp)] if cfg.speculative else []
         self.cache = PagedLatentCache(
             n_main + len(self.mtp_blocks), c.kv_lora_rank, c.qk_rope_head_dim, max_seqs=cfg.max_batch,
-            max_seq_len=self.max_seq_len, page_size=cfg.page_size, num_pages=cfg.num_pages, device=self.device,
-            dtype=self.dtype, prefix_caching=cfg.prefix_caching,
+            max_seq_len=self.max_seq_len + self.spec_slack, page_size=cfg.page_size, num_pages=cfg.num_pages,
+            device=self.device, dtype=self.dtype, prefix_caching=cfg.prefix_caching,
         )
         self.processing = ProcessingState(cfg.max_batch, c.vocab_size, self.device)
         """Per-slot token counts, prompt masks, biases and stop tokens of the processed sampling path."""

@@ -52,10 +52,10 @@ class Sequence:
     """The request's :class:`~dsv3.inference.detokenize.IncrementalDetokenizer` (with a tokenizer)."""
     slot: int = -1
     """Its cache slot while running; -1 while waiting or preempted."""
-    draft: int | None = None
-    """Speculative decoding: the MTP module's proposal for the token after :attr:`last_token`."""
+    draft: list[int] | None = None
+    """Speculative decoding: the MTP module's proposals for the k tokens after :attr:`last_token`."""
     draft_probs: Any = field(default=None, repr=False)
-    """Its draft distribution q (V,) on the device; ``None`` for greedy (one-hot)."""
+    """Their draft distributions q (k, V) on the device; ``None`` for greedy (one-hot)."""
     mtp_len: int = 0
     """Positions of this sequence already in the MTP block's cache."""
     preemptions: int = 0
@@ -116,7 +116,7 @@ class Plan:
 
 class Scheduler:
     """Requests waiting and running over the slots and pages of ``cache``; a decode step appends
-    ``lookahead`` positions to each running sequence (2 with speculative decoding: the verified draft)."""
+    ``lookahead`` positions to each running sequence (2k with k speculative drafts a step)."""
 
     def __init__(self, cache: PagedLatentCache, max_batch: int, lookahead: int = 1, max_prefill_tokens: int = 8192):
         self.cache, self.max_batch, self.lookahead = cache, max_batch, lookahead

@@ -118,13 +118,14 @@ class _EngineCollector:
         yield counter("vllm:num_preemptions", "Sequences preempted (and recomputed later) for cache pages.",
                       sch.preemptions)
         spec = engine.speculator
-        if spec is not None:  # one MTP draft token per verify step: drafts = draft tokens, one position
+        if spec is not None:  # k MTP draft tokens per verify step (a draft)
             drafted, accepted = spec.drafted, spec.accepted
-            yield counter("vllm:spec_decode_num_drafts", "Speculative drafts verified.", drafted)
+            yield counter("vllm:spec_decode_num_drafts", "Speculative drafts verified.", drafted // spec.k)
             yield counter("vllm:spec_decode_num_draft_tokens", "Draft tokens verified.", drafted)
             yield counter("vllm:spec_decode_num_accepted_tokens", "Draft tokens accepted.", accepted)
             per_pos = CounterMetricFamily("vllm:spec_decode_num_accepted_tokens_per_pos",
                                           "Draft tokens accepted, by position in the draft.",
                                           labels=["model_name", "position"])
-            per_pos.add_metric(labels + ["0"], accepted)
+            for position, n in enumerate(spec.accepted_at):
+                per_pos.add_metric(labels + [str(position)], n)
             yield per_pos
