@@ -289,10 +289,10 @@ def test_gpu_fp8_model_forward_backward():
 # ----------------------------------------------------------------------------- FP8 serving
 
 
-def _fp8_checkpoint(tmp_path, **changes):
+def _fp8_checkpoint(tmp_path, seed=5, **changes):
     from test_checkpoint import write_fp8_checkpoint
 
-    model = dsv3.build_model(small_config(**changes), seed=5)
+    model = dsv3.build_model(small_config(**changes), seed=seed)
     dsv3.save_pretrained(model, tmp_path / "bf16")
     write_fp8_checkpoint(tmp_path / "bf16", tmp_path / "fp8")
     return tmp_path / "fp8"
@@ -383,6 +383,11 @@ def test_engine_on_kept_fp8_weights_decodes_as_the_dequantised_model(tmp_path, s
     assert attn.kv_a_proj_with_mqa.weight_scale_inv.data_ptr() != attn.fused_in_proj_scale.data_ptr()
     assert "checkpoint FP8 weights kept" in engine.runner.describe()
     assert [r.tokens for r in engine.generate(prompts, params)] == want
+    if not speculative:  # load_weights of an FP8 state dict (a new policy): kv_b_proj's pair is dequantised
+        other = _fp8_checkpoint(tmp_path / "other", seed=6, q_lora_rank=128)
+        fresh = Engine(dsv3.load_pretrained(other, dtype=torch.float32, fp8=False)).generate(prompts, params)
+        engine.load_weights(dsv3.load_pretrained(other, dtype=torch.float32, fp8=True).state_dict())
+        assert [r.tokens for r in engine.generate(prompts, params)] == [r.tokens for r in fresh] != want
 
 
 @pytest.mark.gpu

@@ -29,7 +29,7 @@ from collections.abc import Mapping, Sequence as Seq
 import torch
 
 from ..fp8.linear import _hopper_scaled_mm_ok
-from ..fp8.quant import TILE
+from ..fp8.quant import TILE, dequantize_blocks
 from ..fp8.serving import FP8InferenceExperts, FP8InferenceLinear
 from ..model.attention import _prefer_cudnn
 from ..model.moe import Experts, Gate, _grouped_mm_ok
@@ -132,6 +132,7 @@ class ModelRunner:
         """Replace the model's weights in place (a post-training rollout's new policy): the fused stacks, the
         FP32 routers and captured graphs read the same storage, so they follow."""
         model_sd = self.model.state_dict()
+        state_dict = _dequantize_absorbed(state_dict, model_sd)
         unknown = sorted(set(state_dict) - set(model_sd))
         missing = sorted(set(model_sd) - set(state_dict))
         if unknown or (strict and missing):
@@ -353,6 +354,21 @@ def experts_grouped(model: DeepSeekV3, device: torch.device, dtype: torch.dtype)
     return all(p.dtype == dtype for p in model.parameters() if id(p) not in routers) and all(
         m.implementation == "grouped" or (m.implementation == "auto" and _grouped_mm_ok(probe, m.gate_up_proj))
         for m in model.modules() if isinstance(m, Experts))
+
+
+def _dequantize_absorbed(state_dict: Mapping[str, torch.Tensor], model_sd: Mapping[str, torch.Tensor]
+                         ) -> Mapping[str, torch.Tensor]:
+    """FP8 weights with their block factors for layers the engine holds dequantised (``kv_b_proj``,
+    :func:`~dsv3.inference.prepare.prepare_model`): replaced by the dequantised weight."""
+    pairs = [n for n in state_dict if n.endswith(".weight_scale_inv") and n not in model_sd
+             and n.removesuffix("_scale_inv") in model_sd and n.removesuffix("_scale_inv") in state_dict]
+    if not pairs:
+        return state_dict
+    out = dict(state_dict)
+    for scale in pairs:
+        name = scale.removesuffix("_scale_inv")
+        out[name] = dequantize_blocks(out[name], out.pop(scale), dtype=model_sd[name].dtype)
+    return out
 
 
 def fp8_served(model: DeepSeekV3) -> bool:
