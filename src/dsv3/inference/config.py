@@ -41,7 +41,8 @@ class EngineConfig:
     chunks over several steps, between the decode steps of the running sequences."""
     cuda_graph: bool | None = None
     """Replay captured CUDA graphs for decode steps and short prefills (auto: on with CUDA where the experts
-    run as grouped GEMMs). On the CPU, ``on`` runs the same padded fixed-shape steps eagerly (tests)."""
+    run as grouped GEMMs, or FP8-kept on Hopper through the few-rows kernels). On the CPU, ``on`` runs the
+    same padded fixed-shape steps eagerly (tests)."""
     graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
     """Batch sizes captured; a batch is padded up to the nearest."""
     max_prefill_graph_tokens: int = 16384
@@ -51,7 +52,7 @@ class EngineConfig:
     each new shape compile, seconds to minutes)."""
     decode_experts: str = "auto"
     """Routed experts of a decode step: few_rows (Triton kernels), module (the model's own experts) or auto
-    (few_rows on a CUDA device with Triton where the experts run as grouped GEMMs)."""
+    (few_rows on a CUDA device with Triton where the experts run as grouped GEMMs or are FP8-kept on Hopper)."""
     fuse: bool = True
     """Stack the projections that read the same input into one GEMM each (MLA's first projections, SwiGLU's
     gate and up)."""

@@ -101,7 +101,7 @@ class ModelRunner:
         (with the ``few_rows`` experts, in bf16, for latent and head sizes that are powers of two and up to
         32 heads on one program's tile); else einsums and softmax."""
         cuda_graph = cfg.cuda_graph if cfg.cuda_graph is not None else self.device.type == "cuda" and (
-            grouped or decode_experts == "few_rows")
+            grouped or (fp8_kernels and decode_experts == "few_rows"))
         self.graphs = self.prefill_graphs = None
         if cuda_graph:
             self.graphs = DecodeGraphs(self._graph_decode, cfg.graph_batch_sizes, cfg.max_batch, self.cache)
