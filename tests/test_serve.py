@@ -243,6 +243,28 @@ def test_engine_failure_fails_requests_and_keeps_serving(server, client):
 # ------------------------------------------------------------------------------------------------------
 # command line
 
+def test_cli_keeps_or_dequantises_an_fp8_checkpoint(checkpoint, tmp_path):
+    """``--fp8 keep|dequantize|auto`` for a checkpoint in the official FP8 layout: the engine line says which,
+    and on the CPU (where kept weights are dequantised on the fly) both give the same text."""
+    import shutil
+
+    from test_checkpoint import write_fp8_checkpoint
+
+    fp8 = tmp_path / "fp8"
+    write_fp8_checkpoint(checkpoint, fp8)
+    for f in checkpoint.iterdir():  # the tokenizer beside the weights
+        if f.is_file() and not (fp8 / f.name).exists():
+            shutil.copy(f, fp8 / f.name)
+    out = {mode: run_cli("generate", str(fp8), "--prompt", "The quick", "--max-new-tokens", "6", "--threads", "1",
+                         "--fp8", mode, "--no-echo", timeout=120) for mode in ("keep", "dequantize", "auto")}
+    assert all(r.returncode == 0 for r in out.values()), [r.stderr[-500:] for r in out.values()]
+    assert "FP8 weights kept" in out["keep"].stderr
+    assert "FP8 weights kept" not in out["dequantize"].stderr + out["auto"].stderr  # auto: no Hopper GPU here
+    assert out["keep"].stdout == out["dequantize"].stdout == out["auto"].stdout
+    bad = run_cli("generate", str(fp8), "--prompt", "x", "--fp8", "yes", timeout=60)
+    assert bad.returncode != 0 and "fp8 must be one of" in bad.stderr
+
+
 def test_cli_generate_and_chat(checkpoint, loaded):
     _, tok = loaded
     r = run_cli("generate", str(checkpoint), "--prompt", "The quick", "--max-new-tokens", "6", "--threads", "1",

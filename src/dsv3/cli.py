@@ -29,7 +29,7 @@ _SERVER_FLAGS = ("max_batch", "max_seq_len", "page_size", "num_pages", "prefix_c
                  "speculative", "num_speculative_tokens", "compile", "cuda_graph", "decode_experts", "graph_batch_sizes",
                  "max_prefill_graph_tokens")
 
-_DEVICE_FLAGS = ("device", "dtype", "threads")  # DeviceOptions: every command that runs a checkpoint
+_DEVICE_FLAGS = ("device", "dtype", "threads", "fp8")  # DeviceOptions: every command that runs a checkpoint
 _SERVE_FLAGS = ("host", "port", "model_name", "api_key", "max_pending", "log_level")  # ServerConfig
 
 # flag -> TrainConfig field, for the flags that map one to one
@@ -120,7 +120,7 @@ def _load(args: argparse.Namespace):
     from .loading import DeviceOptions, load
 
     opts = DeviceOptions(**values(args, DeviceOptions, _DEVICE_FLAGS))
-    model, tokenizer = load(args.checkpoint, opts.device, opts.dtype)
+    model, tokenizer = load(args.checkpoint, opts.device, opts.dtype, fp8=opts.fp8_weights)
     threads = opts.cpu_threads(model)
     if threads is not None:
         torch.set_num_threads(threads)

@@ -32,12 +32,22 @@ class DeviceOptions:
     """float32, bfloat16 or float16 (default: float32 on a CPU, bfloat16 on a GPU)."""
     threads: int | None = None
     """CPU intra-op threads (default 1 for models under 50M parameters, else torch's; no effect on a GPU)."""
+    fp8: str = "auto"
+    """An FP8 checkpoint's weights (the official release): keep (FP8 in memory, half the bytes), dequantize
+    (to --dtype) or auto (keep only on a Hopper GPU whose memory cannot hold them dequantised)."""
 
     def __post_init__(self) -> None:
+        if self.fp8 not in _FP8_MODES:
+            raise ConfigError(f"fp8 must be one of {sorted(_FP8_MODES)}, got {self.fp8!r}")
         if self.dtype is not None and self.dtype not in _DTYPES:
             raise ConfigError(f"dtype must be one of {sorted(_DTYPES)} or None, got {self.dtype!r}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
+
+    @property
+    def fp8_weights(self) -> bool | str:
+        """``fp8`` as :func:`dsv3.load_pretrained` takes it (True, False or "auto")."""
+        return _FP8_MODES[self.fp8]
 
     def cpu_threads(self, model: torch.nn.Module) -> int | None:
         """Intra-op threads to run ``model`` with: ``threads``, else :func:`default_cpu_threads` for a model on
@@ -45,6 +55,9 @@ class DeviceOptions:
         if next(model.parameters()).device.type != "cpu":
             return None
         return self.threads or default_cpu_threads(model)
+
+
+_FP8_MODES = {"auto": "auto", "keep": True, "dequantize": False}
 
 
 def default_cpu_threads(model: torch.nn.Module) -> int:

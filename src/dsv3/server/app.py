@@ -88,7 +88,7 @@ def serve(
 
     config = config or ServerConfig()
     device = device or DeviceOptions()
-    model, tokenizer = load(checkpoint, device.device, device.dtype)
+    model, tokenizer = load(checkpoint, device.device, device.dtype, fp8=device.fp8_weights)
     threads = device.cpu_threads(model)
     eng = Engine(model, tokenizer, engine or EngineConfig())
     print(f"engine: {eng.describe()}", file=sys.stderr)
