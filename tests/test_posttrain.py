@@ -141,16 +141,18 @@ def test_bad_options_are_errors_naming_them(base, tmp_path, capsys):
     assert "none.jsonl" in capsys.readouterr().err
 
 
-def test_sft_data_parallel_matches_one_process(base, tmp_path):
-    """`torchrun --nproc_per_node 2 -m dsv3 sft` (FSDP2 over gloo): each rank reads its share of the packs and
-    the losses are those of one process (the same global batch; the first steps to the last digit)."""
+@pytest.mark.parametrize("parallel", [(), ("--ep", "2")], ids=["fsdp2", "ep2"])
+def test_sft_data_parallel_matches_one_process(base, tmp_path, parallel):
+    """`torchrun --nproc_per_node 2 -m dsv3 sft` (FSDP2 over gloo; or expert parallelism, each rank holding half
+    of every MoE layer's experts): each rank reads its share of the packs and the losses are those of one
+    process (the same global batch; the first steps to the last digit)."""
     from conftest import TORCHRUN_TIMEOUT, torchrun_env
 
     args = ("sft", str(base), "--steps", "4", "--seq-len", "128", "--batch-size", "4", "--micro-batch-size", "2",
             "--builtin-arithmetic", "100", "--eval-problems", "0", "--device", "cpu", "--lr", "1e-3")
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "-m", "dsv3", *args, "--out", str(tmp_path / "two")], capture_output=True, text=True,
-                         timeout=TORCHRUN_TIMEOUT, env=torchrun_env())
+                          "-m", "dsv3", *args, *parallel, "--out", str(tmp_path / "two")], capture_output=True,
+                         text=True, timeout=TORCHRUN_TIMEOUT, env=torchrun_env())
     assert two.returncode == 0, two.stderr[-3000:]
     one = subprocess.run([sys.executable, "-m", "dsv3", *args, "--out", str(tmp_path / "one")], capture_output=True,
                          text=True, timeout=TORCHRUN_TIMEOUT, env=torchrun_env())
@@ -162,6 +164,8 @@ def test_sft_data_parallel_matches_one_process(base, tmp_path):
         assert y["loss"] == pytest.approx(x["loss"], rel=2e-3) and y["val_loss" if "val_loss" in x else "loss"] == \
             pytest.approx(x["val_loss" if "val_loss" in x else "loss"], rel=2e-3)
     assert (tmp_path / "two" / "export" / "model.safetensors").is_file()
+    if parallel:
+        assert "expert-parallel 2" in two.stdout, two.stdout[-2000:]
 
 
 @pytest.mark.parametrize("loss_norm, mini_batches", [("sequence", 1), ("token", 2)])
