@@ -13,7 +13,7 @@ _COMMON = ("out", "steps", "lr", "seq_len", "micro_batch_size", "device", "seed"
            "grad_clip", "weight_decay", "ep", "dp_shard")
 SFT_FLAGS = _COMMON + ("data", "epochs", "batch_size", "min_lr_ratio", "warmup", "loss_on", "overflow",
                        "val_fraction", "builtin_arithmetic")
-GRPO_FLAGS = tuple(n for n in _COMMON if n not in ("mtp", "ep", "dp_shard")) + (
+GRPO_FLAGS = tuple(n for n in _COMMON if n not in ("mtp", "dp_shard")) + (
     "reward", "prompts_per_step", "group_size", "temperature", "top_p", "max_new_tokens", "eps", "eps_high",
     "beta", "loss_norm", "advantage_scale", "mini_batches", "ref_reset_every")
 _LAUNCH_ONLY = ("stop_after", "ep", "dp_shard", "device")

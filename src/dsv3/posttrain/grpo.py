@@ -32,9 +32,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..checkpoint import build_empty
 from ..config import ConfigError, ModelConfig
 from ..inference.sampling import SamplingParams
 from ..train.balance import max_violation
+from ..train.expert_parallel import gathered_state_dict, reduce_expert_grads
 from ..train.parallel import clip_grad_norm, world_from_env
 from ..train.trainer import RunResult, Trainer
 from .common import (PostTrainConfig, REPORT_PRETRAIN_PEAK_LR, cosine_schedules, export, load_start, parse_task,
@@ -149,8 +151,8 @@ class GRPOTrainer(Trainer):
         if cfg.dp_shard == "fsdp":
             raise ConfigError("dp_shard: dsv3 grpo keeps the whole policy on every rank for its engine: ZeRO-1 "
                               "(the default here), not FSDP2")
-        if cfg.ep > 1 or cfg.pp > 1:
-            raise ConfigError("dsv3 grpo runs with data parallelism only (no --ep or --pp yet)")
+        if cfg.pp > 1:
+            raise ConfigError("dsv3 grpo runs with data and expert parallelism (no --pp yet)")
         # a step's batch is prompts_per_step x group_size, whatever the world: batch_size only has to pass the
         # trainer's check
         _, _, world = world_from_env()
@@ -160,7 +162,7 @@ class GRPOTrainer(Trainer):
         if dp > 1 and (cfg.prompts_per_step % cfg.mini_batches or per_update % dp):
             raise ConfigError(f"prompts_per_step: {cfg.prompts_per_step} questions must split into mini_batches x "
                               f"data-parallel ranks = {cfg.mini_batches} x {dp} equal shares (whole groups per rank)")
-        self.rollouts.push(self.model)  # a resumed policy
+        self.rollouts.push(self._policy_state())  # a resumed policy
         self.log(f"rollouts: {self.rollouts.describe()}")
 
     # ---------------------------------------------------------------------------------------- recipe hooks
@@ -284,13 +286,15 @@ class GRPOTrainer(Trainer):
                 t = stats["tokens"].double()
                 sums += torch.stack([loss.detach().double(), stats["kl"].double() * t,
                                      stats["clip_fraction"].double() * t, stats["ratio"].double() * t, t])
+            if self.env.dims.ep > 1:  # DDP leaves the experts alone: their gradients' mean over the ranks
+                reduce_expert_grads(self.model, self.env)
             grad_norm = clip_grad_norm(self.model, cfg.grad_clip, self.env, None)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         loads = self.balancer.take_loads()
         self.balancer.update_bias(loads, 0.0)  # routing biases frozen in post-training
         balance_loss = self.balancer.take_loss()
-        self.rollouts.push(self.model)
+        self.rollouts.push(self._policy_state())
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         t_train = time.perf_counter() - t1
@@ -356,7 +360,7 @@ class GRPOTrainer(Trainer):
         return self.run_dir / "checkpoints" / f"reference_step_{step}.safetensors"
 
     def _reset_reference(self) -> None:
-        self.reference.load_state_dict(self.model.state_dict())
+        self.reference.load_state_dict(self._policy_state())
         self.reference_step = self.step_count
         if self.env.is_main:  # kept for exact resume; only the newest is needed
             path = self._reference_file(self.step_count)
@@ -396,13 +400,26 @@ class GRPOTrainer(Trainer):
         return float("nan")
 
     def export(self) -> str | None:
-        """RUN/export and the held-out score (rank 0: every rank holds the whole policy)."""
-        out = self._export() if self.env.is_main else None
+        """RUN/export and the held-out score (rank 0; with expert parallelism from the gathered experts)."""
+        model = self.model
+        if self.env.dims.ep > 1:  # every rank takes part in the gather; rank 0 writes a whole model
+            state = self._policy_state()
+            if self.env.is_main:
+                model = build_empty(self.model_config, "cpu", torch.float32)
+                model.load_state_dict(state)
+        out = self._export(model) if self.env.is_main else None
         self.env.barrier()
         return out
 
-    def _export(self) -> str | None:
-        export(self.model, self.tokenizer, self.template, self.run_dir / "export")
+    def _policy_state(self) -> dict[str, torch.Tensor]:
+        """The whole policy's state dict: the model's own, with expert parallelism its experts gathered from
+        the ranks (every rank calls it)."""
+        if self.env.dims.ep > 1:
+            return gathered_state_dict(self.model, self.env)
+        return self.model.state_dict()
+
+    def _export(self, model: torch.nn.Module) -> str | None:
+        export(model, self.tokenizer, self.template, self.run_dir / "export")
         if not self.cfg.eval_problems:
             return None
         score = self.rollouts.score(self.task, self.task.problems(self.cfg.eval_problems, "test"),

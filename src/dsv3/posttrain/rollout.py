@@ -6,7 +6,7 @@ engine's ``load_weights``: in place, so captured graphs follow)."""
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -35,9 +35,9 @@ class Rollouts:
         return self.engine.describe()
 
     @torch.no_grad()
-    def push(self, model: torch.nn.Module) -> None:
-        """The engine's weights := ``model``'s (the policy after an update)."""
-        self.engine.load_weights(model.state_dict())
+    def push(self, state: Mapping[str, torch.Tensor]) -> None:
+        """The engine's weights := ``state``, the whole policy's state dict (after an update)."""
+        self.engine.load_weights(state)
 
     def prompt_ids(self, problem: Problem) -> list[int]:
         return self.template.encode(ArithmeticTask.messages(problem), add_generation_prompt=True)

@@ -171,5 +171,26 @@ def reduce_expert_grads(model: nn.Module, env: Distributed) -> None:
     torch._foreach_div_(grads, float(env.dims.dp))
 
 
+@torch.no_grad()
+def gathered_state_dict(model: nn.Module, env: Distributed) -> dict[str, torch.Tensor]:
+    """``model``'s state dict with every expert-parallel layer's experts whole: each rank's slice (plain tensors,
+    not FSDP2-sharded) gathered over its expert-parallel group, in expert order. A collective: every rank of the
+    group calls it. What a whole-model consumer needs (an inference engine's weights, an export)."""
+    from torch.distributed.tensor import DTensor
+
+    state = model.state_dict()
+    for name, module in model.named_modules():
+        if not isinstance(module, ExpertParallelMoE):
+            continue
+        for pname, p in module.experts.named_parameters(recurse=False):
+            if isinstance(p, DTensor):
+                raise ValueError("gathered_state_dict: FSDP2-sharded experts (use ZeRO-1 or no sharding)")
+            parts = [torch.empty_like(p) for _ in range(module.ep)]
+            dist.all_gather(parts, p.detach().contiguous(), group=module.group)
+            key = f"{name}.experts.{pname}".removeprefix(".")
+            state[key] = torch.cat(parts)
+    return state
+
+
 __all__ = ["ExpertParallelMoE", "apply_expert_parallel", "count_dispatch_reach", "describe_expert_sharding",
-           "expert_placement", "reduce_expert_grads"]
+           "expert_placement", "gathered_state_dict", "reduce_expert_grads"]
