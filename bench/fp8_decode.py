@@ -29,10 +29,10 @@ import dsv3
 from dsv3.fp8 import dequantize_blocks, quantize_blocks
 from dsv3.fp8 import serving as _serving
 from dsv3.fp8.serving import apply_fp8_serving, quantize_for_serving
-from dsv3.inference import Engine, GenerationRequest, SamplingParams
+from dsv3.inference import Engine
 
 sys.path.insert(0, str(Path(__file__).parent))
-from inference import copy_bandwidth  # noqa: E402  (the same bench directory)
+from inference import copy_bandwidth, dsv3_decode  # noqa: E402  (the same bench directory)
 
 
 @torch.no_grad()
@@ -60,23 +60,11 @@ def weight_gib(model: torch.nn.Module) -> float:
     return sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**30
 
 
-def decode(engine: Engine, prompts: list[list[int]], new: int) -> tuple[float, list[list[int]]]:
-    params = SamplingParams(max_new_tokens=new, temperature=0.0, ignore_eos=True)
-    results = [engine.submit(GenerationRequest(p, params)) for p in prompts]
-    engine.step()  # prefill and first token
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    while engine.scheduler.has_work:
-        engine.step()
-    torch.cuda.synchronize()
-    return time.perf_counter() - t0, [r.tokens for r in results]
-
-
 def run(engine: Engine, prompts: list[list[int]], batches: list[int], new: int) -> dict[int, tuple[float, list]]:
     out = {}
     for b in batches:
-        decode(engine, prompts[:b], new)  # captures the graphs and tunes the kernels of this batch size
-        seconds, tokens = min((decode(engine, prompts[:b], new) for _ in range(2)), key=lambda r: r[0])
+        dsv3_decode(engine, prompts[:b], new)  # captures the graphs and tunes the kernels of this batch size
+        seconds, tokens = min((dsv3_decode(engine, prompts[:b], new) for _ in range(2)), key=lambda r: r[0])
         out[b] = (b * (new - 1) / seconds, tokens)
         print(f"  batch {b}: {out[b][0]:.1f} tok/s ({time.strftime('%H:%M:%S')})", file=sys.stderr, flush=True)
     return out

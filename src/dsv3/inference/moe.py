@@ -102,17 +102,17 @@ def moe_forward(moe: MoE, x: torch.Tensor, experts: str = "module") -> torch.Ten
     order, place, counts = sort_by_expert(ids, moe.n_experts)
     x_sorted = flat[order // indices.shape[1]]
     module = moe.experts
+    s13, s2 = _fp8_factors(module)  # FP8-served experts: their block factors
     if experts == "gathered":
-        if _fp8_factors(module)[0] is not None:
+        if s13 is not None:
             raise ValueError("experts='gathered' reads the weights as they are: not for FP8-served experts")
         e = ids[order]
         gate, up = torch.bmm(module.gate_up_proj[e], x_sorted[:, :, None]).squeeze(-1).split(module.inter_dim, -1)
         y_sorted = torch.bmm(module.down_proj[e], (F.silu(gate) * up)[:, :, None]).squeeze(-1)
-    elif experts == "few_rows" and (ids.numel() <= FEW_ROWS_MAX or _fp8_factors(module)[0] is not None):
+    elif experts == "few_rows" and (ids.numel() <= FEW_ROWS_MAX or s13 is not None):
         from ..kernels.few_rows import grouped_mm_few_rows
 
         ends = counts.cumsum(0).to(torch.int32)
-        s13, s2 = _fp8_factors(module)
         gate, up = grouped_mm_few_rows(x_sorted, module.gate_up_proj, ends, s13).split(module.inter_dim, -1)
         y_sorted = grouped_mm_few_rows(F.silu(gate) * up, module.down_proj, ends, s2)
     else:

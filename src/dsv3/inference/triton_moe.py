@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..kernels.few_rows import fp8_prune
+
 # ------------------------------------------------------------------------------------------------------
 # A few tokens, no sort: each expert program finds its own tokens in the routing indices
 
@@ -41,12 +43,6 @@ _DECODE_CONFIGS = [
                          (16, 128, 4, 6), (64, 128, 4, 6), (128, 128, 8, 4)]  # the last three: FP8 only
 ]
 
-
-def _prune_decode(configs, named_args, **kwargs):
-    """FP8 weights: only tiles inside one 128 x 128 scaling block (one factor per tile and K step)."""
-    if not {**named_args, **kwargs}.get("FP8"):
-        return configs[:8]
-    return [c for c in configs if c.kwargs["BLOCK_N"] <= 128 and c.kwargs["BLOCK_K"] <= 128]
 
 
 @triton.jit
@@ -81,7 +77,7 @@ def _token_selection(ids_ptr, T, TOP_K, N_ROUTED, BLOCK_T: tl.constexpr, TOPK_P2
 
 
 _DECODE_TUNING = dict(configs=_DECODE_CONFIGS, key=["D", "INTER", "BLOCK_T", "BY_SLOT", "FP8"],
-                      prune_configs_by={"early_config_prune": _prune_decode})
+                      prune_configs_by={"early_config_prune": fp8_prune(8)})
 
 
 @triton.jit

@@ -33,17 +33,22 @@ _CONFIGS = [  # (BLOCK_N, BLOCK_K, warps, stages)
 ]
 
 
-def _prune(configs, named_args, **kwargs):
-    """FP8 weights: only tiles that lie inside one scaling block (one factor per tile and K step)."""
-    if not {**named_args, **kwargs}.get("FP8"):
-        return configs[:5]
-    return [c for c in configs if c.kwargs["BLOCK_N"] <= SCALE_BLOCK and c.kwargs["BLOCK_K"] <= SCALE_BLOCK]
+def fp8_prune(n_plain: int):
+    """An autotune ``early_config_prune`` for kernels with an ``FP8`` flag: without FP8 the first ``n_plain``
+    configs; with FP8 only tiles that lie inside one scaling block (one factor per tile and K step)."""
+
+    def prune(configs, named_args, **kwargs):
+        if not {**named_args, **kwargs}.get("FP8"):
+            return configs[:n_plain]
+        return [c for c in configs if c.kwargs["BLOCK_N"] <= SCALE_BLOCK and c.kwargs["BLOCK_K"] <= SCALE_BLOCK]
+
+    return prune
 
 
 @triton.autotune(
     configs=[triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s) for bn, bk, w, s in _CONFIGS],
     key=["N", "K", "ROWS_BUCKET", "FP8"],
-    prune_configs_by={"early_config_prune": _prune},
+    prune_configs_by={"early_config_prune": fp8_prune(5)},
 )
 @triton.jit
 def _grouped_mm_few_rows_kernel(
